@@ -1,0 +1,116 @@
+"""Train recipes for several seeds and record accuracy, time, throughput and memory.
+
+Each run is a separate `cnnkit train` process, timed from the outside (so wall time includes
+start-up, data loading and the final test evaluation). Results go to
+benchmarks/results/<label>.json and into the marked table of benchmarks/RESULTS.md.
+
+    python benchmarks/run_recipes.py --recipes seed-fmnist fmnist-baseline --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = Path("/proc/cpuinfo").read_text()
+        bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        bf16 = False
+    return f"{cpu}, {os.cpu_count()} cores, bf16 {'yes' if bf16 else 'no'}"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True).stdout
+        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def run_one(recipe: str, seed: int, extra: list[str], out_dir: Path) -> dict:
+    name = f"{recipe}-seed{seed}-{int(time.time())}"
+    cmd = [sys.executable, "-m", "cnnkit", "--quiet", "train", "--recipe", recipe, "--seed", str(seed),
+           "--output", str(out_dir), "--name", name, *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    summary = json.loads((out_dir / name / "summary.json").read_text())
+    metrics = [json.loads(ln) for ln in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "recipe": recipe, "seed": seed, "test_accuracy": summary["test_accuracy"],
+        "best_val_accuracy": summary["best_val_accuracy"], "epochs": summary["epochs_run"],
+        "wall_time_s": round(wall, 1), "train_time_s": summary["train_time_s"],
+        "train_images_per_s": round(statistics.mean(m["train_images_per_s"] for m in metrics), 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024), "command": "cnnkit " + " ".join(cmd[4:]),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    by_recipe: dict[str, list[dict]] = {}
+    for r in rows:
+        by_recipe.setdefault(r["recipe"], []).append(r)
+    out = ["| recipe | seeds | test accuracy (mean ± sd) | wall time (mean) | train img/s | peak RSS |",
+           "|---|---|---|---|---|---|"]
+    for recipe, rs in by_recipe.items():
+        accs = [100 * r["test_accuracy"] for r in rs]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        out.append(f"| {recipe} | {len(rs)} | {statistics.mean(accs):.2f}% ± {sd:.2f} "
+                   f"({', '.join(f'{a:.2f}' for a in accs)}) | {statistics.mean(r['wall_time_s'] for r in rs) / 60:.1f} min "
+                   f"| {statistics.mean(r['train_images_per_s'] for r in rs):.0f} | {max(r['peak_rss_mb'] for r in rs)} MB |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", nargs="+", required=True)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--label", default="recipes", help="name of the results file and of the block in RESULTS.md")
+    p.add_argument("--runs-dir", type=Path, default=HERE / "runs")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more `cnnkit train` flags for every run")
+    args = p.parse_args()
+    extra = [a for a in args.extra if a != "--"]
+    rows = [run_one(r, s, extra, args.runs_dir) for r in args.recipes for s in args.seeds]
+    header = (f"Measured {date.today()} on {machine()}, commit {commit()}, "
+              f"torch {__import__('torch').__version__}, Python {platform.python_version()}.\n"
+              f"Command: `python benchmarks/run_recipes.py --recipes {' '.join(args.recipes)} "
+              f"--seeds {' '.join(map(str, args.seeds))}{' -- ' + ' '.join(extra) if extra else ''}`\n\n")
+    block = header + table(rows)
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{args.label}.json").write_text(json.dumps({"machine": machine(), "commit": commit(), "rows": rows}, indent=2) + "\n")
+    md = HERE / "RESULTS.md"
+    text = md.read_text() if md.exists() else "# Benchmark results\n"
+    start, end = f"<!-- {args.label}:start -->", f"<!-- {args.label}:end -->"
+    if start in text:
+        text = text[: text.index(start) + len(start)] + "\n" + block + "\n" + text[text.index(end):]
+    else:
+        text += f"\n## {args.label}\n\n{start}\n{block}\n{end}\n"
+    md.write_text(text)
+    print(block)
+
+
+if __name__ == "__main__":
+    main()

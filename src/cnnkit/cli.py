@@ -1,0 +1,229 @@
+"""The command line: parses arguments, calls one library function per command, prints for people."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+
+from cnnkit import progress
+from cnnkit.errors import CnnkitError
+
+log = logging.getLogger("cnnkit")
+DEFAULT_RECIPE = "fmnist-baseline"
+
+
+def _field_help() -> dict[str, str]:
+    """Help for each configuration field, taken from its comment in config.py (one source of truth)."""
+    from cnnkit import config
+
+    source = inspect.getsource(config.Config)
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^#\n]+#\s*(.+)$", source, re.M)}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from cnnkit.config import Config
+
+    group = parser.add_argument_group("recipe fields (override the recipe; see `cnnkit recipes`)")
+    helps = _field_help()
+    for f in dataclasses.fields(Config):
+        if f.name in ("recipe", "description"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        group.add_argument(flag, dest=f"cfg_{f.name}", metavar="VALUE", default=argparse.SUPPRESS,
+                           help=helps.get(f.name, ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnnkit",
+        description="Train CNN image classifiers on Fashion-MNIST, CIFAR-10 or your own image folders, "
+        "then evaluate them and classify images with them.",
+        epilog="Example: cnnkit train --recipe seed-fmnist, then cnnkit evaluate runs/<name>",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train a model from a recipe", description=(
+        "Train a model from a recipe; any recipe field can be overridden, e.g. --epochs 3 --lr 0.01. "
+        "Writes a run folder (config, metrics per epoch, best and last checkpoints, test evaluation)."))
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe name or path to a .toml file (default {DEFAULT_RECIPE})")
+    p.add_argument("--resume", metavar="RUN", type=Path, help="continue an interrupted run from its last checkpoint")
+    _add_config_flags(p)
+
+    p = sub.add_parser("evaluate", help="test accuracy, per-class metrics and confusion matrix of a run")
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--data-dir", help="where the dataset is now, if it moved since training")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    p = sub.add_parser("predict", help="classify image files with a trained run")
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders searched for images")
+    p.add_argument("--top-k", type=int, default=3, help="how many classes to show per image (default 3)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    sub.add_parser("datasets", help="which datasets are available here, and where they were found")
+    sub.add_parser("recipes", help="list the recipes, one line each")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        return COMMANDS[args.command](args)
+    except CnnkitError as e:
+        if args.debug:
+            raise
+        progress.console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        progress.console.print("interrupted")
+        return 130
+
+
+def _setup_logging(quiet: bool) -> None:
+    from rich.logging import RichHandler
+
+    progress.set_enabled(progress.enabled and not quiet)
+    if progress.console.is_terminal:
+        handler: logging.Handler = RichHandler(console=progress.console, show_time=False, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # logs to a file or pipe: plain lines, never wrapped
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root = logging.getLogger("cnnkit")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from cnnkit.config import parse_override
+
+    return {k[4:]: parse_override(k[4:], v) for k, v in vars(args).items() if k.startswith("cfg_")}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cnnkit.config import apply_overrides, load_recipe
+    from cnnkit.train import train
+
+    overrides = _config_overrides(args)
+    if args.resume:
+        result = train(None, resume=args.resume, overrides=overrides)  # type: ignore[arg-type]
+    else:
+        cfg = apply_overrides(load_recipe(args.recipe), overrides)
+        result = train(cfg)
+    s = result.summary
+    from rich.table import Table
+
+    table = Table(title=f"run {result.run_dir}", show_header=False)
+    for key, value in [
+        ("recipe / model", f"{s['recipe']} / {s['model']} ({s['parameters']:,} parameters)"),
+        ("epochs", f"{s['epochs_run']} ({s['status']}), best epoch {s['best_epoch']}"),
+        ("best validation accuracy", f"{100 * s['best_val_accuracy']:.2f}%"),
+        ("test accuracy", f"{100 * s['test_accuracy']:.2f}%  ({s['test_samples']} images)"),
+        ("time", f"{s['wall_time_s']:.0f} s in all, {s['train_time_s']:.0f} s training, on {s['device']}"),
+    ]:
+        table.add_row(key, value)
+    from rich.console import Console
+
+    Console().print(table)
+    print(f"Run folder: {result.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cnnkit.data import load_dataset, make_splits
+    from cnnkit.evaluate import classification_metrics, predict_logits
+    from cnnkit.runs import load_run, read_config, save_evaluation
+    from cnnkit.train import resolve_device
+
+    cfg = read_config(args.run)
+    device = resolve_device(args.device)
+    run = load_run(args.run, args.checkpoint, device)
+    ds = load_dataset(cfg["dataset"], args.data_dir or cfg["data_dir"], image_size=cfg["image_size"],
+                      channels=cfg["channels"], skip_bad_images=cfg["skip_bad_images"])
+    splits = make_splits(ds, val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"], seed=cfg["seed"],
+                         max_eval_samples=cfg["max_eval_samples"])
+    logits = predict_logits(run.model, run.preprocess, splits.test.images, device=device)
+    metrics = classification_metrics(logits, splits.test.labels, run.classes)
+    save_evaluation(args.run, metrics, run.classes, split="test", checkpoint=args.checkpoint)
+    if args.json:
+        print(json.dumps({"split": "test", "checkpoint": args.checkpoint, **metrics}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.run}: test accuracy {100 * metrics['accuracy']:.2f}% on {metrics['samples']} images")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for row in metrics["per_class"]:
+        table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+    Console().print(table)
+    print(f"Confusion matrix: {args.run / 'plots' / 'confusion_matrix.png'}; all numbers: {args.run / 'evaluation.json'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cnnkit.predict import expand_paths, predict_files
+    from cnnkit.runs import load_run
+    from cnnkit.train import resolve_device
+
+    device = resolve_device(args.device)
+    run = load_run(args.run, args.checkpoint, device)
+    results = predict_files(run, expand_paths(args.inputs), top_k=args.top_k, device=device)
+    if args.json:
+        print(json.dumps({"engine": "torch", "run": str(args.run), "results": results}, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"predictions of {args.run} (engine: torch)")
+        table.add_column("image")
+        table.add_column("top classes")
+        for r in results:
+            text = r["error"] if "error" in r else "   ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"])
+            table.add_row(r["path"], text, style="red" if "error" in r else None)
+        Console().print(table)
+    return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from cnnkit.data import DATASETS, where_available
+
+    found = where_available()
+    for name, description in DATASETS.items():
+        where = found[name] or "not found here; downloaded on first use (or give --data-dir)"
+        print(f"{name:14} {description}\n{'':14} -> {where}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from cnnkit.config import load_recipe, recipe_names
+
+    for name in recipe_names():
+        r = load_recipe(name)
+        mark = " (default)" if name == DEFAULT_RECIPE else ""
+        print(f"{name + mark:28} {r.dataset:14} {r.model:12} {r.epochs:3d} epochs  {r.description}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "datasets": cmd_datasets, "recipes": cmd_recipes}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The typed configuration a recipe becomes, with command-line overrides and validation.
+
+A recipe is a TOML file in cnnkit/recipes/ whose keys are fields of `Config`. The resolved
+configuration is saved in the run folder and in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from cnnkit.errors import ConfigError
+
+CHOICES = {
+    "optimizer": ("adam", "adamw", "sgd"),
+    "schedule": ("constant", "onecycle", "cosine"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "device": ("auto", "cpu", "cuda"),
+    "class_balance": ("none", "weights", "sampler"),
+}
+
+
+@dataclass
+class Config:
+    # -- the run
+    recipe: str = ""  # the recipe this configuration came from
+    description: str = ""  # one line for `cnnkit recipes`
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA when available, else CPU
+    threads: int | None = None  # CPU threads for torch; default: torch's choice (all cores)
+    # -- data
+    dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | folder
+    data_dir: str | None = None  # where the data is; see `cnnkit datasets`
+    image_size: int | None = None  # folder datasets: images are decoded to this square size (default 64)
+    channels: int | None = None  # folder datasets: 1 (grey) or 3 (RGB, default)
+    skip_bad_images: bool = False  # skip and count undecodable files instead of stopping
+    val_fraction: float = 0.1  # validation carved from train (seeded, stratified) when the source has none
+    test_fraction: float = 0.2  # test carved from train, only when the source has no test split
+    max_train_samples: int | None = None  # stratified subset of train, for quick tries
+    max_eval_samples: int | None = None  # stratified subsets of validation and test
+    class_balance: str = "none"  # none | weights (loss weights) | sampler (balanced batches)
+    # -- model
+    model: str = "seed-cnn"  # seed-cnn, or any timm model name
+    model_args: dict[str, Any] = field(default_factory=dict)  # passed to the model's constructor
+    input_size: int | None = None  # model input size; images are resized on the device (default: data size)
+    # -- optimisation
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 1024
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3  # peak learning rate
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = False  # SGD Nesterov momentum
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam/AdamW
+    weight_decay: float = 0.0  # applied to weights only, never to biases or norm parameters
+    schedule: str = "constant"  # constant | onecycle | cosine (both with warmup)
+    warmup_epochs: float = 0.0  # linear warmup from 0 (onecycle: default 30% of training)
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # clip the gradient norm to this value
+    early_stopping_patience: int | None = None  # stop after this many epochs without a better validation accuracy
+    augment: str | list[dict[str, Any]] = "none"  # preset name or list of ops; see cnnkit.augment
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA)
+    channels_last: bool = False  # memory format; often faster for convolutions
+    # -- output
+    output: str = "runs"  # parent folder of run folders
+    name: str | None = None  # run folder name (default: recipe-date-time)
+
+    def validate(self) -> Config:
+        for key, options in CHOICES.items():
+            if getattr(self, key) not in options:
+                raise ConfigError(f"{key} must be one of {', '.join(options)}; got {getattr(self, key)!r}")
+        for key in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1; got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive; got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"channels must be 1 or 3; got {self.channels}")
+        if not 0 < self.val_fraction < 1 or not 0 < self.test_fraction < 1:
+            raise ConfigError("val_fraction and test_fraction must lie between 0 and 1")
+        for key in ("max_train_samples", "max_eval_samples", "image_size", "input_size", "threads", "early_stopping_patience"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key} must be at least 1; got {value}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas must be two numbers; got {self.betas}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "configuration") -> Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, names, 1)) else k for k in unknown]
+            raise ConfigError(f"{where}: unknown field(s): {', '.join(hints)}")
+        cfg = cls(**{k: _check_type(k, v, where) for k, v in d.items()})
+        return cfg.validate()
+
+
+def field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Config)
+
+
+def _check_type(key: str, value: Any, where: str) -> Any:
+    expected = field_types()[key]
+    allowed = _base_types(expected)
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if value is None and type(None) in allowed:
+        return value
+    if not isinstance(value, tuple(t for t in allowed if t is not type(None))) or (isinstance(value, bool) and bool not in allowed):
+        raise ConfigError(f"{where}: {key} should be {_type_name(expected)}, got {value!r}")
+    return value
+
+
+def _base_types(tp: Any) -> tuple[type, ...]:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return tuple(t for arg in typing.get_args(tp) for t in _base_types(arg))
+    origin = typing.get_origin(tp)
+    return (origin,) if origin else (tp,)
+
+
+def _type_name(tp: Any) -> str:
+    return " or ".join(t.__name__ if t is not type(None) else "none" for t in _base_types(tp))
+
+
+def parse_override(key: str, text: str) -> Any:
+    """Turn a command-line string into the field's type: numbers, booleans, none, JSON lists/dicts."""
+    allowed = _base_types(field_types()[key])
+    if type(None) in allowed and text.lower() in ("none", "null", ""):
+        return None
+    if bool in allowed:
+        if text.lower() in ("true", "yes", "1", "on"):
+            return True
+        if text.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"--{key.replace('_', '-')}: expected true or false, got {text!r}")
+    for t in (int, float):
+        if t in allowed:
+            try:
+                return t(text)
+            except ValueError:
+                if str not in allowed and float not in allowed:
+                    raise ConfigError(f"--{key.replace('_', '-')}: expected {t.__name__}, got {text!r}") from None
+    if (list in allowed or dict in allowed) and text.lstrip()[:1] in ("[", "{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--{key.replace('_', '-')}: invalid JSON ({e})") from None
+    if str in allowed:
+        return text
+    raise ConfigError(f"--{key.replace('_', '-')}: expected {_type_name(field_types()[key])}, got {text!r}")
+
+
+# -- recipes
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[: -len(".toml")] for p in resources.files("cnnkit.recipes").iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(name_or_path: str) -> Config:
+    """A recipe by name (shipped with cnnkit) or by path to a TOML file."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") and path.is_file():
+        text, where = path.read_text(), str(path)
+    else:
+        names = recipe_names()
+        if name_or_path not in names:
+            close = difflib.get_close_matches(name_or_path, names, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown recipe {name_or_path!r}.{hint} Run `cnnkit recipes` to list them.")
+        text = (resources.files("cnnkit.recipes") / f"{name_or_path}.toml").read_text()
+        where = f"recipe {name_or_path}"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: not valid TOML ({e})") from None
+    data.setdefault("recipe", path.stem if path.suffix == ".toml" else name_or_path)
+    return Config.from_dict(data, where)
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    return Config.from_dict({**cfg.to_dict(), **overrides}, "command line")

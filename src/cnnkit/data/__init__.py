@@ -1,0 +1,116 @@
+"""Datasets: find, decode (once, cached) and split. Knows nothing of models."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnkit.data import cifar10, fashion_mnist, folder
+from cnnkit.data.dataset import Dataset, Split
+from cnnkit.data.splits import stratified_split, stratified_subset
+from cnnkit.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+DATASETS = {
+    "fashion-mnist": "Fashion-MNIST: 70k 28x28 grayscale clothing images, 10 classes",
+    "cifar10": "CIFAR-10: 60k 32x32 colour photos, 10 classes",
+    "folder": "your own images: class folders, optionally under train/ val/ test/ (--data-dir)",
+}
+ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "cifar-10": "cifar10", "cifar": "cifar10"}
+
+
+def canonical_name(name: str) -> str:
+    name = ALIASES.get(name.lower(), name.lower())
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return name
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    skip_bad_images: bool = False,
+    allow_download: bool = True,
+) -> Dataset:
+    """Load a dataset by name. `image_size` and `channels` apply to folder datasets only."""
+    name = canonical_name(name)
+    path = Path(data_dir).expanduser() if data_dir else None
+    if name == "fashion-mnist":
+        return fashion_mnist.load(path, allow_download=allow_download)
+    if name == "cifar10":
+        return cifar10.load(path, allow_download=allow_download, skip_bad=skip_bad_images)
+    if path is None:
+        raise ConfigError("--dataset folder needs --data-dir: a folder of class folders (or a .tar.gz of one)")
+    return folder.load(path, size=image_size or 64, channels=channels or 3, skip_bad=skip_bad_images)
+
+
+def where_available() -> dict[str, str | None]:
+    """For `cnnkit datasets`: where each dataset would be loaded from without downloading."""
+    fm = fashion_mnist.find(None)
+    cf = cifar10.find(None)
+    return {
+        "fashion-mnist": str(fm) if fm else None,
+        "cifar10": str(cf) if cf else None,
+        "folder": "any directory given with --data-dir",
+    }
+
+
+@dataclass
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+    notes: list[str]
+
+
+def make_splits(
+    ds: Dataset,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+) -> Splits:
+    """Train, validation and test splits. Validation is carved from train (seeded, stratified)
+    unless the source has its own; the test split is kept for final evaluation only."""
+    notes = list(ds.notes)
+    train = ds.splits["train"]
+    test = ds.splits.get("test")
+    val = ds.splits.get("val")
+    if test is None and val is not None:
+        test, val = val, None
+        notes.append("no test/ split: the val/ split is held out for final evaluation; validation is carved from train")
+    if test is None:
+        rest, held = stratified_split(train.labels, test_fraction, seed + 1)
+        train, test = train.subset(rest), train.subset(held)
+        notes.append(f"no test split: held out {len(test)} train images ({test_fraction:.0%}, stratified) for final evaluation")
+    if val is None:
+        if not 0 < val_fraction < 1:
+            raise ConfigError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        rest, held = stratified_split(train.labels, val_fraction, seed)
+        train, val = train.subset(rest), train.subset(held)
+    if max_train_samples:
+        train = train.subset(stratified_subset(train.labels, max_train_samples, seed))
+    if max_eval_samples:
+        val = val.subset(stratified_subset(val.labels, max_eval_samples, seed))
+        test = test.subset(stratified_subset(test.labels, max_eval_samples, seed))
+    for split_name, split in (("train", train), ("validation", val), ("test", test)):
+        if len(split) == 0:
+            raise DataError(f"{ds.name}: the {split_name} split is empty; add images or lower the split fractions")
+    return Splits(train, val, test, notes)
+
+
+def imbalance_ratio(split: Split, num_classes: int) -> float:
+    counts = split.class_counts(num_classes)
+    return float(counts.max() / max(counts.min(), 1))
+
+
+__all__ = ["Dataset", "Split", "Splits", "load_dataset", "make_splits", "where_available", "DATASETS"]

@@ -1,0 +1,47 @@
+"""Decode once: decoded uint8 arrays cached as safetensors, keyed by source checksum and preprocessing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from cnnkit.data.download import cnnkit_home
+from cnnkit.fileio import save_with
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+
+def cache_key(**parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_arrays(
+    name: str, key: str, build: Callable[[], tuple[Arrays, dict[str, str]]], cache_dir: Path | None = None
+) -> tuple[Arrays, dict[str, str]]:
+    """Return (arrays, metadata) from the cache, or build, store and return them.
+
+    A cache file that cannot be read (torn, corrupted) is reported and rebuilt, never trusted.
+    """
+    path = (cache_dir or cnnkit_home() / "cache") / f"{name}-{key}.safetensors"
+    if path.exists():
+        try:
+            arrays = load_file(path)
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                meta = json.loads(f.read(header_len)).get("__metadata__", {})
+            return arrays, meta
+        except (SafetensorError, OSError, ValueError) as e:
+            log.warning("cache file %s is unreadable (%s); rebuilding it", path, e)
+    arrays, meta = build()
+    save_with(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata=meta))
+    log.info("cached decoded arrays at %s", path)
+    return arrays, meta

@@ -1,0 +1,99 @@
+"""The one function every image file goes through: decode with limits, then fit to size and channels.
+
+Training on a folder, `cnnkit predict` and (later) the server all call `decode_image`, so an
+image is turned into model input the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from cnnkit.errors import ImageDecodeError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF")
+MAX_FILE_BYTES = 50 * 1024 * 1024
+MAX_PIXELS = 40_000_000  # width * height; stops decompression bombs before pixels are decoded
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    name = Path(path).name
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def decode_image(
+    source: bytes | str | os.PathLike,
+    size: int | None,
+    channels: int,
+    *,
+    name: str | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
+    """Decode an image to a uint8 array of shape (channels, size, size).
+
+    The image is resized so its shorter side is `size` and centre-cropped to a square, which
+    keeps the aspect ratio. `size=None` keeps the original size. Transparent pixels are put on
+    white. Any failure raises ImageDecodeError naming the file and the reason.
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    try:
+        data = source if isinstance(source, bytes) else _read_bounded(source, max_bytes)
+    except OSError as e:
+        raise ImageDecodeError(label, f"cannot read file ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise ImageDecodeError(label, f"file is {len(data)} bytes, more than the limit of {max_bytes}")
+    if not data:
+        raise ImageDecodeError(label, "file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageDecodeError(label, f"image is {w}x{h} pixels, more than the limit of {max_pixels}")
+            img.load()  # first frame for GIF
+            img = ImageOps.exif_transpose(img)
+            img = _to_channels(img, channels)
+            if size is not None:
+                img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
+    except ImageDecodeError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(label, f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning, EOFError) as e:
+        raise ImageDecodeError(label, f"cannot decode image ({type(e).__name__}: {e})") from None
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr)
+
+
+def _read_bounded(path: str | os.PathLike, max_bytes: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(max_bytes + 1)
+
+
+def _to_channels(img: Image.Image, channels: int) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float images: scale the value range to 8 bits instead of clipping it.
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        img = Image.fromarray(a.round().astype(np.uint8), mode="L")
+    if img.mode == "P" or img.mode == "LA" or img.mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("L" if channels == 1 else "RGB")

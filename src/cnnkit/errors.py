@@ -1,0 +1,26 @@
+"""Error types that the command line turns into one clear message, no traceback."""
+
+
+class CnnkitError(Exception):
+    """Base class: a problem the user can fix; the message says what and how."""
+
+
+class ConfigError(CnnkitError):
+    """A recipe, override or command-line value is invalid."""
+
+
+class DataError(CnnkitError):
+    """A dataset is missing, corrupt or inconsistent."""
+
+
+class ImageDecodeError(DataError):
+    """One image file could not be decoded (or breaks a limit)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class RunError(CnnkitError):
+    """A run folder or checkpoint is missing or unusable."""

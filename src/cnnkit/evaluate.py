@@ -1,0 +1,100 @@
+"""Metrics of a trained model: accuracy, loss, per-class precision/recall/F1, confusion matrix."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cnnkit.preprocess import Preprocess
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: torch.nn.Module,
+    preprocess: Preprocess,
+    images: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Logits (float32, on the CPU) for uint8 images (N, C, H, W), in batches."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    images = torch.as_tensor(images)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = preprocess(images[start : start + batch_size].to(device))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            out.append(model(x).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def classification_metrics(logits: torch.Tensor, labels: np.ndarray | torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    k = len(classes)
+    pred = logits.argmax(1)
+    cm = torch.bincount(labels_t * k + pred, minlength=k * k).reshape(k, k).numpy()
+    tp = np.diag(cm).astype(float)
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    return {
+        "accuracy": float(tp.sum() / max(len(labels_t), 1)),
+        "loss": float(F.cross_entropy(logits, labels_t)) if len(labels_t) else float("nan"),
+        "samples": int(len(labels_t)),
+        "macro_f1": float(f1.mean()),
+        "per_class": [
+            {"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for c, p, r, f, s in zip(classes, precision, recall, f1, support)
+        ],
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def plot_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path, title: str = "Confusion matrix") -> None:
+    """Row-normalised colours with the counts written in each cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cnnkit.fileio import save_with
+
+    counts = np.asarray(cm)
+    rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * k, 0.8 + 0.55 * k), dpi=110)
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if counts[i, j]:
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if rows[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    save_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)

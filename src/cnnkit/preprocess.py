@@ -1,0 +1,60 @@
+"""The one definition of preprocessing, shared by training, evaluation, prediction and export.
+
+Images are stored as uint8 (C, H, W) at the dataset's own size. The model sees
+float32 tensors resized to its input size, with its number of channels, normalised.
+The parameters are saved in every checkpoint so later commands reproduce them exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    data_size: int  # images are decoded to data_size x data_size ...
+    data_channels: int  # ... with this many channels (1 grey, 3 RGB)
+    input_size: int  # what the model takes; resized on the device when it differs
+    model_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+
+    def to_float(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float in [0, 1]; augmentation works at this stage."""
+        return images.float().div_(255)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """float [0, 1] -> model input: resized, channels adapted, normalised."""
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode=self.interpolation,
+                              align_corners=False, antialias=self.interpolation in ("bilinear", "bicubic"))
+        if x.shape[1] == 1 and self.model_channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.to_float(images))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+
+def channel_stats(images, max_images: int = 20000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std on [0, 1] of a uint8 (N, C, H, W) array (a strided sample if large)."""
+    step = max(1, len(images) // max_images)
+    x = torch.from_numpy(images[::step]).double().div_(255)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3))
+    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)

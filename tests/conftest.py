@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-png.tar.gz"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own CNNKIT_HOME, so caches and downloads never leak between tests."""
+    home = tmp_path_factory.mktemp("cnnkit-home")
+    monkeypatch.setenv("CNNKIT_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def fmnist_images() -> tuple[np.ndarray, np.ndarray]:
+    """The first 500 real Fashion-MNIST test images (28x28 uint8) and labels."""
+    if not FMNIST_DIR.exists():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    from cnnkit.data.fashion_mnist import parse_idx
+
+    x = parse_idx(gzip.decompress((FMNIST_DIR / "t10k-images-idx3-ubyte.gz").read_bytes()))[:500]
+    y = parse_idx(gzip.decompress((FMNIST_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes()))[:500]
+    return x, y.astype(np.int64)

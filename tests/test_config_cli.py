@@ -1,0 +1,55 @@
+import pytest
+
+from cnnkit.cli import main
+from cnnkit.config import Config, apply_overrides, load_recipe, parse_override, recipe_names
+from cnnkit.errors import ConfigError
+
+
+def test_recipes_load_and_validate():
+    assert {"seed-fmnist", "fmnist-baseline"} <= set(recipe_names())
+    cfg = load_recipe("seed-fmnist")
+    assert (cfg.model, cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.augment) == (
+        "seed-cnn", "adam", 0.001, 64, 10, "seed")
+
+
+def test_overrides_are_typed():
+    assert parse_override("epochs", "3") == 3
+    assert parse_override("lr", "1e-2") == 0.01
+    assert parse_override("nesterov", "yes") is True
+    assert parse_override("grad_clip", "none") is None
+    assert parse_override("augment", "seed") == "seed"
+    assert parse_override("augment", '[{"op": "hflip"}]') == [{"op": "hflip"}]
+    cfg = apply_overrides(Config(), {"epochs": 3, "lr": 0.01})
+    assert cfg.epochs == 3 and cfg.lr == 0.01
+    with pytest.raises(ConfigError, match="expected int"):
+        parse_override("epochs", "three")
+
+
+def test_invalid_configs_say_what_is_wrong():
+    with pytest.raises(ConfigError, match="did you mean epochs"):
+        Config.from_dict({"epoch": 3})
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        Config.from_dict({"optimizer": "rmsprop"})
+    with pytest.raises(ConfigError, match="batch_size should be int"):
+        Config.from_dict({"batch_size": "64"})
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+    (["train", "--model", "no-such-net", "--epochs", "1"], "unknown model 'no-such-net'"),
+    (["train", "--dataset", "mnist-4d"], "unknown dataset 'mnist-4d'"),
+    (["train", "--epochs", "zero"], "--epochs: expected int"),
+    (["evaluate", "/nonexistent/run"], "not a cnnkit run folder"),
+])
+def test_cli_errors_are_one_line_without_traceback(argv, message, capsys):
+    assert main(["--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_recipes_and_datasets_commands(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "seed-fmnist" in out and "fmnist-baseline (default)" in out
+    assert main(["datasets"]) == 0
+    assert "fashion-mnist" in capsys.readouterr().out

@@ -1,0 +1,133 @@
+"""The folder source on small trees of real images (Fashion-MNIST pictures) in mixed formats."""
+
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnkit.data import folder, load_dataset, make_splits
+from cnnkit.data.images import decode_image
+from cnnkit.errors import DataError, ImageDecodeError
+
+FORMATS = [("png", "L"), ("jpg", "RGB"), ("bmp", "RGB"), ("webp", "RGB"), ("gif", "P"), ("png", "RGBA"), ("png", "I;16")]
+
+
+def save_real(img28: np.ndarray, path, fmt: str, mode: str, scale: int) -> None:
+    im = Image.fromarray(img28).resize((28 * scale, 20 * scale))  # not square, various sizes
+    if mode == "I;16":
+        im = Image.fromarray(np.asarray(im).astype(np.uint16) * 256)
+    else:
+        im = im.convert(mode)
+    im.save(path)
+
+
+@pytest.fixture
+def tree(tmp_path, fmnist_images):
+    """train/ and val/ with 3 classes, 7 files each in every format; a hidden folder; a notes file."""
+    x, y = fmnist_images
+    root = tmp_path / "photos"
+    for split in ("train", "val"):
+        for c, name in enumerate(["bag", "sandal", "trouser"]):
+            label = {"bag": 8, "sandal": 5, "trouser": 1}[name]
+            picks = np.flatnonzero(y == label)
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i, (fmt, mode) in enumerate(FORMATS):
+                save_real(x[picks[i + (10 if split == "val" else 0)]], d / f"img{i}.{fmt}", fmt, mode, scale=1 + i % 3)
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(x[0]).save(root / "train" / ".ipynb_checkpoints" / "x.png")
+    (root / "train" / "bag" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_mixed_formats_load_with_val_alias_and_hidden_folders(tree):
+    ds = load_dataset("folder", tree, image_size=24, channels=3)
+    assert ds.classes == ["bag", "sandal", "trouser"]
+    assert set(ds.splits) == {"train", "val"}
+    assert ds.splits["train"].images.shape == (21, 3, 24, 24)
+    assert ds.splits["train"].images.dtype == np.uint8
+    assert np.bincount(ds.splits["train"].labels).tolist() == [7, 7, 7]
+    # val/ is the only held-out split, so it becomes the test split and validation is carved from train
+    splits = make_splits(ds, val_fraction=0.2, test_fraction=0.2, seed=0)
+    assert len(splits.test) == 21 and len(splits.val) + len(splits.train) == 21
+    assert any("val/ split is held out" in n for n in splits.notes)
+
+
+def test_grayscale_output_and_images_keep_content(tree, fmnist_images):
+    ds = load_dataset("folder", tree, image_size=20, channels=1)
+    imgs = ds.splits["train"].images
+    assert imgs.shape[1] == 1
+    assert imgs.std() > 20  # real pictures, not blank: 16-bit and palette images were scaled properly
+    assert all(img.max() > 100 for img in imgs)
+
+
+def test_corrupt_file_is_listed_then_skippable(tree):
+    bad = tree / "train" / "sandal" / "broken.jpg"
+    good = (tree / "train" / "sandal" / "img1.jpg").read_bytes()
+    bad.write_bytes(good[: len(good) // 3])
+    (tree / "train" / "bag" / "text.png").write_text("hello, I am text")
+    with pytest.raises(DataError) as e:
+        load_dataset("folder", tree, image_size=24)
+    assert "broken.jpg" in str(e.value) and "text.png" in str(e.value) and "--skip-bad-images" in str(e.value)
+    ds = load_dataset("folder", tree, image_size=24, skip_bad_images=True)
+    assert len(ds.splits["train"]) == 21
+    assert any("skipped 2" in n for n in ds.notes)
+
+
+def test_class_mismatch_between_splits_names_the_classes(tree):
+    for f in (tree / "val" / "sandal").iterdir():
+        f.unlink()
+    (tree / "val" / "sandal").rmdir()
+    with pytest.raises(DataError, match=r"missing in val: \['sandal'\]"):
+        load_dataset("folder", tree, image_size=24)
+
+
+def test_empty_class_folder_is_an_error(tree):
+    (tree / "train" / "shoes").mkdir()
+    with pytest.raises(DataError, match="shoes: class folder holds no image files"):
+        load_dataset("folder", tree, image_size=24)
+
+
+def test_single_tree_is_split_by_the_tool(tree):
+    ds = load_dataset("folder", tree / "train", image_size=24)
+    assert set(ds.splits) == {"train"}
+    a = make_splits(ds, val_fraction=0.2, test_fraction=0.3, seed=3)
+    b = make_splits(ds, val_fraction=0.2, test_fraction=0.3, seed=3)
+    assert (a.test.labels == b.test.labels).all() and (a.test.images == b.test.images).all()
+    assert np.bincount(a.test.labels).tolist() == [2, 2, 2]  # stratified
+    assert len(a.train) + len(a.val) + len(a.test) == 21
+
+
+def test_archive_and_cache(tree, tmp_path, monkeypatch):
+    with tarfile.open(tmp_path / "photos.tar.gz", "w:gz") as tar:
+        tar.add(tree, arcname="photos")
+    ds = load_dataset("folder", tmp_path / "photos.tar.gz", image_size=24)
+    direct = load_dataset("folder", tree, image_size=24)
+    assert (ds.splits["train"].images == direct.splits["train"].images).all()
+    monkeypatch.setattr(folder, "_decode_tree", lambda *a, **k: pytest.fail("should come from the cache"))
+    load_dataset("folder", tmp_path / "photos.tar.gz", image_size=24)
+
+
+def test_corrupt_cache_is_rebuilt(tree, isolated_home):
+    load_dataset("folder", tree, image_size=24)
+    (cache,) = (isolated_home / "cache").glob("*.safetensors")
+    cache.write_bytes(cache.read_bytes()[:200])
+    ds = load_dataset("folder", tree, image_size=24)
+    assert len(ds.splits["train"]) == 21
+
+
+def test_decode_limits_and_errors(tmp_path):
+    with pytest.raises(ImageDecodeError, match="empty"):
+        decode_image(b"", 8, 3)
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        decode_image(b"GIF89a but not really", 8, 3)
+    big = tmp_path / "big.png"
+    Image.new("L", (3000, 3000)).save(big)
+    with pytest.raises(ImageDecodeError, match="more than the limit"):
+        decode_image(big, 8, 1, max_pixels=1_000_000)
+    with pytest.raises(ImageDecodeError, match="more than the limit"):
+        decode_image(big, 8, 1, max_bytes=1000)
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    rgba.save(tmp_path / "clear.png")
+    assert (decode_image(tmp_path / "clear.png", None, 3) == 255).all()  # transparent -> white

@@ -87,29 +87,47 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", nargs="+", required=True)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--vary", nargs="+", metavar=("FIELD", "VALUE"),
+                   help="one run per value of a recipe field, e.g. --vary augment none seed light")
     p.add_argument("--label", default="recipes", help="name of the results file and of the block in RESULTS.md")
     p.add_argument("--runs-dir", type=Path, default=HERE / "runs")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more `cnnkit train` flags for every run")
     args = p.parse_args()
     extra = [a for a in args.extra if a != "--"]
-    rows = [run_one(r, s, extra, args.runs_dir) for r in args.recipes for s in args.seeds]
+    variants = [("", [])]
+    if args.vary:
+        field, *values = args.vary
+        variants = [(f" ({field}={v})", [f"--{field.replace('_', '-')}", v]) for v in values]
+    rows = []
+    for recipe in args.recipes:
+        for suffix, flags in variants:
+            for seed in args.seeds:
+                row = run_one(recipe, seed, extra + flags, args.runs_dir)
+                row["recipe"] += suffix
+                rows.append(row)
     header = (f"Measured {date.today()} on {machine()}, commit {commit()}, "
               f"torch {__import__('torch').__version__}, Python {platform.python_version()}.\n"
               f"Command: `python benchmarks/run_recipes.py --recipes {' '.join(args.recipes)} "
-              f"--seeds {' '.join(map(str, args.seeds))}{' -- ' + ' '.join(extra) if extra else ''}`\n\n")
+              f"--seeds {' '.join(map(str, args.seeds))}{' --vary ' + ' '.join(args.vary) if args.vary else ''}"
+              f"{' -- ' + ' '.join(extra) if extra else ''}`\n\n")
     block = header + table(rows)
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     (results / f"{args.label}.json").write_text(json.dumps({"machine": machine(), "commit": commit(), "rows": rows}, indent=2) + "\n")
+    write_block(args.label, block)
+    print(block)
+
+
+def write_block(label: str, block: str) -> None:
+    """Replace the block marked with `label` in RESULTS.md (or add it at the end)."""
     md = HERE / "RESULTS.md"
     text = md.read_text() if md.exists() else "# Benchmark results\n"
-    start, end = f"<!-- {args.label}:start -->", f"<!-- {args.label}:end -->"
+    start, end = f"<!-- {label}:start -->", f"<!-- {label}:end -->"
     if start in text:
         text = text[: text.index(start) + len(start)] + "\n" + block + "\n" + text[text.index(end):]
     else:
-        text += f"\n## {args.label}\n\n{start}\n{block}\n{end}\n"
+        text += f"\n## {label}\n\n{start}\n{block}\n{end}\n"
     md.write_text(text)
-    print(block)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
+    p = sub.add_parser("augment", help="see what data augmentation does", description=(
+        "`cnnkit augment preview` draws originals next to augmented versions; `cnnkit augment ops` lists the ops."))
+    aug = p.add_subparsers(dest="augment_command", metavar="ACTION", required=True)
+    q = aug.add_parser("preview", help="draw a grid of original and augmented images")
+    q.add_argument("--recipe", default=DEFAULT_RECIPE, help="take augmentation and dataset from this recipe")
+    q.add_argument("--ops", help="augmentation to try instead: a preset name or a JSON list of ops")
+    q.add_argument("--dataset", help="dataset to draw images from (default: the recipe's)")
+    q.add_argument("--data-dir", help="where the dataset is (see `cnnkit datasets`)")
+    q.add_argument("--out", type=Path, default=Path("augment-preview.png"), help="PNG file to write")
+    q.add_argument("--rows", type=int, default=8, help="how many images (one per class)")
+    q.add_argument("--columns", type=int, default=6, help="augmented versions per image")
+    q.add_argument("--seed", type=int, default=0)
+    aug.add_parser("ops", help="list augmentation ops, their parameters, and the presets")
+
     sub.add_parser("datasets", help="which datasets are available here, and where they were found")
     sub.add_parser("recipes", help="list the recipes, one line each")
     return parser
@@ -193,13 +207,46 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from rich.table import Table
 
         table = Table(title=f"predictions of {args.run} (engine: torch)")
-        table.add_column("image")
+        table.add_column("image", overflow="fold")
         table.add_column("top classes")
         for r in results:
             text = r["error"] if "error" in r else "   ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"])
             table.add_row(r["path"], text, style="red" if "error" in r else None)
         Console().print(table)
     return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_augment(args: argparse.Namespace) -> int:
+    from cnnkit import augment
+
+    if args.augment_command == "ops":
+        import inspect
+
+        for name, fn in {**augment.IMAGE_OPS, **augment.MIX_OPS}.items():
+            params = [f"{p.name}={p.default!r}" for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
+            p_default = augment.DEFAULT_P.get(name, 1.0)
+            doc = (inspect.getdoc(fn) or "").split("\n")[0]
+            print(f"{name:20} p={p_default} {' '.join(params)}\n{'':20} {doc}" if doc else f"{name:20} p={p_default} {' '.join(params)}")
+        print("\npresets:")
+        for name, ops in augment.PRESETS.items():
+            print(f"  {name:8} {json.dumps(ops)}")
+        return 0
+    from cnnkit.config import load_recipe, parse_override
+    from cnnkit.data import load_dataset
+    from cnnkit.preview import augment_grid, pick_examples
+
+    cfg = load_recipe(args.recipe)
+    spec = parse_override("augment", args.ops) if args.ops else cfg.augment
+    aug = augment.build_augment(spec)
+    ds = load_dataset(args.dataset or cfg.dataset, args.data_dir or (None if args.dataset else cfg.data_dir),
+                      image_size=cfg.image_size, channels=cfg.channels)
+    train = ds.splits["train"]
+    idx = pick_examples(train.labels, len(ds.classes), args.rows, args.seed)
+    name = spec if isinstance(spec, str) else "custom ops"
+    augment_grid(train.images[idx], train.labels[idx], ds.classes, aug, args.out, columns=args.columns,
+                 seed=args.seed, title=f"{ds.name}: augmentation {name}")
+    print(f"wrote {args.out}")
+    return 0
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -222,7 +269,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "augment": cmd_augment,
             "datasets": cmd_datasets, "recipes": cmd_recipes}
 
 if __name__ == "__main__":

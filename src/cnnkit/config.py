@@ -25,6 +25,7 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
     "class_balance": ("none", "weights", "sampler"),
+    "tta": ("none", "flip", "flip-shift"),
 }
 
 
@@ -66,7 +67,8 @@ class Config:
     label_smoothing: float = 0.0
     grad_clip: float | None = None  # clip the gradient norm to this value
     early_stopping_patience: int | None = None  # stop after this many epochs without a better validation accuracy
-    augment: str | list[dict[str, Any]] = "none"  # preset name or list of ops; see cnnkit.augment
+    augment: str | list[dict[str, Any]] = "none"  # preset (none, seed, light, strong) or list of ops; see `cnnkit augment ops`
+    tta: str = "none"  # test-time augmentation for validation and test: none | flip | flip-shift
     precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA)
     channels_last: bool = False  # memory format; often faster for convolutions
     # -- output

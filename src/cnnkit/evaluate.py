@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cnnkit.augment import tta_views
 from cnnkit.preprocess import Preprocess
 
 
@@ -30,19 +31,26 @@ def predict_logits(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     channels_last: bool = False,
+    tta: str = "none",
 ) -> torch.Tensor:
-    """Logits (float32, on the CPU) for uint8 images (N, C, H, W), in batches."""
+    """Logits (float32, on the CPU) for uint8 images (N, C, H, W), in batches; with test-time
+    augmentation (`flip`, `flip-shift`) the logits of the views are averaged."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     images = torch.as_tensor(images)
     out = []
     for start in range(0, len(images), batch_size):
-        x = preprocess(images[start : start + batch_size].to(device))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            out.append(model(x).float().cpu())
+        views = tta_views(preprocess.to_float(images[start : start + batch_size].to(device)), tta)
+        total = None
+        for view in views:
+            x = preprocess.finish(view)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                logits = model(x).float()
+            total = logits if total is None else total + logits
+        out.append((total / len(views)).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 

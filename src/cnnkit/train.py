@@ -201,12 +201,12 @@ def train(cfg: Config, resume: Path | None = None, overrides: dict[str, Any] | N
             t0 = time.perf_counter()
             train_loss, train_acc = _train_epoch(
                 model, loader, preprocess, augment, optimizer, loss_fn, scaler, cfg, state, device,
-                epoch, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.schedule))
+                epoch, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.schedule), num_classes)
             epoch_time = time.perf_counter() - t0
             state.train_time_s += epoch_time
             val = classification_metrics(
                 predict_logits(model, preprocess, splits.val.images, batch_size=cfg.eval_batch_size, device=device,
-                               precision=cfg.precision, channels_last=cfg.channels_last),
+                               precision=cfg.precision, channels_last=cfg.channels_last, tta=cfg.tta),
                 splits.val.labels, ds.classes)
             state.epoch = epoch
             improved = val["accuracy"] > state.best_val_accuracy
@@ -239,7 +239,7 @@ def train(cfg: Config, resume: Path | None = None, overrides: dict[str, Any] | N
     best_state, _, _ = load_checkpoint(run_dir / "checkpoints" / "best")
     model.load_state_dict(best_state)
     test_logits = predict_logits(model, preprocess, splits.test.images, batch_size=cfg.eval_batch_size,
-                                 device=device, precision=cfg.precision, channels_last=cfg.channels_last)
+                                 device=device, precision=cfg.precision, channels_last=cfg.channels_last, tta=cfg.tta)
     test = classification_metrics(test_logits, splits.test.labels, ds.classes)
     save_evaluation(run_dir, test, ds.classes, split="test", checkpoint="best")
     summary = {
@@ -257,7 +257,8 @@ def train(cfg: Config, resume: Path | None = None, overrides: dict[str, Any] | N
     return TrainResult(run_dir, state, test, summary)
 
 
-def _train_epoch(model, loader, preprocess, augment, optimizer, loss_fn, scaler, cfg, state, device, epoch, schedule):
+def _train_epoch(model, loader, preprocess, augment, optimizer, loss_fn, scaler, cfg, state, device, epoch, schedule,
+                 num_classes):
     model.train()
     # Augmentation randomness depends only on (seed, epoch): resumed runs repeat it exactly.
     g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -271,14 +272,17 @@ def _train_epoch(model, loader, preprocess, augment, optimizer, loss_fn, scaler,
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * schedule(state.step)
             x = preprocess.to_float(images)
+            targets = labels
             if augment:
                 x = augment(x, g)
+                if augment.mixes_labels:  # soft targets: cross-entropy takes class probabilities too
+                    x, targets = augment.mix(x, labels, num_classes, g)
             x = preprocess.finish(x)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, cfg.precision):
                 logits = model(x)
-            loss = loss_fn(logits.float(), labels)
+            loss = loss_fn(logits.float(), targets)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"the loss became {loss.item()} at step {state.step + 1} (epoch {epoch}); the last good "

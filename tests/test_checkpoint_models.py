@@ -15,7 +15,8 @@ def test_checkpoint_round_trip_gives_same_logits(tmp_path, name, channels, size)
     model(x).sum().backward()
     optimizer.step()
     save_checkpoint(tmp_path / "ck", model, {"model": name}, optimizer)
-    state, meta, optim_state = load_checkpoint(tmp_path / "ck")
+    ckpt = load_checkpoint(tmp_path / "ck")
+    state, meta, optim_state = ckpt.model, ckpt.meta, ckpt.optimizer
     fresh = create_model(name, 10, channels, size).eval()
     fresh.load_state_dict(state)
     assert torch.equal(fresh(x), model(x))
@@ -35,15 +36,19 @@ def test_seed_cnn_is_the_course_network():
     assert sum(p.numel() for p in model.parameters()) == 93322  # Keras model.summary() of the course
 
 
-def test_corrupted_or_torn_checkpoint_is_refused(tmp_path):
+def test_corrupted_or_truncated_checkpoint_is_refused(tmp_path):
     model = create_model("seed-cnn", 10, 1, 28)
     save_checkpoint(tmp_path / "ck", model, {})
-    data = bytearray((tmp_path / "ck.safetensors").read_bytes())
-    data[-5] ^= 0xFF
-    (tmp_path / "ck.safetensors").write_bytes(bytes(data))
+    good = (tmp_path / "ck.safetensors").read_bytes()
+    flipped = bytearray(good)
+    flipped[-5] ^= 0xFF
+    (tmp_path / "ck.safetensors").write_bytes(bytes(flipped))
     with pytest.raises(RunError, match="checksum"):
         load_checkpoint(tmp_path / "ck")
-    (tmp_path / "ck.json").unlink()
+    (tmp_path / "ck.safetensors").write_bytes(good[: len(good) // 2])
+    with pytest.raises(RunError, match="truncated"):
+        load_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck.safetensors").unlink()
     with pytest.raises(RunError, match="missing"):
         load_checkpoint(tmp_path / "ck")
 

@@ -65,8 +65,8 @@ def test_resume_continues_exactly(tmp_path):
     part = train(small(tmp_path, "part", epochs=1))
     resumed = train(None, resume=part.run_dir, overrides={"epochs": 2})
     assert resumed.state.epoch == 2
-    w_full, _, _ = load_checkpoint(full.run_dir / "checkpoints" / "last")
-    w_resumed, _, _ = load_checkpoint(part.run_dir / "checkpoints" / "last")
+    w_full = load_checkpoint(full.run_dir / "checkpoints" / "last").model
+    w_resumed = load_checkpoint(part.run_dir / "checkpoints" / "last").model
     assert all(torch.equal(w_full[k], w_resumed[k]) for k in w_full)
     assert metrics(full.run_dir) == metrics(part.run_dir)
 

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         progress.console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         progress.console.print("interrupted")
         return 130

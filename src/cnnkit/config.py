@@ -26,6 +26,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "class_balance": ("none", "weights", "sampler"),
     "tta": ("none", "flip", "flip-shift"),
+    "on_nonfinite": ("stop", "skip"),
 }
 
 
@@ -71,6 +72,11 @@ class Config:
     tta: str = "none"  # test-time augmentation for validation and test: none | flip | flip-shift
     precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA)
     channels_last: bool = False  # memory format; often faster for convolutions
+    # -- robustness
+    deterministic: bool = False  # torch deterministic algorithms (an interrupted + resumed run equals an uninterrupted one)
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keep the last good checkpoint) | skip (the step; halve the LR)
+    checkpoint_every_epochs: int = 1  # save the resumable `last` checkpoint every N epochs
+    checkpoint_every_minutes: float | None = None  # also save it mid-epoch when this many minutes have passed
     # -- output
     output: str = "runs"  # parent folder of run folders
     name: str | None = None  # run folder name (default: recipe-date-time)
@@ -79,7 +85,7 @@ class Config:
         for key, options in CHOICES.items():
             if getattr(self, key) not in options:
                 raise ConfigError(f"{key} must be one of {', '.join(options)}; got {getattr(self, key)!r}")
-        for key in ("epochs", "batch_size", "eval_batch_size"):
+        for key in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every_epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1; got {getattr(self, key)}")
         if self.lr <= 0:
@@ -94,6 +100,8 @@ class Config:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be at least 1; got {value}")
+        if self.checkpoint_every_minutes is not None and self.checkpoint_every_minutes < 0:
+            raise ConfigError(f"checkpoint_every_minutes must not be negative; got {self.checkpoint_every_minutes}")
         if len(self.betas) != 2:
             raise ConfigError(f"betas must be two numbers; got {self.betas}")
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -10,6 +11,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from cnnkit.errors import CnnkitError
+
+
+class StorageError(CnnkitError):
+    """Writing a file failed (disk full, no permission); the previous version is intact."""
 
 
 @contextlib.contextmanager
@@ -29,6 +36,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(f"no space left on the device while writing {path}; the previous version of the "
+                               "file is intact. Free some space, then run the command again (or --resume the run).") from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise StorageError(f"cannot write {path}: {e.strerror}. Choose another location (e.g. --output).") from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

@@ -42,14 +42,15 @@ def checkpoint_stem(run_dir: Path, which: str = "best") -> Path:
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run folder")
     stem = run_dir / "checkpoints" / which
-    if not stem.with_suffix(".json").exists():
+    if not stem.with_suffix(".safetensors").exists():
         raise RunError(f"{run_dir} has no {which} checkpoint; is it a cnnkit run folder, and did training finish an epoch?")
     return stem
 
 
 def load_run(run_dir: Path, which: str = "best", device: torch.device | str = "cpu") -> LoadedRun:
     """Rebuild the model of a run from its checkpoint metadata and load its weights (eval mode)."""
-    state, meta, _ = load_checkpoint(checkpoint_stem(run_dir, which))
+    ckpt = load_checkpoint(checkpoint_stem(run_dir, which))
+    state, meta = ckpt.model, ckpt.meta
     preprocess = Preprocess.from_dict(meta["preprocess"])
     model = create_model(meta["model"], meta["num_classes"], preprocess.model_channels, preprocess.input_size,
                          **meta.get("model_args", {}))

@@ -1,9 +1,14 @@
 """The training loop. It gets tensors, a model and a configuration; it knows no file formats.
 
-One epoch: shuffle (seeded per epoch) -> uint8 batch on the device -> float -> augment ->
-preprocess -> forward -> loss -> backward -> step. After each epoch: validation accuracy,
-metrics.jsonl, the `last` checkpoint, the `best` one when validation improves, early stopping.
-The test split is evaluated once, at the end, with the best weights.
+One step: uint8 batch on the device (order seeded per epoch) -> float -> augment -> preprocess
+-> forward -> loss -> backward -> step. After each epoch: validation accuracy, metrics.jsonl,
+the `last` checkpoint, the `best` one when validation improves, early stopping. The test split
+is evaluated once, at the end, with the best weights.
+
+Interruptions lose nothing: SIGINT/SIGTERM save a checkpoint mid-epoch before exiting, and
+`checkpoint_every_minutes` bounds what a SIGKILL or power cut can lose. A checkpoint holds the
+model, optimiser, the position in the epoch, the partial epoch metrics and every RNG state, so a
+resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import json
 import logging
 import math
 import platform
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -39,21 +46,38 @@ from cnnkit.runs import save_evaluation
 log = logging.getLogger(__name__)
 
 # Fields that may change when a run is resumed; anything else would make it another run.
-RESUMABLE_OVERRIDES = {"epochs", "device", "threads", "early_stopping_patience", "eval_batch_size"}
+RESUMABLE_OVERRIDES = {"epochs", "device", "threads", "early_stopping_patience", "eval_batch_size",
+                       "checkpoint_every_epochs", "checkpoint_every_minutes"}
 
 
 class TrainingError(CnnkitError):
     """Training cannot go on (for example the loss became NaN)."""
 
 
+class TrainingInterrupted(TrainingError):
+    """SIGINT or SIGTERM: a checkpoint was saved; exit with 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 @dataclass
 class TrainState:
     epoch: int = 0  # last completed epoch
-    step: int = 0
+    step: int = 0  # optimiser steps taken (or skipped) in all
+    batch: int = 0  # batches done in the epoch in progress (epoch + 1)
     best_val_accuracy: float = -1.0
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the best one, for early stopping
     train_time_s: float = 0.0
+    # the epoch in progress, so that a mid-epoch resume reports the same epoch metrics
+    epoch_loss_sum: float = 0.0
+    epoch_correct: int = 0
+    epoch_seen: int = 0
+    epoch_time_s: float = 0.0
+    lr_scale: float = 1.0  # halved each time a non-finite step is skipped (on_nonfinite = skip)
+    skipped_steps: int = 0
 
 
 @dataclass
@@ -127,187 +151,283 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def train(cfg: Config, resume: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainResult:
+def train(cfg: Config | None, resume: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainResult:
     """Train a model as `cfg` says (or resume the run in `resume`) and evaluate it on the test split."""
-    wall_start = time.perf_counter()
-    if resume is not None:
-        cfg, run_dir, ckpt = _prepare_resume(resume, overrides or {})
-    else:
+    return Trainer(cfg, resume, overrides).run()
+
+
+class Trainer:
+    """Everything one run needs, built once; `run()` trains, checkpoints and evaluates."""
+
+    def __init__(self, cfg: Config | None, resume: Path | None = None, overrides: dict[str, Any] | None = None):
+        self.wall_start = time.perf_counter()
         ckpt = None
-    check_model_name(cfg.model)
-    canonical_name(cfg.dataset)
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+        if resume is not None:
+            cfg, self.run_dir, ckpt = _prepare_resume(resume, overrides or {})
+        assert cfg is not None
+        self.cfg = cfg
+        check_model_name(cfg.model)
+        canonical_name(cfg.dataset)
+        self.device = device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if cfg.precision == "fp16" and device.type != "cuda":
+            raise ConfigError("precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
 
-    ds = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, channels=cfg.channels,
-                      skip_bad_images=cfg.skip_bad_images)
-    splits = make_splits(ds, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed,
-                         max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples)
-    _log_data(ds, splits)
-    num_classes = len(ds.classes)
+        self.ds = ds = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, channels=cfg.channels,
+                                    skip_bad_images=cfg.skip_bad_images)
+        self.splits = splits = make_splits(ds, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                                           seed=cfg.seed, max_train_samples=cfg.max_train_samples,
+                                           max_eval_samples=cfg.max_eval_samples)
+        _log_data(ds, splits)
+        self.num_classes = k = len(ds.classes)
 
-    preprocess = Preprocess.from_dict(ckpt[1]["preprocess"]) if ckpt else make_preprocess(cfg, splits.train.images)
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes, preprocess.model_channels, preprocess.input_size, **cfg.model_args)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, model)
-    counts = splits.train.class_counts(num_classes)
-    class_weights = None
-    if cfg.class_balance == "weights":
-        class_weights = torch.tensor(len(splits.train) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-    sample_weights = (1.0 / np.maximum(counts, 1))[splits.train.labels] if cfg.class_balance == "sampler" else None
-    loader = BatchLoader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
-                         device=device, sample_weights=sample_weights)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
-    augment = build_augment(cfg.augment)
-    total_steps = cfg.epochs * len(loader)
-    warmup_steps = int(round(cfg.warmup_epochs * len(loader)))
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.preprocess = (Preprocess.from_dict(ckpt.meta["preprocess"]) if ckpt
+                           else make_preprocess(cfg, splits.train.images))
+        torch.manual_seed(cfg.seed)
+        self.model = create_model(cfg.model, k, self.preprocess.model_channels, self.preprocess.input_size,
+                                  **cfg.model_args).to(device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(cfg, self.model)
+        counts = splits.train.class_counts(k)
+        class_weights = None
+        if cfg.class_balance == "weights":
+            class_weights = torch.tensor(len(splits.train) / (k * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+        sample_weights = (1.0 / np.maximum(counts, 1))[splits.train.labels] if cfg.class_balance == "sampler" else None
+        self.loader = BatchLoader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
+                                  device=device, sample_weights=sample_weights)
+        self.loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
+        self.augment = build_augment(cfg.augment)
+        self.total_steps = cfg.epochs * len(self.loader)
+        self.warmup_steps = int(round(cfg.warmup_epochs * len(self.loader)))
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.aug_rng = torch.Generator()
 
-    state = TrainState()
-    if ckpt is not None:
-        model.load_state_dict(ckpt[0])
-        optimizer.load_state_dict(ckpt[2])
-        state = TrainState(**{k: ckpt[1]["state"][k] for k in asdict(state)})
-        log.info("resuming %s after epoch %d of %d", run_dir, state.epoch, cfg.epochs)
-    else:
-        run_dir = _new_run_dir(cfg)
-        write_json_atomic(run_dir / "config.json", cfg.to_dict())
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", cfg.lr)
+        self.state = TrainState()
+        self.resume_rng: dict[str, torch.Tensor] = {}
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt.model)
+            self.optimizer.load_state_dict(ckpt.optimizer)
+            self.state = TrainState(**{f: ckpt.meta["state"][f] for f in asdict(self.state) if f in ckpt.meta["state"]})
+            self.resume_rng = ckpt.extra
+            if "rng.torch" in ckpt.extra:  # dropout and the like draw from the global generator
+                torch.set_rng_state(ckpt.extra["rng.torch"])
+            if "rng.cuda" in ckpt.extra and device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt.extra["rng.cuda"], device)
+            where = f"epoch {self.state.epoch + 1}, batch {self.state.batch}" if self.state.batch else f"epoch {self.state.epoch}"
+            log.info("resuming %s at %s of %d", self.run_dir, where, cfg.epochs)
+        else:
+            self.run_dir = _new_run_dir(cfg)
+            write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", cfg.lr)
+        self.meta = {
+            "format": "cnnkit-checkpoint/1", "model": cfg.model, "model_args": cfg.model_args,
+            "num_classes": k, "classes": ds.classes, "dataset": ds.name,
+            "preprocess": self.preprocess.to_dict(), "recipe": cfg.recipe, "seed": cfg.seed,
+            "config": cfg.to_dict(), "versions": versions(),
+        }
+        self.stop_signal: int | None = None
+        self.last_save = time.perf_counter()
 
-    meta = {
-        "format": "cnnkit-checkpoint/1", "model": cfg.model, "model_args": cfg.model_args,
-        "num_classes": num_classes, "classes": ds.classes, "dataset": ds.name,
-        "preprocess": preprocess.to_dict(), "recipe": cfg.recipe, "seed": cfg.seed,
-        "config": cfg.to_dict(), "versions": versions(),
-    }
-    log.info("model %s: %s parameters; device %s; run folder %s",
-             cfg.model, f"{count_parameters(model):,}", describe_device(device), run_dir)
+    # -- checkpoints
 
-    def checkpoint(name: str, with_optimizer: bool) -> None:
-        save_checkpoint(run_dir / "checkpoints" / name, model, {**meta, "state": asdict(state)},
-                        optimizer if with_optimizer else None)
+    def save(self, name: str) -> None:
+        """`last` carries what resuming needs (optimiser, RNG states); `best` only the weights."""
+        extra = None
+        if name == "last":
+            extra = {"rng.augment": self.aug_rng.get_state(), "rng.torch": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                extra["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        save_checkpoint(self.run_dir / "checkpoints" / name, self.model, {**self.meta, "state": asdict(self.state)},
+                        self.optimizer if name == "last" else None, extra)
+        if name == "last":
+            self.last_save = time.perf_counter()
 
-    stopped_early = False
-    try:
-        for epoch in range(state.epoch + 1, cfg.epochs + 1):
-            loader.set_epoch(epoch)
-            t0 = time.perf_counter()
-            train_loss, train_acc = _train_epoch(
-                model, loader, preprocess, augment, optimizer, loss_fn, scaler, cfg, state, device,
-                epoch, lambda s: lr_factor(s, total_steps, warmup_steps, cfg.schedule), num_classes)
-            epoch_time = time.perf_counter() - t0
-            state.train_time_s += epoch_time
-            val = classification_metrics(
-                predict_logits(model, preprocess, splits.val.images, batch_size=cfg.eval_batch_size, device=device,
-                               precision=cfg.precision, channels_last=cfg.channels_last, tta=cfg.tta),
-                splits.val.labels, ds.classes)
-            state.epoch = epoch
-            improved = val["accuracy"] > state.best_val_accuracy
-            if improved:
-                state.best_val_accuracy, state.best_epoch, state.bad_epochs = val["accuracy"], epoch, 0
-            else:
-                state.bad_epochs += 1
-            record = {
-                "epoch": epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": train_loss, "train_accuracy": train_acc,
-                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                "epoch_time_s": round(epoch_time, 3), "train_images_per_s": round(len(loader) * cfg.batch_size / epoch_time, 1),
-            }
-            _append_metrics(run_dir, record)
-            if improved:
-                checkpoint("best", with_optimizer=False)
-            checkpoint("last", with_optimizer=True)
-            log.info("epoch %d/%d  loss %.4f  acc %.2f%%  val_loss %.4f  val_acc %.2f%%%s  %.0f img/s  %.1fs",
-                     epoch, cfg.epochs, train_loss, 100 * train_acc, val["loss"], 100 * val["accuracy"],
-                     " *" if improved else "", record["train_images_per_s"], epoch_time)
-            if cfg.early_stopping_patience and state.bad_epochs >= cfg.early_stopping_patience:
-                log.info("early stopping: no better validation accuracy for %d epochs", state.bad_epochs)
-                stopped_early = True
-                break
-    except KeyboardInterrupt:
+    def _handle_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        log.warning("%s received: saving a checkpoint after this step (press Ctrl-C again to stop at once)",
+                    signal.Signals(signum).name)
+
+    # -- the run
+
+    def run(self) -> TrainResult:
+        cfg, state = self.cfg, self.state
+        log.info("model %s: %s parameters; device %s; run folder %s",
+                 cfg.model, f"{count_parameters(self.model):,}", describe_device(self.device), self.run_dir)
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+        stopped_early = False
+        try:
+            for epoch in range(state.epoch + 1, cfg.epochs + 1):
+                train_loss, train_acc = self._train_epoch(epoch)
+                if self._end_epoch(epoch, train_loss, train_acc):
+                    stopped_early = True
+                    break
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return self._finish(stopped_early)
+
+    def _train_epoch(self, epoch: int) -> tuple[float, float]:
+        cfg, state, device, model = self.cfg, self.state, self.device, self.model
+        model.train()
+        self.loader.set_epoch(epoch)
+        if state.batch == 0:
+            # Augmentation randomness of an epoch depends only on (seed, epoch).
+            self.aug_rng.manual_seed(cfg.seed * 1000 + epoch)
+            state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_time_s = 0.0, 0, 0, 0.0
+        else:  # resuming mid-epoch: the augmentation generator continues exactly where it was
+            self.aug_rng.set_state(self.resume_rng["rng.augment"])
+        loss_sum = torch.tensor(state.epoch_loss_sum, device=device)
+        correct = torch.tensor(state.epoch_correct, device=device)
+        seen = state.epoch_seen
+        t0 = time.perf_counter() - state.epoch_time_s
+        n = len(self.loader)
+        with progress.make_progress() as bar:
+            task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=n, completed=state.batch, info="")
+            for images, labels in self.loader.batches(start=state.batch):
+                loss, logits, targets = self._step(images, labels, epoch)
+                state.batch += 1
+                if loss is not None:
+                    loss_sum += loss.detach() * len(labels)
+                    correct += (logits.argmax(1) == labels).sum()
+                    seen += len(labels)
+                if state.batch % 20 == 0 or state.batch == n or self.stop_signal or self._checkpoint_due():
+                    # .item() waits for a GPU: not every step
+                    state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = loss_sum.item(), int(correct.item()), seen
+                    state.epoch_time_s = time.perf_counter() - t0
+                    bar.update(task, completed=state.batch, info=f"loss {state.epoch_loss_sum / max(seen, 1):.4f}  "
+                               f"acc {100 * state.epoch_correct / max(seen, 1):.2f}%  {seen / state.epoch_time_s:.0f} img/s")
+                    if self.stop_signal:
+                        self._stop_for_signal(epoch)
+                    if self._checkpoint_due() and state.batch < n:
+                        self.save("last")
+        state.epoch_time_s = time.perf_counter() - t0
+        return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int):
+        cfg, state, optimizer = self.cfg, self.state, self.optimizer
+        factor = lr_factor(state.step, self.total_steps, self.warmup_steps, cfg.schedule) * state.lr_scale
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        x = self.preprocess.to_float(images)
+        targets = labels
+        if self.augment:
+            x = self.augment(x, self.aug_rng)
+            if self.augment.mixes_labels:  # soft targets: cross-entropy takes class probabilities too
+                x, targets = self.augment.mix(x, labels, self.num_classes, self.aug_rng)
+        x = self.preprocess.finish(x)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, cfg.precision):
+            logits = self.model(x)
+        loss = self.loss_fn(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        # The gradient norm is needed anyway to clip; computing it also catches non-finite gradients.
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        state.step += 1
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if self.scaler is None and not bool(finite):
+            return self._non_finite(loss, grad_norm, epoch), None, None
+        if self.scaler is not None:  # fp16: the scaler skips steps with inf/NaN gradients itself
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        return loss, logits, targets
+
+    def _non_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, epoch: int) -> None:
+        cfg, state = self.cfg, self.state
+        what = f"the loss became {loss.item()}" if not torch.isfinite(loss) else f"the gradient norm became {grad_norm.item()}"
+        if cfg.on_nonfinite == "skip" and state.skipped_steps < 10:
+            state.lr_scale /= 2
+            state.skipped_steps += 1
+            log.warning("%s at step %d (epoch %d): step skipped, learning rate halved (now x%g)",
+                        what, state.step, epoch, state.lr_scale)
+            return None
         raise TrainingError(
-            f"interrupted during epoch {state.epoch + 1}; the last checkpoint holds epoch {state.epoch}. "
-            f"Resume with: cnnkit train --resume {run_dir}") from None
+            f"{what} at step {state.step} (epoch {epoch}, batch {state.batch + 1}); the run stopped and its last "
+            f"good checkpoint is kept in {self.run_dir / 'checkpoints'}. Try a lower --lr, --grad-clip 1.0, "
+            "--precision fp32, or --on-nonfinite skip.")
 
-    best_state, _, _ = load_checkpoint(run_dir / "checkpoints" / "best")
-    model.load_state_dict(best_state)
-    test_logits = predict_logits(model, preprocess, splits.test.images, batch_size=cfg.eval_batch_size,
-                                 device=device, precision=cfg.precision, channels_last=cfg.channels_last, tta=cfg.tta)
-    test = classification_metrics(test_logits, splits.test.labels, ds.classes)
-    save_evaluation(run_dir, test, ds.classes, split="test", checkpoint="best")
-    summary = {
-        "status": "stopped early" if stopped_early else "finished",
-        "recipe": cfg.recipe, "dataset": ds.name, "data_source": ds.source, "model": cfg.model,
-        "parameters": count_parameters(model), "epochs_run": state.epoch, "best_epoch": state.best_epoch,
-        "best_val_accuracy": state.best_val_accuracy, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-        "train_samples": len(splits.train), "val_samples": len(splits.val), "test_samples": len(splits.test),
-        "train_time_s": round(state.train_time_s, 2),
-        "wall_time_s": round(time.perf_counter() - wall_start, 2),  # this invocation, data loading included
-        "device": describe_device(device), "finished_at": datetime.now().isoformat(timespec="seconds"),
-        "versions": versions(), "notes": splits.notes,
-    }
-    write_json_atomic(run_dir / "summary.json", summary)
-    return TrainResult(run_dir, state, test, summary)
+    def _checkpoint_due(self) -> bool:
+        minutes = self.cfg.checkpoint_every_minutes
+        return minutes is not None and time.perf_counter() - self.last_save >= 60 * minutes
 
+    def _stop_for_signal(self, epoch: int) -> None:
+        self.save("last")
+        signum = self.stop_signal or signal.SIGINT
+        raise TrainingInterrupted(
+            f"{signal.Signals(signum).name}: stopped in epoch {epoch} after batch {self.state.batch}; checkpoint saved. "
+            f"Resume with: cnnkit train --resume {self.run_dir}", signum)
 
-def _train_epoch(model, loader, preprocess, augment, optimizer, loss_fn, scaler, cfg, state, device, epoch, schedule,
-                 num_classes):
-    model.train()
-    # Augmentation randomness depends only on (seed, epoch): resumed runs repeat it exactly.
-    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    t0 = time.perf_counter()
-    with progress.make_progress() as bar:
-        task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=len(loader), info="")
-        for i, (images, labels) in enumerate(loader):
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * schedule(state.step)
-            x = preprocess.to_float(images)
-            targets = labels
-            if augment:
-                x = augment(x, g)
-                if augment.mixes_labels:  # soft targets: cross-entropy takes class probabilities too
-                    x, targets = augment.mix(x, labels, num_classes, g)
-            x = preprocess.finish(x)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, cfg.precision):
-                logits = model(x)
-            loss = loss_fn(logits.float(), targets)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {loss.item()} at step {state.step + 1} (epoch {epoch}); the last good "
-                    "checkpoint is kept. Try a lower --lr, --grad-clip 1.0, or --precision fp32.")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            state.step += 1
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
-            if i % 20 == 0 or i == len(loader) - 1:  # .item() syncs a GPU: not every step
-                rate = seen / (time.perf_counter() - t0)
-                bar.update(task, completed=i + 1, info=f"loss {loss_sum.item() / seen:.4f}  acc {100 * correct.item() / seen:.2f}%  {rate:.0f} img/s")
-    return loss_sum.item() / seen, correct.item() / seen
+    def _end_epoch(self, epoch: int, train_loss: float, train_acc: float) -> bool:
+        """Validate, record, checkpoint; True when early stopping ends the run."""
+        cfg, state = self.cfg, self.state
+        epoch_time = state.epoch_time_s
+        state.train_time_s += epoch_time
+        val = self.evaluate(self.splits.val)
+        state.epoch, state.batch = epoch, 0
+        improved = val["accuracy"] > state.best_val_accuracy
+        if improved:
+            state.best_val_accuracy, state.best_epoch, state.bad_epochs = val["accuracy"], epoch, 0
+        else:
+            state.bad_epochs += 1
+        record = {
+            "epoch": epoch, "step": state.step, "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss, "train_accuracy": train_acc,
+            "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+            "epoch_time_s": round(epoch_time, 3),
+            "train_images_per_s": round(len(self.loader) * cfg.batch_size / max(epoch_time, 1e-9), 1),
+        }
+        _append_metrics(self.run_dir, record)
+        if improved:
+            self.save("best")
+        stop = bool(cfg.early_stopping_patience and state.bad_epochs >= cfg.early_stopping_patience)
+        if epoch % cfg.checkpoint_every_epochs == 0 or epoch == cfg.epochs or stop or self._checkpoint_due():
+            self.save("last")
+        log.info("epoch %d/%d  loss %.4f  acc %.2f%%  val_loss %.4f  val_acc %.2f%%%s  %.0f img/s  %.1fs",
+                 epoch, cfg.epochs, train_loss, 100 * train_acc, val["loss"], 100 * val["accuracy"],
+                 " *" if improved else "", record["train_images_per_s"], epoch_time)
+        if stop:
+            log.info("early stopping: no better validation accuracy for %d epochs", state.bad_epochs)
+        return stop
+
+    def evaluate(self, split) -> dict[str, Any]:
+        cfg = self.cfg
+        logits = predict_logits(self.model, self.preprocess, split.images, batch_size=cfg.eval_batch_size,
+                                device=self.device, precision=cfg.precision, channels_last=cfg.channels_last, tta=cfg.tta)
+        return classification_metrics(logits, split.labels, self.ds.classes)
+
+    def _finish(self, stopped_early: bool) -> TrainResult:
+        cfg, state, splits = self.cfg, self.state, self.splits
+        self.model.load_state_dict(load_checkpoint(self.run_dir / "checkpoints" / "best").model)
+        test = self.evaluate(splits.test)
+        save_evaluation(self.run_dir, test, self.ds.classes, split="test", checkpoint="best")
+        summary = {
+            "status": "stopped early" if stopped_early else "finished",
+            "recipe": cfg.recipe, "dataset": self.ds.name, "data_source": self.ds.source, "model": cfg.model,
+            "parameters": count_parameters(self.model), "epochs_run": state.epoch, "best_epoch": state.best_epoch,
+            "best_val_accuracy": state.best_val_accuracy, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+            "train_samples": len(splits.train), "val_samples": len(splits.val), "test_samples": len(splits.test),
+            "train_time_s": round(state.train_time_s, 2), "skipped_steps": state.skipped_steps,
+            "wall_time_s": round(time.perf_counter() - self.wall_start, 2),  # this invocation, data loading included
+            "device": describe_device(self.device), "finished_at": datetime.now().isoformat(timespec="seconds"),
+            "versions": versions(), "notes": splits.notes,
+        }
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        return TrainResult(self.run_dir, state, test, summary)
 
 
 def _log_data(ds, splits) -> None:
@@ -349,11 +469,11 @@ def _prepare_resume(run_dir: Path, overrides: dict[str, Any]):
                           f"may change, not {sorted(not_allowed)}")
     cfg = Config.from_dict({**json.loads(config_path.read_text()), **overrides}, str(config_path))
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last")
-    if ckpt[2] is None:
+    if ckpt.optimizer is None:
         raise RunError(f"{run_dir}/checkpoints/last has no optimizer state; it cannot be resumed")
     if overrides:
         write_json_atomic(config_path, cfg.to_dict())
-    _truncate_metrics(run_dir, ckpt[1]["state"]["epoch"])
+    _truncate_metrics(run_dir, ckpt.meta["state"]["epoch"])
     return cfg, run_dir, ckpt
 
 

@@ -88,6 +88,8 @@ def make_splits(
     if test is None and val is not None:
         test, val = val, None
         notes.append("no test/ split: the val/ split is held out for final evaluation; validation is carved from train")
+    if test is None or val is None:
+        _check_splittable(ds, train)
     if test is None:
         rest, held = stratified_split(train.labels, test_fraction, seed + 1)
         train, test = train.subset(rest), train.subset(held)
@@ -106,6 +108,18 @@ def make_splits(
         if len(split) == 0:
             raise DataError(f"{ds.name}: the {split_name} split is empty; add images or lower the split fractions")
     return Splits(train, val, test, notes)
+
+
+def _check_splittable(ds: Dataset, train: Split) -> None:
+    """Carving a held-out split needs two images of every class, else a class vanishes from it."""
+    counts = train.class_counts(len(ds.classes))
+    few = [f"{c} ({n})" for c, n in zip(ds.classes, counts) if n < 2]
+    if few:
+        raise DataError(
+            f"{ds.source}: class(es) {', '.join(few)} have fewer than 2 training images, so they cannot be "
+            "split into training and validation. Add images to those class folders (a few dozen each is a "
+            "sensible minimum), or remove the folders."
+        )
 
 
 def imbalance_ratio(split: Split, num_classes: int) -> float:

@@ -65,6 +65,13 @@ def load(data_dir: Path | None = None, allow_download: bool = True, verify: bool
     arrays = {name: _read_gz(directory / name, verify) for name in FILES}
     train_x, train_y = arrays["train-images-idx3-ubyte.gz"], arrays["train-labels-idx1-ubyte.gz"]
     test_x, test_y = arrays["t10k-images-idx3-ubyte.gz"], arrays["t10k-labels-idx1-ubyte.gz"]
+    for prefix, x, y in (("train", train_x, train_y), ("t10k", test_x, test_y)):
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(
+                f"{directory}: {prefix}-images holds {x.shape} but {prefix}-labels holds {y.shape}; expected "
+                "N images of HxW and N labels. One of the two files is wrong: provide the official pair.")
+        if y.max(initial=0) >= len(CLASSES):
+            raise DataError(f"{directory / (prefix + '-labels-idx1-ubyte.gz')}: labels must lie in 0..9, found {y.max()}")
     splits = {"train": Split(train_x[:, None], train_y), "test": Split(test_x[:, None], test_y)}
     return Dataset(NAME, CLASSES, splits, source=str(directory))
 

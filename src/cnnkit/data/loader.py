@@ -62,7 +62,11 @@ class BatchLoader:
         return torch.randperm(n, generator=g)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches()
+
+    def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from batch number `start` on (a resumed run skips those it has done)."""
         order = self.order(self.epoch).to(self.device)
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.images[idx], self.labels[idx]

@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
+    p = sub.add_parser("report", help="write RUN/report.html: curves, confusions, mistakes, Grad-CAM, robustness")
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+    p = sub.add_parser("compare", help="compare runs: a table and overlaid learning curves")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders")
+    p.add_argument("--out", type=Path, default=Path("compare.html"), help="HTML page to write (default compare.html)")
+
     p = sub.add_parser("augment", help="see what data augmentation does", description=(
         "`cnnkit augment preview` draws originals next to augmented versions; `cnnkit augment ops` lists the ops."))
     aug = p.add_subparsers(dest="augment_command", metavar="ACTION", required=True)
@@ -173,7 +181,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       channels=cfg["channels"], skip_bad_images=cfg["skip_bad_images"])
     splits = make_splits(ds, val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"], seed=cfg["seed"],
                          max_eval_samples=cfg["max_eval_samples"])
-    logits = predict_logits(run.model, run.preprocess, splits.test.images, device=device)
+    logits = predict_logits(run.model, run.preprocess, splits.test.images, device=device, tta=cfg.get("tta", "none"))
     metrics = classification_metrics(logits, splits.test.labels, run.classes)
     save_evaluation(args.run, metrics, run.classes, split="test", checkpoint=args.checkpoint)
     if args.json:
@@ -249,6 +257,34 @@ def cmd_augment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from cnnkit.report import report_run
+    from cnnkit.train import resolve_device
+
+    path = report_run(args.run, str(resolve_device(args.device)))
+    print(f"Report: {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from cnnkit.compare import load_runs, table_rows, write_html
+
+    runs = load_runs(args.runs)
+    rows = table_rows(runs)
+    table = Table(title=f"{len(runs)} runs")
+    for key in rows[0]:
+        table.add_column(key, justify="right" if key in ("epochs", "best val", "test", "wall time") else "left")
+    for row in rows:
+        table.add_row(*row.values())
+    Console().print(table)
+    write_html(runs, args.out)
+    print(f"Learning curves and table: {args.out}")
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from cnnkit.data import DATASETS, where_available
 
@@ -270,6 +306,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "augment": cmd_augment,
+            "report": cmd_report, "compare": cmd_compare,
             "datasets": cmd_datasets, "recipes": cmd_recipes}
 
 if __name__ == "__main__":

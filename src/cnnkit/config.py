@@ -78,6 +78,8 @@ class Config:
     checkpoint_every_epochs: int = 1  # save the resumable `last` checkpoint every N epochs
     checkpoint_every_minutes: float | None = None  # also save it mid-epoch when this many minutes have passed
     # -- output
+    report: bool = True  # write report.html (plots, confusions, Grad-CAM, robustness) at the end
+    tensorboard: bool = False  # also log metrics per epoch to RUN/tensorboard (needs the tensorboard package)
     output: str = "runs"  # parent folder of run folders
     name: str | None = None  # run folder name (default: recipe-date-time)
 

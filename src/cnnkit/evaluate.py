@@ -79,8 +79,8 @@ def classification_metrics(logits: torch.Tensor, labels: np.ndarray | torch.Tens
     }
 
 
-def plot_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path, title: str = "Confusion matrix") -> None:
-    """Row-normalised colours with the counts written in each cell."""
+def plot_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path, title: str = "") -> None:
+    """Two panels: counts, and row-normalised (each row sums to 1: the recall of that class)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,18 +91,21 @@ def plot_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path, t
     counts = np.asarray(cm)
     rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * k, 0.8 + 0.55 * k), dpi=110)
-    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-    for i in range(k):
-        for j in range(k):
-            if counts[i, j]:
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if rows[i, j] > 0.5 else "black")
-    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (1.4 + 0.55 * k), 1.5 + 0.5 * k), dpi=100)
+    for ax, data, name, fmt in ((axes[0], counts, "counts", "{:d}"), (axes[1], rows, "row-normalised (recall)", "{:.2f}")):
+        ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rows[i, j] > 0.5 else "black")
+        ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), classes, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(name)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     save_with(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

@@ -31,7 +31,8 @@ def expand_paths(inputs: list[str | Path]) -> list[Path]:
 
 def predict_images(run: LoadedRun, images: np.ndarray, top_k: int = 5, device: str = "cpu") -> list[list[tuple[str, float]]]:
     """Top-k (class, probability) for uint8 images already decoded to the run's data format."""
-    probs = torch.softmax(predict_logits(run.model, run.preprocess, images, device=device), dim=1)
+    tta = run.meta.get("config", {}).get("tta", "none")  # predict as the run was evaluated
+    probs = torch.softmax(predict_logits(run.model, run.preprocess, images, device=device, tta=tta), dim=1)
     k = min(top_k, probs.shape[1])
     values, indices = probs.topk(k, dim=1)
     return [[(run.classes[i], float(p)) for p, i in zip(vs, ix)] for vs, ix in zip(values.tolist(), indices.tolist())]

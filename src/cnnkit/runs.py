@@ -63,8 +63,16 @@ def load_run(run_dir: Path, which: str = "best", device: torch.device | str = "c
 
 
 def save_evaluation(run_dir: Path, metrics: dict[str, Any], classes: list[str], *, split: str, checkpoint: str) -> None:
-    write_json_atomic(run_dir / "evaluation.json", {"split": split, "checkpoint": checkpoint, "classes": classes, **metrics})
-    plot_confusion_matrix(metrics["confusion_matrix"], classes, run_dir / "plots" / "confusion_matrix.png",
+    """Write evaluation.json and plots/confusion_matrix.png (for the `last` checkpoint: *-last.*).
+
+    Keys this evaluation does not compute (the report's robustness, calibration, ...) are kept
+    from an existing file of the same checkpoint, so the report and the file stay in agreement.
+    """
+    suffix = "" if checkpoint == "best" else f"-{checkpoint}"
+    path = run_dir / f"evaluation{suffix}.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    write_json_atomic(path, {**previous, "split": split, "checkpoint": checkpoint, "classes": classes, **metrics})
+    plot_confusion_matrix(metrics["confusion_matrix"], classes, run_dir / "plots" / f"confusion_matrix{suffix}.png",
                           title=f"{split} accuracy {100 * metrics['accuracy']:.2f}%")
 
 

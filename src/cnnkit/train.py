@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import signal
 import threading
@@ -172,6 +173,8 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.deterministic:
+            # cuBLAS needs this set before its first use to be deterministic (ignored on the CPU).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         if cfg.precision == "fp16" and device.type != "cuda":
             raise ConfigError("precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
@@ -232,6 +235,7 @@ class Trainer:
         }
         self.stop_signal: int | None = None
         self.last_save = time.perf_counter()
+        self.tensorboard = _tensorboard_writer(self.run_dir) if cfg.tensorboard else None
 
     # -- checkpoints
 
@@ -392,6 +396,12 @@ class Trainer:
             "train_images_per_s": round(len(self.loader) * cfg.batch_size / max(epoch_time, 1e-9), 1),
         }
         _append_metrics(self.run_dir, record)
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("epoch", "step"):
+                    self.tensorboard.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key,
+                                                value, epoch)
+            self.tensorboard.flush()
         if improved:
             self.save("best")
         stop = bool(cfg.early_stopping_patience and state.bad_epochs >= cfg.early_stopping_patience)
@@ -413,7 +423,10 @@ class Trainer:
     def _finish(self, stopped_early: bool) -> TrainResult:
         cfg, state, splits = self.cfg, self.state, self.splits
         self.model.load_state_dict(load_checkpoint(self.run_dir / "checkpoints" / "best").model)
-        test = self.evaluate(splits.test)
+        test_logits = predict_logits(self.model, self.preprocess, splits.test.images, batch_size=cfg.eval_batch_size,
+                                     device=self.device, precision=cfg.precision, channels_last=cfg.channels_last,
+                                     tta=cfg.tta)
+        test = classification_metrics(test_logits, splits.test.labels, self.ds.classes)
         save_evaluation(self.run_dir, test, self.ds.classes, split="test", checkpoint="best")
         summary = {
             "status": "stopped early" if stopped_early else "finished",
@@ -427,7 +440,25 @@ class Trainer:
             "versions": versions(), "notes": splits.notes,
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
+        if cfg.report:
+            from cnnkit.report import build_report
+
+            t0 = time.perf_counter()
+            build_report(self.run_dir, self.model, self.preprocess, self.ds.classes, splits.test.images,
+                         splits.test.labels, splits.train.images, splits.train.labels, cfg.to_dict(), self.device,
+                         logits=test_logits)
+            log.info("report: %s (%.1f s)", self.run_dir / "report.html", time.perf_counter() - t0)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return TrainResult(self.run_dir, state, test, summary)
+
+
+def _tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--tensorboard true needs the tensorboard package: pip install 'cnnkit[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def _log_data(ds, splits) -> None:

@@ -19,6 +19,7 @@ from cnnkit.fileio import save_with
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
+FORMAT = 2  # bump when the file layout changes, so old caches are ignored rather than reported corrupt
 
 
 def cache_key(**parts: object) -> str:
@@ -32,7 +33,7 @@ def cached_arrays(
 
     A cache file that cannot be read (torn, corrupted) is reported and rebuilt, never trusted.
     """
-    path = (cache_dir or cnnkit_home() / "cache") / f"{name}-{key}.safetensors"
+    path = (cache_dir or cnnkit_home() / "cache") / f"{name}-{key}-v{FORMAT}.safetensors"
     if path.exists():
         try:
             arrays = load_file(path)

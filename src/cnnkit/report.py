@@ -1,0 +1,315 @@
+"""The run report: one self-contained HTML file (images inline, no network) and PNG plots.
+
+`build_report` needs the model and the test images in hand (train calls it at the end of a run);
+`report_run` loads them from a run folder (the `cnnkit report` command). All numbers go to
+evaluation.json, all plots to RUN/plots/, and the page shows both.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnnkit import analysis
+from cnnkit.augment import build_augment
+from cnnkit.evaluate import classification_metrics, plot_confusion_matrix, predict_logits
+from cnnkit.fileio import save_with, write_bytes_atomic, write_json_atomic
+from cnnkit.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+ROBUSTNESS_SAMPLES = 2000  # a stratified-enough prefix of the test split keeps this to seconds
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    save_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    _plt().close(fig)
+
+
+def _show(ax, img: np.ndarray) -> None:
+    """img: (C, H, W) uint8 or float."""
+    arr = img.transpose(1, 2, 0)
+    ax.imshow(arr[..., 0] if arr.shape[-1] == 1 else arr, cmap="gray" if arr.shape[-1] == 1 else None,
+              interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# -- plots
+
+
+def plot_learning_curves(metrics: list[dict[str, Any]], lr_steps: tuple[np.ndarray, np.ndarray] | None, path: Path) -> None:
+    plt = _plt()
+    epochs = [m["epoch"] for m in metrics]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
+        ax.plot(epochs, [m[f"train_{key}"] for m in metrics], "o-", label="train")
+        ax.plot(epochs, [m[f"val_{key}"] for m in metrics], "o-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if lr_steps is not None:
+        axes[2].plot(lr_steps[0], lr_steps[1])
+        axes[2].set_xlabel("epoch")
+    axes[2].set_title("learning rate")
+    axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_image_grid(images: np.ndarray, captions: list[str], path: Path, columns: int = 8,
+                    overlays: np.ndarray | None = None) -> None:
+    plt = _plt()
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        ax = axes.flat[i]
+        ax.axis("on")
+        _show(ax, images[i])
+        if overlays is not None:
+            ax.imshow(overlays[i], cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+        ax.set_title(captions[i], fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_reliability(cal: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    bins = [b for b in cal["bins"] if b["count"]]
+    ax.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["accuracy"] for b in bins],
+           width=[b["high"] - b["low"] for b in bins], edgecolor="black", alpha=0.8, label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {100 * cal['ece']:.2f}%)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_robustness(rob: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    names = list(dict.fromkeys(c["name"] for c in rob["corruptions"]))
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    width = 0.25
+    for level in (1, 2, 3):
+        accs = [next(c["accuracy"] for c in rob["corruptions"] if c["name"] == n and c["severity"] == level) for n in names]
+        ax.bar(np.arange(len(names)) + (level - 2) * width, [100 * a for a in accs], width, label=f"severity {level}")
+    ax.axhline(100 * rob["clean"], color="black", linestyle="--", label=f"clean {100 * rob['clean']:.1f}%")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, ncol=4, loc="lower left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_filters(filters: np.ndarray, path: Path) -> None:
+    plt = _plt()
+    n = len(filters)
+    columns = min(16, n)
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(0.6 * columns, 0.6 * rows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        f = filters[i]
+        axes.flat[i].imshow(f[..., 0] if f.shape[-1] == 1 else f, cmap="gray" if f.shape[-1] == 1 else None,
+                            interpolation="nearest")
+    fig.suptitle(f"first-layer filters ({n})", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# -- the numbers and the page
+
+
+def lr_curve(cfg: dict[str, Any], steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    from cnnkit.train import lr_factor
+
+    total = cfg["epochs"] * steps_per_epoch
+    warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+    steps = np.arange(0, total, max(1, total // 400))
+    return steps / steps_per_epoch, np.array([cfg["lr"] * lr_factor(int(s), total, warmup, cfg["schedule"]) for s in steps])
+
+
+def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, classes: list[str],
+                 test_images: np.ndarray, test_labels: np.ndarray, train_images: np.ndarray, train_labels: np.ndarray,
+                 cfg: dict[str, Any], device: torch.device | str = "cpu", logits: torch.Tensor | None = None,
+                 ) -> dict[str, Any]:
+    """Evaluate on the test images (unless their `logits` are given), write evaluation.json,
+    plots/*.png and report.html; return the numbers."""
+    run_dir = Path(run_dir)
+    plots = run_dir / "plots"
+    if logits is None:
+        logits = predict_logits(model, preprocess, test_images, device=device, tta=cfg.get("tta", "none"),
+                                batch_size=cfg.get("eval_batch_size", 1024))
+    metrics = classification_metrics(logits, test_labels, classes)
+    metrics["calibration"] = analysis.calibration(logits, test_labels)
+    metrics["confused_pairs"] = analysis.confused_pairs(metrics["confusion_matrix"], classes)
+    metrics["worst_mistakes"] = analysis.worst_mistakes(logits, test_labels)
+    n_rob = min(ROBUSTNESS_SAMPLES, len(test_labels))
+    metrics["robustness"] = analysis.robustness(model, preprocess, test_images[:n_rob], test_labels[:n_rob], classes, device)
+    write_json_atomic(run_dir / "evaluation.json", {"split": "test", "checkpoint": "best", "classes": classes, **metrics})
+
+    pred = logits.argmax(1).numpy()
+    metrics_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps_per_epoch = max(1, metrics_rows[0]["step"]) if metrics_rows else 1
+    plot_learning_curves(metrics_rows, lr_curve(cfg, steps_per_epoch) if metrics_rows else None, plots / "learning_curves.png")
+    plot_confusion_matrix(metrics["confusion_matrix"], classes, plots / "confusion_matrix.png")
+    worst = metrics["worst_mistakes"]
+    plot_image_grid(test_images[[w["index"] for w in worst]],
+                    [f"{classes[w['true']]} → {classes[w['predicted']]}\n{100 * w['probability']:.0f}%" for w in worst],
+                    plots / "worst_mistakes.png")
+    pair_files = []
+    for n, pair in enumerate(metrics["confused_pairs"]):
+        idx = np.flatnonzero((test_labels == pair["true_index"]) & (pred == pair["predicted_index"]))[:8]
+        pair_files.append(f"confused_pair_{n + 1}.png")
+        plot_image_grid(test_images[idx], [f"{pair['true']} → {pair['predicted']}"] * len(idx), plots / pair_files[-1])
+    plot_reliability(metrics["calibration"], plots / "reliability.png")
+    plot_robustness(metrics["robustness"], plots / "robustness.png")
+    has_conv = analysis.last_conv(model) is not None
+    if has_conv:
+        right = np.flatnonzero(pred == test_labels)[:6]
+        wrong = np.flatnonzero(pred != test_labels)[:6]
+        idx = np.concatenate([right, wrong])
+        cams = analysis.grad_cam(model, preprocess, test_images[idx], device=device)
+        plot_image_grid(test_images[idx], [f"{'✓' if pred[i] == test_labels[i] else '✗'} {classes[pred[i]]}" for i in idx],
+                        plots / "grad_cam.png", columns=6, overlays=cams)
+        plot_filters(analysis.first_layer_filters(model), plots / "filters.png")
+    from cnnkit.preview import augment_grid, pick_examples
+
+    pick = pick_examples(train_labels, len(classes), min(4, len(classes)), 0)
+    augment_grid(train_images[pick], train_labels[pick], classes, build_augment(cfg.get("augment")),
+                 plots / "augmentation.png", columns=5,
+                 title=f"augmentation: {cfg.get('augment') if isinstance(cfg.get('augment'), str) else 'custom ops'}")
+    write_page(run_dir, metrics, classes, pair_files, has_conv)
+    return metrics
+
+
+def report_run(run_dir: Path, device: str = "cpu") -> Path:
+    """`cnnkit report RUN`: rebuild everything from the run folder."""
+    from cnnkit.data import load_dataset, make_splits
+    from cnnkit.runs import load_run, read_config
+
+    cfg = read_config(run_dir)
+    run = load_run(run_dir, "best", device)
+    ds = load_dataset(cfg["dataset"], cfg["data_dir"], image_size=cfg["image_size"], channels=cfg["channels"],
+                      skip_bad_images=cfg["skip_bad_images"])
+    splits = make_splits(ds, val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"], seed=cfg["seed"],
+                         max_train_samples=cfg["max_train_samples"], max_eval_samples=cfg["max_eval_samples"])
+    build_report(run_dir, run.model, run.preprocess, run.classes, splits.test.images, splits.test.labels,
+                 splits.train.images, splits.train.labels, cfg, device)
+    return Path(run_dir) / "report.html"
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _num(key: str, text: str) -> str:
+    """A number tagged with its place in evaluation.json, so tests can check the page against it."""
+    return f'<span data-metric="{html.escape(key)}">{html.escape(text)}</span>'
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f5f7fa;color:#1a202c}
+header{background:#2b6cb0;color:white;padding:18px 32px}header h1{margin:0;font-size:24px}
+header p{margin:4px 0 0;opacity:.9}main{padding:16px 32px;max-width:1400px}
+section{background:white;border-radius:8px;padding:16px 20px;margin:16px 0;box-shadow:0 1px 3px rgba(0,0,0,.08)}
+h2{margin-top:0;font-size:18px;color:#2c5282}.cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{background:#ebf4ff;border-radius:6px;padding:10px 14px;min-width:140px}.card b{display:block;font-size:22px}
+.card small{color:#4a5568}table{border-collapse:collapse;font-size:14px}td,th{padding:4px 10px;border-bottom:1px solid #e2e8f0;text-align:right}
+th:first-child,td:first-child{text-align:left}img{max-width:100%;height:auto}.note{color:#4a5568;font-size:13px}
+"""
+
+
+def write_page(run_dir: Path, metrics: dict[str, Any], classes: list[str], pair_files: list[str], has_conv: bool) -> None:
+    run_dir = Path(run_dir)
+    plots = run_dir / "plots"
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    cfg = json.loads((run_dir / "config.json").read_text())
+    e = html.escape
+    cards = [
+        ("test accuracy", _num("accuracy", f"{100 * metrics['accuracy']:.2f}%"), f"{metrics['samples']} test images"),
+        ("best validation accuracy", f"{100 * summary.get('best_val_accuracy', float('nan')):.2f}%", f"epoch {summary.get('best_epoch', '?')}"),
+        ("macro F1", _num("macro_f1", f"{metrics['macro_f1']:.3f}"), "mean over classes"),
+        ("calibration error", _num("calibration.ece", f"{100 * metrics['calibration']['ece']:.2f}%"), "ECE, 15 bins"),
+        ("wall time", f"{summary.get('wall_time_s', 0) / 60:.1f} min", e(str(summary.get("device", "")))),
+    ]
+    facts = [("dataset", summary.get("dataset", cfg["dataset"])), ("model", cfg["model"]),
+             ("parameters", f"{summary.get('parameters', 0):,}"), ("recipe", cfg.get("recipe") or "-"),
+             ("epochs", f"{summary.get('epochs_run', '?')} of {cfg['epochs']} ({summary.get('status', '')})"),
+             ("optimizer", f"{cfg['optimizer']}, lr {cfg['lr']}, batch {cfg['batch_size']}, schedule {cfg['schedule']}"),
+             ("augmentation", json.dumps(cfg["augment"])), ("precision", cfg["precision"]),
+             ("training samples", summary.get("train_samples", "?")), ("seed", cfg["seed"])]
+    def pct(key: str, value: float) -> str:
+        return _num(key, f"{100 * value:.2f}%")
+
+    def dec(key: str, value: float) -> str:
+        return _num(key, f"{value:.3f}")
+
+    per_class = "".join(
+        f"<tr><td>{e(r['class'])}</td><td>{dec(f'per_class.{i}.precision', r['precision'])}</td>"
+        f"<td>{dec(f'per_class.{i}.recall', r['recall'])}</td><td>{dec(f'per_class.{i}.f1', r['f1'])}</td>"
+        f"<td>{_num(f'per_class.{i}.support', str(r['support']))}</td></tr>"
+        for i, r in enumerate(metrics["per_class"]))
+    pairs = "".join(
+        f"<h3>{e(p['true'])} taken for {e(p['predicted'])}: {_num(f'confused_pairs.{i}.count', str(p['count']))} times</h3>"
+        + _img(plots / f, f"{p['true']} predicted as {p['predicted']}")
+        for i, (p, f) in enumerate(zip(metrics["confused_pairs"], pair_files)))
+    rob = metrics["robustness"]
+    rob_rows = "".join(
+        f"<tr><td>{e(c['name'])}</td><td>{c['severity']} ({e(str(c['value']))} {e(c['unit'])})</td>"
+        f"<td>{pct(f'robustness.corruptions.{i}.accuracy', c['accuracy'])}</td></tr>"
+        for i, c in enumerate(rob["corruptions"]))
+    looks = (_img(plots / "grad_cam.png", "Grad-CAM") + "<p class='note'>Grad-CAM of the last convolution for the "
+             "predicted class: red is where the evidence for it lies. First six are right, last six wrong.</p>"
+             + _img(plots / "filters.png", "first-layer filters")) if has_conv else "<p>No convolution in this model.</p>"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>cnnkit report: {e(run_dir.name)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
+<body><header><h1>{e(run_dir.name)}</h1><p>{e(str(summary.get('dataset', cfg['dataset'])))} · {e(cfg['model'])} ·
+finished {e(str(summary.get('finished_at', '')))}</p></header><main>
+<section><h2>Summary</h2><div class="cards">{''.join(f'<div class="card"><small>{t}</small><b>{v}</b><small>{s}</small></div>' for t, v, s in cards)}</div>
+<table style="margin-top:12px">{''.join(f'<tr><td>{e(k)}</td><td style="text-align:left">{e(str(v))}</td></tr>' for k, v in facts)}</table></section>
+<section><h2>Learning curves</h2>{_img(plots / 'learning_curves.png', 'learning curves')}</section>
+<section><h2>Confusion matrix</h2>{_img(plots / 'confusion_matrix.png', 'confusion matrix')}
+<h3>Per class</h3><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{per_class}</table></section>
+<section><h2>Most confused pairs</h2>{pairs or '<p>No mistakes.</p>'}</section>
+<section><h2>Worst mistakes</h2><p class="note">Test images with the largest loss: true → predicted, and the
+probability the model gave its prediction.</p>{_img(plots / 'worst_mistakes.png', 'worst mistakes')}</section>
+<section><h2>What the network looks at</h2>{looks}</section>
+<section><h2>Augmentation</h2>{_img(plots / 'augmentation.png', 'augmentation')}</section>
+<section><h2>Robustness</h2><p class="note">Accuracy on the first {rob['samples']} test images, clean:
+{pct('robustness.clean', rob['clean'])}, and under each corruption.</p>
+{_img(plots / 'robustness.png', 'robustness')}<table><tr><th>corruption</th><th>severity</th><th>accuracy</th></tr>{rob_rows}</table></section>
+<section><h2>Calibration</h2><p class="note">How far the model's confidence is from its accuracy.</p>
+{_img(plots / 'reliability.png', 'reliability diagram')}</section>
+<p class="note">All numbers: evaluation.json · all plots: plots/ · made by cnnkit</p>
+</main></body></html>
+"""
+    write_bytes_atomic(run_dir / "report.html", page.encode())

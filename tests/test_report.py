@@ -1,0 +1,113 @@
+"""The run report on a run trained for one epoch on real Fashion-MNIST images."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnkit import analysis
+from cnnkit.cli import main
+from cnnkit.config import apply_overrides, load_recipe
+from cnnkit.runs import load_run
+from cnnkit.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    cfg = apply_overrides(load_recipe("seed-fmnist"), {
+        "max_train_samples": 3000, "max_eval_samples": 1000, "epochs": 1, "output": str(out), "name": "r"})
+    return train(cfg).run_dir
+
+
+def lookup(data, key):
+    for part in key.split("."):
+        data = data[int(part)] if isinstance(data, list) else data[part]
+    return data
+
+
+def test_report_is_self_contained_and_matches_evaluation_json(run):
+    page = (run / "report.html").read_text()
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "the report must load nothing from a network"
+    assert "<img src=\"data:image/png;base64," in page
+    tagged = re.findall(r'<span data-metric="([^"]+)">([^<]+)</span>', page)
+    assert len(tagged) > 40
+    for key, shown in tagged:
+        value = lookup(evaluation, key)
+        if shown.endswith("%"):
+            assert float(shown[:-1]) == pytest.approx(100 * value, abs=0.006), key
+        else:
+            assert float(shown) == pytest.approx(value, abs=0.0006), key
+    cm = np.asarray(evaluation["confusion_matrix"])
+    assert cm.sum(1).tolist() == [r["support"] for r in evaluation["per_class"]]
+    for name in ("learning_curves", "confusion_matrix", "worst_mistakes", "grad_cam", "filters", "augmentation",
+                 "robustness", "reliability"):
+        assert (run / "plots" / f"{name}.png").is_file(), name
+    assert {c["name"] for c in evaluation["robustness"]["corruptions"]} >= {"rotation", "shift", "jpeg", "blur"}
+    assert 0 <= evaluation["calibration"]["ece"] <= 1
+
+
+def test_grad_cam_has_the_input_size_and_is_not_constant(run, fmnist_images):
+    loaded = load_run(run)
+    x = fmnist_images[0][:8, None].copy()
+    cams = analysis.grad_cam(loaded.model, loaded.preprocess, x)
+    assert cams.shape == (8, 28, 28)
+    assert all(c.max() - c.min() > 0.1 for c in cams)
+    assert not any(p.grad is not None for p in loaded.model.parameters())  # gradients cleaned up
+
+
+def test_report_command_rebuilds_it(run, capsys):
+    (run / "report.html").unlink()
+    assert main(["--quiet", "report", str(run)]) == 0
+    assert (run / "report.html").stat().st_size > 50_000
+
+
+def test_compare_shows_both_runs(run, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    assert main(["--quiet", "compare", str(run), str(other), "--out", str(tmp_path / "c.html")]) == 0
+    out = capsys.readouterr().out
+    assert "r " in out or "│ r" in out
+    assert "other" in out
+    assert "data:image/png;base64," in (tmp_path / "c.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(driver), options=options)
+    yield drv
+    drv.quit()
+
+
+def test_report_renders_in_chromium_without_errors(run, browser, tmp_path):
+    browser.get((run / "report.html").as_uri())
+    assert "cnnkit report" in browser.title
+    images = browser.find_elements("tag name", "img")
+    assert len(images) >= 8
+    assert all(browser.execute_script("return arguments[0].naturalWidth", img) > 0 for img in images)
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+    shot = tmp_path / "report.png"
+    browser.save_screenshot(str(shot))
+    w, h = Image.open(shot).size
+    assert w >= 1000 and h >= 600
+    assert np.asarray(Image.open(shot).convert("L")).std() > 5  # drawn, not blank

@@ -71,9 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, metavar="RUN", help="run folder")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders searched for images")
     p.add_argument("--top-k", type=int, default=3, help="how many classes to show per image (default 3)")
+    p.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                   help="onnx: use RUN/export/model.onnx (or RUN itself if it is a .onnx file) with onnxruntime only")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    p = sub.add_parser("export", help="export a run's model to ONNX (preprocessing inside) and check parity")
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--out", type=Path, help="output file (default RUN/export/model.onnx)")
+    p.add_argument("--parity-samples", type=int, default=1000, help="real test images to compare on (default 1000)")
+
+    p = sub.add_parser("serve", help="serve a run over HTTP: a JSON API and a web page")
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to your network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--engine", choices=("auto", "onnx", "torch"), default="auto",
+                   help="auto: onnxruntime when RUN/export/model.onnx exists, else PyTorch")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
+    p.add_argument("--workers", type=int, default=2, help="inference threads (requests beyond wait)")
 
     p = sub.add_parser("report", help="write RUN/report.html: curves, confusions, mistakes, Grad-CAM, robustness")
     p.add_argument("run", type=Path, metavar="RUN", help="run folder")
@@ -133,6 +151,14 @@ def _setup_logging(quiet: bool) -> None:
     root.propagate = False
 
 
+def out_console():
+    """stdout for tables; when piped, wide enough that tables are not cut to 80 columns."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     from cnnkit.config import parse_override
 
@@ -163,7 +189,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         table.add_row(key, value)
     from rich.console import Console
 
-    Console().print(table)
+    out_console().print(table)
     print(f"Run folder: {result.run_dir}")
     return 0
 
@@ -195,33 +221,72 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if col == "class" else "right")
     for row in metrics["per_class"]:
         table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
-    Console().print(table)
+    out_console().print(table)
     print(f"Confusion matrix: {args.run / 'plots' / 'confusion_matrix.png'}; all numbers: {args.run / 'evaluation.json'}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cnnkit.predict import expand_paths, predict_files
-    from cnnkit.runs import load_run
-    from cnnkit.train import resolve_device
+    from cnnkit.data.images import find_images
 
-    device = resolve_device(args.device)
-    run = load_run(args.run, args.checkpoint, device)
-    results = predict_files(run, expand_paths(args.inputs), top_k=args.top_k, device=device)
+    paths = find_images(args.inputs)
+    if args.engine == "onnx" or args.run.suffix == ".onnx":
+        from cnnkit.onnx_engine import OnnxModel, predict_files as onnx_predict
+
+        model = OnnxModel(args.run if args.run.suffix == ".onnx" else args.run / "export" / "model.onnx")
+        results, engine = onnx_predict(model, paths, top_k=args.top_k), "onnxruntime"
+    else:
+        from cnnkit.predict import predict_files
+        from cnnkit.runs import load_run
+        from cnnkit.train import resolve_device
+
+        device = resolve_device(args.device)
+        results, engine = predict_files(load_run(args.run, args.checkpoint, device), paths, args.top_k, device), "torch"
     if args.json:
-        print(json.dumps({"engine": "torch", "run": str(args.run), "results": results}, indent=2))
+        print(json.dumps({"engine": engine, "run": str(args.run), "results": results}, indent=2))
     else:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"predictions of {args.run} (engine: torch)")
+        table = Table(title=f"predictions of {args.run} (engine: {engine})")
         table.add_column("image", overflow="fold")
         table.add_column("top classes")
         for r in results:
             text = r["error"] if "error" in r else "   ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"])
             table.add_row(r["path"], text, style="red" if "error" in r else None)
-        Console().print(table)
+        out_console().print(table)
     return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cnnkit.data import load_dataset, make_splits
+    from cnnkit.data.splits import stratified_subset
+    from cnnkit.export import export_onnx
+    from cnnkit.runs import load_run, read_config
+
+    cfg = read_config(args.run)
+    run = load_run(args.run)
+    ds = load_dataset(cfg["dataset"], cfg["data_dir"], image_size=cfg["image_size"], channels=cfg["channels"],
+                      skip_bad_images=cfg["skip_bad_images"])
+    test = make_splits(ds, val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"], seed=cfg["seed"]).test
+    sample = test.images[stratified_subset(test.labels, args.parity_samples, 0)]
+    out = args.out or args.run / "export" / "model.onnx"
+    parity = export_onnx(run, out, sample)
+    print(f"Wrote {out}: on {parity['samples']} test images, max |logit difference| {parity['max_abs_logit_diff']:.1e}, "
+          f"same top-1 on {100 * parity['top1_agreement']:.2f}%")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cnnkit.serve import create_app
+
+    app = create_app(args.run, engine=args.engine, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                     workers=args.workers)
+    print(f"Serving {args.run} ({app.state.engine.name}) on http://{args.host}:{args.port}/  (API docs: /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def cmd_augment(args: argparse.Namespace) -> int:
@@ -279,7 +344,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         table.add_column(key, justify="right" if key in ("epochs", "best val", "test", "wall time") else "left")
     for row in rows:
         table.add_row(*row.values())
-    Console().print(table)
+    out_console().print(table)
     write_html(runs, args.out)
     print(f"Learning curves and table: {args.out}")
     return 0
@@ -306,7 +371,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "augment": cmd_augment,
-            "report": cmd_report, "compare": cmd_compare,
+            "report": cmd_report, "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve,
             "datasets": cmd_datasets, "recipes": cmd_recipes}
 
 if __name__ == "__main__":

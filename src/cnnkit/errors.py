@@ -16,10 +16,11 @@ class DataError(CnnkitError):
 class ImageDecodeError(DataError):
     """One image file could not be decoded (or breaks a limit)."""
 
-    def __init__(self, path: str, reason: str):
+    def __init__(self, path: str, reason: str, kind: str = "invalid"):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+        self.kind = kind  # "invalid" (not a readable image), "too_large" (a limit), "empty", "unreadable"
 
 
 class RunError(CnnkitError):

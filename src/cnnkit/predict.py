@@ -8,25 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnkit.data.images import decode_image, is_image_file
-from cnnkit.errors import DataError, ImageDecodeError
+from cnnkit.data.images import decode_image
+from cnnkit.errors import ImageDecodeError
 from cnnkit.evaluate import predict_logits
 from cnnkit.runs import LoadedRun
-
-
-def expand_paths(inputs: list[str | Path]) -> list[Path]:
-    """Files as given; directories searched (recursively) for image files."""
-    out: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            out.extend(sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p)))
-        elif item.is_file():
-            out.append(item)
-        else:
-            raise DataError(f"{item}: no such file or directory")
-    if not out:
-        raise DataError(f"no image files found in {', '.join(map(str, inputs))}")
-    return out
 
 
 def predict_images(run: LoadedRun, images: np.ndarray, top_k: int = 5, device: str = "cpu") -> list[list[tuple[str, float]]]:

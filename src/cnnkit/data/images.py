@@ -27,6 +27,23 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def find_images(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Files as given; directories searched (recursively) for image files."""
+    from cnnkit.errors import DataError
+
+    out: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            out.extend(sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p)))
+        elif item.is_file():
+            out.append(item)
+        else:
+            raise DataError(f"{item}: no such file or directory")
+    if not out:
+        raise DataError(f"no image files found in {', '.join(map(str, inputs))}")
+    return out
+
+
 def decode_image(
     source: bytes | str | os.PathLike,
     size: int | None,
@@ -48,18 +65,18 @@ def decode_image(
     try:
         data = source if isinstance(source, bytes) else _read_bounded(source, max_bytes)
     except OSError as e:
-        raise ImageDecodeError(label, f"cannot read file ({e.strerror or e})") from None
+        raise ImageDecodeError(label, f"cannot read file ({e.strerror or e})", "unreadable") from None
     if len(data) > max_bytes:
-        raise ImageDecodeError(label, f"file is {len(data)} bytes, more than the limit of {max_bytes}")
+        raise ImageDecodeError(label, f"file is {len(data)} bytes, more than the limit of {max_bytes}", "too_large")
     if not data:
-        raise ImageDecodeError(label, "file is empty")
+        raise ImageDecodeError(label, "file is empty", "empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageDecodeError(label, f"image is {w}x{h} pixels, more than the limit of {max_pixels}")
+                raise ImageDecodeError(label, f"image is {w}x{h} pixels, more than the limit of {max_pixels}", "too_large")
             img.load()  # first frame for GIF
             img = ImageOps.exif_transpose(img)
             img = _to_channels(img, channels)
@@ -69,14 +86,17 @@ def decode_image(
         raise
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(label, f"not an image in a supported format ({', '.join(ALLOWED_FORMATS)})") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning, EOFError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError(label, f"image has more pixels than the limit of {max_pixels} (a decompression bomb?)",
+                               "too_large") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageDecodeError(label, f"cannot decode image ({type(e).__name__}: {e})") from None
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[None]
     else:
         arr = arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr)
+    return np.require(arr, requirements=["C", "W"])  # contiguous and writable (torch wants both)
 
 
 def _read_bounded(path: str | os.PathLike, max_bytes: int) -> bytes:

@@ -44,3 +44,27 @@ def test_balanced_sampler_evens_out_classes():
         drawn += [y for _, y in loader]
     share_of_minority = torch.cat(drawn).float().mean().item()
     assert 0.4 < share_of_minority < 0.6  # 0.1 without the sampler
+
+
+def test_distributed_shards_cover_each_sample_once_in_the_global_order():
+    split = make_split(103)
+    single = BatchLoader(split, 12, shuffle=True, seed=4)
+    for world in (2, 3, 4):
+        loaders = [BatchLoader(split, 12, shuffle=True, seed=4, rank=r, world=world) for r in range(world)]
+        for epoch in (0, 1):
+            single.set_epoch(epoch)
+            for loader in loaders:
+                loader.set_epoch(epoch)
+            per_rank = [[x[:, 0, 0, 0].tolist() for x, _ in loader] for loader in loaders]
+            assert all(len(batches) == len(single) for batches in per_rank)
+            # step by step, the ranks' shares put together are the single-process batch
+            merged = [sum((per_rank[r][i] for r in range(world)), []) for i in range(len(single))]
+            assert merged == [x[:, 0, 0, 0].tolist() for x, _ in single]
+            assert sorted(v for batch in merged for v in batch) == list(range(103))
+
+
+def test_global_batch_must_divide_among_processes():
+    import pytest
+
+    with pytest.raises(ValueError, match="divisible"):
+        BatchLoader(make_split(), 10, shuffle=True, world=3)

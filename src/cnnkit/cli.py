@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes a run folder (config, metrics per epoch, best and last checkpoints, test evaluation)."))
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe name or path to a .toml file (default {DEFAULT_RECIPE})")
     p.add_argument("--resume", metavar="RUN", type=Path, help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel training in N processes on this machine (runs torchrun for you; "
+                        "one per GPU, or CPU processes with Gloo)")
     _add_config_flags(p)
 
     p = sub.add_parser("evaluate", help="test accuracy, per-class metrics and confusion matrix of a run")
@@ -121,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     _setup_logging(args.quiet)
     try:
         return COMMANDS[args.command](args)
@@ -165,9 +170,34 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k[4:]: parse_override(k[4:], v) for k, v in vars(args).items() if k.startswith("cfg_")}
 
 
+def launch_torchrun(args: argparse.Namespace) -> int:
+    """`cnnkit train --nproc N`: the same command under torchrun, N processes on this machine."""
+    import os
+    import subprocess
+
+    rest, skip = [], False
+    for token in args.argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            rest.append(token)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "cnnkit", *rest]
+    return subprocess.call(cmd, env=env)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from cnnkit.config import apply_overrides, load_recipe
     from cnnkit.train import train
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_torchrun(args)
 
     overrides = _config_overrides(args)
     if args.resume:
@@ -176,6 +206,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = apply_overrides(load_recipe(args.recipe), overrides)
         result = train(cfg)
     s = result.summary
+    if not s:  # a distributed worker other than rank 0: rank 0 reports
+        return 0
     from rich.table import Table
 
     table = Table(title=f"run {result.run_dir}", show_header=False)

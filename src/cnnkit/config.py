@@ -72,6 +72,7 @@ class Config:
     tta: str = "none"  # test-time augmentation for validation and test: none | flip | flip-shift
     precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA)
     channels_last: bool = False  # memory format; often faster for convolutions
+    sync_batchnorm: bool = False  # distributed runs: BatchNorm statistics over the global batch, not each process's share
     # -- robustness
     deterministic: bool = False  # torch deterministic algorithms (an interrupted + resumed run equals an uninterrupted one)
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keep the last good checkpoint) | skip (the step; halve the LR)

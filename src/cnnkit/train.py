@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import cnnkit
-from cnnkit import progress
+from cnnkit import distributed, progress
 from cnnkit.augment import build_augment
 from cnnkit.checkpoint import load_checkpoint, save_checkpoint
 from cnnkit.config import Config
@@ -169,7 +169,11 @@ class Trainer:
         self.cfg = cfg
         check_model_name(cfg.model)
         canonical_name(cfg.dataset)
-        self.device = device = resolve_device(cfg.device)
+        self.dist, self.device = distributed.setup(resolve_device(cfg.device))
+        device = self.device
+        if not self.dist.is_main:  # one voice: rank 0 logs and writes
+            logging.getLogger("cnnkit").setLevel(logging.WARNING)
+            progress.set_enabled(False)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.deterministic:
@@ -185,6 +189,9 @@ class Trainer:
                                            seed=cfg.seed, max_train_samples=cfg.max_train_samples,
                                            max_eval_samples=cfg.max_eval_samples)
         _log_data(ds, splits)
+        if self.dist.enabled:
+            log.info("distributed: %d processes (%s), global batch %d = %d per process", self.dist.world,
+                     "NCCL" if device.type == "cuda" else "Gloo", cfg.batch_size, cfg.batch_size // self.dist.world)
         self.num_classes = k = len(ds.classes)
 
         self.preprocess = (Preprocess.from_dict(ckpt.meta["preprocess"]) if ckpt
@@ -194,14 +201,20 @@ class Trainer:
                                   **cfg.model_args).to(device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if self.dist.enabled and cfg.sync_batchnorm:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = make_optimizer(cfg, self.model)
         counts = splits.train.class_counts(k)
         class_weights = None
         if cfg.class_balance == "weights":
             class_weights = torch.tensor(len(splits.train) / (k * np.maximum(counts, 1)), dtype=torch.float32, device=device)
         sample_weights = (1.0 / np.maximum(counts, 1))[splits.train.labels] if cfg.class_balance == "sampler" else None
-        self.loader = BatchLoader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
-                                  device=device, sample_weights=sample_weights)
+        try:
+            self.loader = BatchLoader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
+                                      device=device, sample_weights=sample_weights,
+                                      rank=self.dist.rank, world=self.dist.world)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
         self.augment = build_augment(cfg.augment)
         self.total_steps = cfg.epochs * len(self.loader)
@@ -223,8 +236,16 @@ class Trainer:
             where = f"epoch {self.state.epoch + 1}, batch {self.state.batch}" if self.state.batch else f"epoch {self.state.epoch}"
             log.info("resuming %s at %s of %d", self.run_dir, where, cfg.epochs)
         else:
-            self.run_dir = _new_run_dir(cfg)
-            write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
+            run_dir = None
+            if self.dist.is_main:
+                run_dir = _new_run_dir(cfg)
+                write_json_atomic(run_dir / "config.json", cfg.to_dict())
+            self.run_dir = distributed.broadcast(run_dir, self.dist)  # the same folder on every rank
+        # DDP averages gradients over ranks; it wraps the model after its weights are loaded.
+        self.net = self.model
+        if self.dist.enabled:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", cfg.lr)
         self.meta = {
@@ -235,12 +256,16 @@ class Trainer:
         }
         self.stop_signal: int | None = None
         self.last_save = time.perf_counter()
-        self.tensorboard = _tensorboard_writer(self.run_dir) if cfg.tensorboard else None
+        self.tensorboard = _tensorboard_writer(self.run_dir) if cfg.tensorboard and self.dist.is_main else None
 
     # -- checkpoints
 
     def save(self, name: str) -> None:
-        """`last` carries what resuming needs (optimiser, RNG states); `best` only the weights."""
+        """`last` carries what resuming needs (optimiser, RNG states); `best` only the weights.
+        In distributed runs only rank 0 writes (the weights are the same on every rank)."""
+        if not self.dist.is_main:
+            self.last_save = time.perf_counter()
+            return
         extra = None
         if name == "last":
             extra = {"rng.augment": self.aug_rng.get_state(), "rng.torch": torch.get_rng_state()}
@@ -279,12 +304,12 @@ class Trainer:
         return self._finish(stopped_early)
 
     def _train_epoch(self, epoch: int) -> tuple[float, float]:
-        cfg, state, device, model = self.cfg, self.state, self.device, self.model
-        model.train()
+        cfg, state, device = self.cfg, self.state, self.device
+        self.net.train()
         self.loader.set_epoch(epoch)
         if state.batch == 0:
             # Augmentation randomness of an epoch depends only on (seed, epoch).
-            self.aug_rng.manual_seed(cfg.seed * 1000 + epoch)
+            self.aug_rng.manual_seed(cfg.seed * 1000 + epoch + 7919 * self.dist.rank)
             state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_time_s = 0.0, 0, 0, 0.0
         else:  # resuming mid-epoch: the augmentation generator continues exactly where it was
             self.aug_rng.set_state(self.resume_rng["rng.augment"])
@@ -302,18 +327,21 @@ class Trainer:
                     loss_sum += loss.detach() * len(labels)
                     correct += (logits.argmax(1) == labels).sum()
                     seen += len(labels)
-                if state.batch % 20 == 0 or state.batch == n or self.stop_signal or self._checkpoint_due():
+                stop = distributed.any_rank(self.stop_signal is not None, self.dist, device) if self.dist.enabled \
+                    else self.stop_signal is not None
+                if state.batch % 20 == 0 or state.batch == n or stop or self._checkpoint_due():
                     # .item() waits for a GPU: not every step
                     state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = loss_sum.item(), int(correct.item()), seen
                     state.epoch_time_s = time.perf_counter() - t0
                     bar.update(task, completed=state.batch, info=f"loss {state.epoch_loss_sum / max(seen, 1):.4f}  "
                                f"acc {100 * state.epoch_correct / max(seen, 1):.2f}%  {seen / state.epoch_time_s:.0f} img/s")
-                    if self.stop_signal:
+                    if stop:
                         self._stop_for_signal(epoch)
                     if self._checkpoint_due() and state.batch < n:
                         self.save("last")
         state.epoch_time_s = time.perf_counter() - t0
-        return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
+        loss_total, correct_total, seen_total = distributed.sum_all([loss_sum.item(), correct.item(), seen], self.dist, device)
+        return loss_total / max(seen_total, 1), correct_total / max(seen_total, 1)
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int):
         cfg, state, optimizer = self.cfg, self.state, self.optimizer
@@ -330,7 +358,7 @@ class Trainer:
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, cfg.precision):
-            logits = self.model(x)
+            logits = self.net(x)
         loss = self.loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -371,6 +399,7 @@ class Trainer:
 
     def _stop_for_signal(self, epoch: int) -> None:
         self.save("last")
+        distributed.barrier(self.dist)  # no rank leaves (and makes torchrun stop the rest) before rank 0 has saved
         signum = self.stop_signal or signal.SIGINT
         raise TrainingInterrupted(
             f"{signal.Signals(signum).name}: stopped in epoch {epoch} after batch {self.state.batch}; checkpoint saved. "
@@ -395,7 +424,8 @@ class Trainer:
             "epoch_time_s": round(epoch_time, 3),
             "train_images_per_s": round(len(self.loader) * cfg.batch_size / max(epoch_time, 1e-9), 1),
         }
-        _append_metrics(self.run_dir, record)
+        if self.dist.is_main:
+            _append_metrics(self.run_dir, record)
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key not in ("epoch", "step"):
@@ -415,14 +445,23 @@ class Trainer:
         return stop
 
     def evaluate(self, split) -> dict[str, Any]:
-        cfg = self.cfg
-        logits = predict_logits(self.model, self.preprocess, split.images, batch_size=cfg.eval_batch_size,
+        """Metrics over the whole split; in distributed runs each rank takes a share and all
+        ranks get the same numbers (so they agree on the best epoch and on early stopping)."""
+        cfg, info = self.cfg, self.dist
+        idx = np.arange(len(split))[info.rank::info.world]
+        logits = predict_logits(self.model, self.preprocess, split.images[idx], batch_size=cfg.eval_batch_size,
                                 device=self.device, precision=cfg.precision, channels_last=cfg.channels_last, tta=cfg.tta)
-        return classification_metrics(logits, split.labels, self.ds.classes)
+        parts = distributed.gather_cat(logits, info)
+        order = np.concatenate([np.arange(len(split))[r::info.world] for r in range(info.world)])
+        return classification_metrics(torch.cat(parts), split.labels[order], self.ds.classes)
 
     def _finish(self, stopped_early: bool) -> TrainResult:
         cfg, state, splits = self.cfg, self.state, self.splits
+        distributed.cleanup(self.dist)
+        if not self.dist.is_main:
+            return TrainResult(self.run_dir, state, {}, {})
         self.model.load_state_dict(load_checkpoint(self.run_dir / "checkpoints" / "best").model)
+        self.dist = distributed.DistInfo()  # from here on, rank 0 alone
         test_logits = predict_logits(self.model, self.preprocess, splits.test.images, batch_size=cfg.eval_batch_size,
                                      device=self.device, precision=cfg.precision, channels_last=cfg.channels_last,
                                      tta=cfg.tta)
@@ -502,9 +541,10 @@ def _prepare_resume(run_dir: Path, overrides: dict[str, Any]):
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last")
     if ckpt.optimizer is None:
         raise RunError(f"{run_dir}/checkpoints/last has no optimizer state; it cannot be resumed")
-    if overrides:
-        write_json_atomic(config_path, cfg.to_dict())
-    _truncate_metrics(run_dir, ckpt.meta["state"]["epoch"])
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone writes
+        if overrides:
+            write_json_atomic(config_path, cfg.to_dict())
+        _truncate_metrics(run_dir, ckpt.meta["state"]["epoch"])
     return cfg, run_dir, ckpt
 
 

@@ -19,6 +19,10 @@ class BatchLoader:
 
     The order of epoch e depends only on (seed, e), so a resumed run sees the same batches.
     `sample_weights` switches to sampling with replacement (a class-balanced sampler).
+
+    With `world` > 1 (distributed training), `batch_size` is the global batch: every rank walks
+    the same global order and takes its own share of each global batch, so an epoch covers each
+    sample once across ranks and the order does not depend on the number of ranks.
     """
 
     def __init__(
@@ -31,9 +35,14 @@ class BatchLoader:
         drop_last: bool = False,
         device: torch.device | str = "cpu",
         sample_weights: np.ndarray | None = None,
+        rank: int = 0,
+        world: int = 1,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if batch_size % world:
+            raise ValueError(f"the batch size {batch_size} must be divisible by the number of processes {world}")
+        self.rank, self.world = rank, world
         self.device = torch.device(device)
         # Pinned host memory would help for CUDA; the whole split goes to the device once instead.
         self.images = torch.from_numpy(np.ascontiguousarray(split.images)).to(self.device)
@@ -68,5 +77,11 @@ class BatchLoader:
         """The epoch's batches from batch number `start` on (a resumed run skips those it has done)."""
         order = self.order(self.epoch).to(self.device)
         for i in range(start, len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = self.shard(order[i * self.batch_size : (i + 1) * self.batch_size])
             yield self.images[idx], self.labels[idx]
+
+    def shard(self, global_batch: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a global batch (the last, shorter batch is split as evenly as it goes)."""
+        if self.world == 1:
+            return global_batch
+        return global_batch.tensor_split(self.world)[self.rank]

@@ -111,3 +111,17 @@ def test_report_renders_in_chromium_without_errors(run, browser, tmp_path):
     w, h = Image.open(shot).size
     assert w >= 1000 and h >= 600
     assert np.asarray(Image.open(shot).convert("L")).std() > 5  # drawn, not blank
+
+
+def test_tensorboard_logs_epoch_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = apply_overrides(load_recipe("fmnist-baseline"), {
+        "max_train_samples": 1000, "max_eval_samples": 200, "epochs": 2, "report": False, "tensorboard": True,
+        "output": str(tmp_path), "name": "tb"})
+    train(cfg)
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "val/accuracy", "lr"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("val/accuracy")] == [1, 2]

@@ -202,6 +202,9 @@ class Trainer:
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.dist.enabled and cfg.sync_batchnorm:
+            if device.type != "cuda":
+                raise ConfigError("--sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm has no CPU version); "
+                                  "drop it for CPU processes")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = make_optimizer(cfg, self.model)
         counts = splits.train.class_counts(k)

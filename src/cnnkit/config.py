@@ -52,7 +52,9 @@ class Config:
     # -- model
     model: str = "seed-cnn"  # seed-cnn, or any timm model name
     model_args: dict[str, Any] = field(default_factory=dict)  # passed to the model's constructor
-    input_size: int | None = None  # model input size; images are resized on the device (default: data size)
+    input_size: int | None = None  # model input size; images are resized on the device (default: data size, or the weights' size)
+    pretrained: bool = False  # start from ImageNet weights (timm models): --weights, else the offline registry, else timm's download
+    weights: str | None = None  # a weights file (safetensors, or a state dict) for --pretrained
     # -- optimisation
     epochs: int = 10
     batch_size: int = 64

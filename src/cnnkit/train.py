@@ -206,8 +206,10 @@ class Trainer:
         self.preprocess = (Preprocess.from_dict(ckpt.meta["preprocess"]) if ckpt
                            else make_preprocess(cfg, splits.train.images))
         torch.manual_seed(cfg.seed)
+        self.weights_source = "none"
         if cfg.pretrained and ckpt is None:
-            self.model = _pretrained_model(cfg, k, self.preprocess).to(device)
+            model, self.weights_source = _pretrained_model(cfg, k, self.preprocess)
+            self.model = model.to(device)
         else:
             self.model = create_model(cfg.model, k, self.preprocess.model_channels, self.preprocess.input_size,
                                       **cfg.model_args).to(device)
@@ -307,6 +309,9 @@ class Trainer:
         in_main = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
         stopped_early = False
+        if cfg.strategy == "linear-probe":
+            self._linear_probe()
+            return self._finish(False)
         try:
             for epoch in range(state.epoch + 1, cfg.epochs + 1):
                 train_loss, train_acc = self._train_epoch(epoch)
@@ -393,6 +398,36 @@ class Trainer:
         else:
             optimizer.step()
         return loss, logits, targets
+
+    def _linear_probe(self) -> None:
+        """Frozen backbone: cached features, a linear head fitted by L-BFGS, chosen on validation."""
+        from cnnkit import probe
+
+        cfg, state = self.cfg, self.state
+        probe.check(cfg, self.model)
+        t0 = time.perf_counter()
+        feats = {name: probe.cached_features(self.model, self.preprocess, split.images, cfg, self.device,
+                                             self.weights_source, name)
+                 for name, split in (("train", self.splits.train), ("validation", self.splits.val))}
+        weight, bias, fit = probe.fit_linear(feats["train"], self.splits.train.labels, feats["validation"],
+                                             self.splits.val.labels, self.num_classes, cfg.label_smoothing)
+        head = self.model.get_classifier()
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
+        state.epoch, state.best_epoch = 1, 1
+        state.train_time_s = state.epoch_time_s = time.perf_counter() - t0
+        val = self.evaluate(self.splits.val)
+        state.best_val_accuracy = val["accuracy"]
+        _append_metrics(self.run_dir, {
+            "epoch": 1, "step": 0, "lr": 0.0, "train_loss": float("nan"), "train_accuracy": float("nan"),
+            "val_loss": val["loss"], "val_accuracy": val["accuracy"], "epoch_time_s": round(state.epoch_time_s, 3),
+            "train_images_per_s": round(len(self.splits.train) / max(state.epoch_time_s, 1e-9), 1),
+            "weight_decay": fit["weight_decay"]})
+        self.save("best")
+        self.save("last")
+        log.info("linear probe: validation accuracy %.2f%% (weight decay %g), %.0f s",
+                 100 * val["accuracy"], fit["weight_decay"], state.epoch_time_s)
 
     def _non_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, epoch: int) -> None:
         cfg, state = self.cfg, self.state
@@ -507,7 +542,7 @@ class Trainer:
         return TrainResult(self.run_dir, state, test, summary)
 
 
-def _pretrained_model(cfg: Config, num_classes: int, preprocess: Preprocess) -> nn.Module:
+def _pretrained_model(cfg: Config, num_classes: int, preprocess: Preprocess) -> tuple[nn.Module, str]:
     """A timm model with ImageNet weights and a new head for the dataset's classes."""
     from cnnkit.models import OWN_MODELS
     from cnnkit.models.pretrained import load_pretrained
@@ -518,7 +553,7 @@ def _pretrained_model(cfg: Config, num_classes: int, preprocess: Preprocess) -> 
     source = load_pretrained(model, cfg.model, cfg.weights)
     model.reset_classifier(num_classes)
     log.info("pretrained weights for %s from %s; new %d-class head", cfg.model, source, num_classes)
-    return model
+    return model, source
 
 
 def _tensorboard_writer(run_dir: Path):

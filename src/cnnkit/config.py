@@ -84,6 +84,7 @@ class Config:
     checkpoint_every_minutes: float | None = None  # also save it mid-epoch when this many minutes have passed
     # -- output
     report: bool = True  # write report.html (plots, confusions, Grad-CAM, robustness) at the end
+    report_robustness_samples: int = 2000  # test images for the report's robustness section (21 corrupted copies each)
     tensorboard: bool = False  # also log metrics per epoch to RUN/tensorboard (needs the tensorboard package)
     output: str = "runs"  # parent folder of run folders
     name: str | None = None  # run folder name (default: recipe-date-time)
@@ -103,7 +104,8 @@ class Config:
             raise ConfigError(f"channels must be 1 or 3; got {self.channels}")
         if not 0 < self.val_fraction < 1 or not 0 < self.test_fraction < 1:
             raise ConfigError("val_fraction and test_fraction must lie between 0 and 1")
-        for key in ("max_train_samples", "max_eval_samples", "image_size", "input_size", "threads", "early_stopping_patience"):
+        for key in ("max_train_samples", "max_eval_samples", "image_size", "input_size", "threads", "early_stopping_patience",
+                    "report_robustness_samples"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be at least 1; got {value}")

@@ -25,7 +25,7 @@ from cnnkit.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
-ROBUSTNESS_SAMPLES = 2000  # a stratified-enough prefix of the test split keeps this to seconds
+ROBUSTNESS_SAMPLES = 2000  # default; a prefix of the test split keeps this to seconds for small networks
 
 
 def _plt():
@@ -170,7 +170,7 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
     metrics["calibration"] = analysis.calibration(logits, test_labels)
     metrics["confused_pairs"] = analysis.confused_pairs(metrics["confusion_matrix"], classes)
     metrics["worst_mistakes"] = analysis.worst_mistakes(logits, test_labels)
-    n_rob = min(ROBUSTNESS_SAMPLES, len(test_labels))
+    n_rob = min(cfg.get("report_robustness_samples", ROBUSTNESS_SAMPLES), len(test_labels))
     metrics["robustness"] = analysis.robustness(model, preprocess, test_images[:n_rob], test_labels[:n_rob], classes, device)
     write_json_atomic(run_dir / "evaluation.json", {"split": "test", "checkpoint": "best", "classes": classes, **metrics})
 

@@ -306,12 +306,12 @@ class Trainer:
         cfg, state = self.cfg, self.state
         log.info("model %s: %s parameters; device %s; run folder %s",
                  cfg.model, f"{count_parameters(self.model):,}", describe_device(self.device), self.run_dir)
+        if cfg.strategy == "linear-probe":  # minutes of feature extraction, nothing to checkpoint midway
+            self._linear_probe()
+            return self._finish(False)
         in_main = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
         stopped_early = False
-        if cfg.strategy == "linear-probe":
-            self._linear_probe()
-            return self._finish(False)
         try:
             for epoch in range(state.epoch + 1, cfg.epochs + 1):
                 train_loss, train_acc = self._train_epoch(epoch)

@@ -220,6 +220,7 @@ def color_jitter(x: Tensor, g: torch.Generator, *, brightness: float = 0.2, cont
     return _hue(x, g, shift=hue) if hue else x
 
 
+# color_jitter's keyword names (torchvision's) shadow these functions inside it, hence the aliases.
 _brightness, _contrast, _saturation, _hue = brightness, contrast, saturation, hue
 
 

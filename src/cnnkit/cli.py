@@ -219,7 +219,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         ("time", f"{s['wall_time_s']:.0f} s in all, {s['train_time_s']:.0f} s training, on {s['device']}"),
     ]:
         table.add_row(key, value)
-    from rich.console import Console
 
     out_console().print(table)
     print(f"Run folder: {result.run_dir}")
@@ -227,25 +226,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cnnkit.data import load_dataset, make_splits
     from cnnkit.evaluate import classification_metrics, predict_logits
-    from cnnkit.runs import load_run, read_config, save_evaluation
+    from cnnkit.runs import load_run, read_config, run_splits, save_evaluation
     from cnnkit.train import resolve_device
 
     cfg = read_config(args.run)
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
-    ds = load_dataset(cfg["dataset"], args.data_dir or cfg["data_dir"], image_size=cfg["image_size"],
-                      channels=cfg["channels"], skip_bad_images=cfg["skip_bad_images"])
-    splits = make_splits(ds, val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"], seed=cfg["seed"],
-                         max_eval_samples=cfg["max_eval_samples"])
+    _, splits = run_splits(cfg, args.data_dir)
     logits = predict_logits(run.model, run.preprocess, splits.test.images, device=device, tta=cfg.get("tta", "none"))
     metrics = classification_metrics(logits, splits.test.labels, run.classes)
     save_evaluation(args.run, metrics, run.classes, split="test", checkpoint=args.checkpoint)
     if args.json:
         print(json.dumps({"split": "test", "checkpoint": args.checkpoint, **metrics}, indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{args.run}: test accuracy {100 * metrics['accuracy']:.2f}% on {metrics['samples']} images")
@@ -277,7 +271,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"engine": engine, "run": str(args.run), "results": results}, indent=2))
     else:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"predictions of {args.run} (engine: {engine})")
@@ -291,16 +284,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cnnkit.data import load_dataset, make_splits
     from cnnkit.data.splits import stratified_subset
     from cnnkit.export import export_onnx
-    from cnnkit.runs import load_run, read_config
+    from cnnkit.runs import load_run, read_config, run_splits
 
     cfg = read_config(args.run)
     run = load_run(args.run)
-    ds = load_dataset(cfg["dataset"], cfg["data_dir"], image_size=cfg["image_size"], channels=cfg["channels"],
-                      skip_bad_images=cfg["skip_bad_images"])
-    test = make_splits(ds, val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"], seed=cfg["seed"]).test
+    test = run_splits(cfg)[1].test
     sample = test.images[stratified_subset(test.labels, args.parity_samples, 0)]
     out = args.out or args.run / "export" / "model.onnx"
     parity = export_onnx(run, out, sample)
@@ -364,7 +354,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from cnnkit.compare import load_runs, table_rows, write_html

@@ -211,15 +211,11 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
 
 def report_run(run_dir: Path, device: str = "cpu") -> Path:
     """`cnnkit report RUN`: rebuild everything from the run folder."""
-    from cnnkit.data import load_dataset, make_splits
-    from cnnkit.runs import load_run, read_config
+    from cnnkit.runs import load_run, read_config, run_splits
 
     cfg = read_config(run_dir)
     run = load_run(run_dir, "best", device)
-    ds = load_dataset(cfg["dataset"], cfg["data_dir"], image_size=cfg["image_size"], channels=cfg["channels"],
-                      skip_bad_images=cfg["skip_bad_images"])
-    splits = make_splits(ds, val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"], seed=cfg["seed"],
-                         max_train_samples=cfg["max_train_samples"], max_eval_samples=cfg["max_eval_samples"])
+    _, splits = run_splits(cfg)
     build_report(run_dir, run.model, run.preprocess, run.classes, splits.test.images, splits.test.labels,
                  splits.train.images, splits.train.labels, cfg, device)
     return Path(run_dir) / "report.html"

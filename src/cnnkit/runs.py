@@ -76,6 +76,17 @@ def save_evaluation(run_dir: Path, metrics: dict[str, Any], classes: list[str], 
                           title=f"{split} accuracy {100 * metrics['accuracy']:.2f}%")
 
 
+def run_splits(cfg: dict[str, Any], data_dir: str | None = None):
+    """The run's dataset and its train/validation/test splits, rebuilt from its configuration
+    (the same seed and fractions give the same splits). `data_dir` overrides where the data is."""
+    from cnnkit.data import load_dataset, make_splits
+
+    ds = load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], image_size=cfg["image_size"],
+                      channels=cfg["channels"], skip_bad_images=cfg["skip_bad_images"])
+    return ds, make_splits(ds, val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"], seed=cfg["seed"],
+                           max_train_samples=cfg["max_train_samples"], max_eval_samples=cfg["max_eval_samples"])
+
+
 def read_config(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.json"
     if not path.is_file():

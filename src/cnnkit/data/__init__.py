@@ -6,8 +6,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from cnnkit.data import cifar10, fashion_mnist, folder
 from cnnkit.data.dataset import Dataset, Split
 from cnnkit.data.splits import stratified_split, stratified_subset

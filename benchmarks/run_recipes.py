@@ -5,6 +5,7 @@ start-up, data loading and the final test evaluation). Results go to
 benchmarks/results/<label>.json and into the marked table of benchmarks/RESULTS.md.
 
     python benchmarks/run_recipes.py --recipes seed-fmnist fmnist-baseline --seeds 0 1 2
+    python benchmarks/run_recipes.py --recipes cifar10-quick --variants lookahead=false label_smoothing=0
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -72,13 +74,15 @@ def table(rows: list[dict]) -> str:
     by_recipe: dict[str, list[dict]] = {}
     for r in rows:
         by_recipe.setdefault(r["recipe"], []).append(r)
-    out = ["| recipe | seeds | test accuracy (mean ± sd) | wall time (mean) | train img/s | peak RSS |",
+    out = ["| recipe | seeds | test accuracy (mean ± sd) | wall time (mean ± sd) | train img/s | peak RSS |",
            "|---|---|---|---|---|---|"]
     for recipe, rs in by_recipe.items():
         accs = [100 * r["test_accuracy"] for r in rs]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        walls = [r["wall_time_s"] / 60 for r in rs]
+        wall_sd = f" ± {statistics.stdev(walls):.2f}" if len(walls) > 1 else ""
         out.append(f"| {recipe} | {len(rs)} | {statistics.mean(accs):.2f}% ± {sd:.2f} "
-                   f"({', '.join(f'{a:.2f}' for a in accs)}) | {statistics.mean(r['wall_time_s'] for r in rs) / 60:.1f} min "
+                   f"({', '.join(f'{a:.2f}' for a in accs)}) | {statistics.mean(walls):.2f}{wall_sd} min "
                    f"| {statistics.mean(r['train_images_per_s'] for r in rs):.0f} | {max(r['peak_rss_mb'] for r in rs)} MB |")
     return "\n".join(out)
 
@@ -89,13 +93,18 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--vary", nargs="+", metavar=("FIELD", "VALUE"),
                    help="one run per value of a recipe field, e.g. --vary augment none seed light")
+    p.add_argument("--variants", nargs="+", metavar="FIELD=VALUE[,FIELD=VALUE]",
+                   help="an ablation: the recipe as it is, then one run per variant, e.g. lookahead=false "
+                        "'model_args={\"whiten\": false}'")
     p.add_argument("--label", default="recipes", help="name of the results file and of the block in RESULTS.md")
     p.add_argument("--runs-dir", type=Path, default=HERE / "runs")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more `cnnkit train` flags for every run")
     args = p.parse_args()
     extra = [a for a in args.extra if a != "--"]
     variants = [("", [])]
-    if args.vary:
+    if args.variants:
+        variants += [(f" ({v})", _variant_flags(v)) for v in args.variants]
+    elif args.vary:
         field, *values = args.vary
         variants = [(f" ({field}={v})", [f"--{field.replace('_', '-')}", v]) for v in values]
     rows = []
@@ -109,6 +118,7 @@ def main() -> None:
               f"torch {__import__('torch').__version__}, Python {platform.python_version()}.\n"
               f"Command: `python benchmarks/run_recipes.py --recipes {' '.join(args.recipes)} "
               f"--seeds {' '.join(map(str, args.seeds))}{' --vary ' + ' '.join(args.vary) if args.vary else ''}"
+              f"{' --variants ' + ' '.join(repr(v) for v in args.variants) if args.variants else ''}"
               f"{' -- ' + ' '.join(extra) if extra else ''}`\n\n")
     block = header + table(rows)
     results = HERE / "results"
@@ -116,6 +126,17 @@ def main() -> None:
     (results / f"{args.label}.json").write_text(json.dumps({"machine": machine(), "commit": commit(), "rows": rows}, indent=2) + "\n")
     write_block(args.label, block)
     print(block)
+
+
+def _variant_flags(variant: str) -> list[str]:
+    """'lookahead=false,tta=none' -> ['--lookahead', 'false', '--tta', 'none'] (JSON values may hold commas)."""
+    flags = []
+    for part in re.split(r",(?=\s*\w+=)", variant):
+        field, _, value = part.partition("=")
+        if not value:
+            raise SystemExit(f"variant {variant!r}: write FIELD=VALUE")
+        flags += [f"--{field.strip().replace('_', '-')}", value]
+    return flags
 
 
 def write_block(label: str, block: str) -> None:

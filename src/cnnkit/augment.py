@@ -520,19 +520,21 @@ def _check_params(name: str, fn: Callable[..., Any], params: dict[str, Any]) -> 
 
 # -- test-time augmentation
 
-TTA_MODES = ("none", "flip", "flip-shift")
+TTA_MODES = ("none", "flip", "shift", "flip-shift")
 
 
 def tta_views(x: Tensor, mode: str) -> list[Tensor]:
-    """The views whose logits are averaged: the image, its mirror, and (flip-shift) both shifted
-    by one pixel diagonally each way."""
+    """The views whose logits are averaged: the image, its mirror (flip), the image shifted by one
+    pixel diagonally each way (shift), or all of these and the shifted mirrors (flip-shift).
+    `shift` is for datasets whose mirror images are unlike the test set (Fashion-MNIST's shoes
+    all point left)."""
     if mode == "none":
         return [x]
-    views = [x, x.flip(-1)]
-    if mode == "flip-shift":
+    views = [x] if mode == "shift" else [x, x.flip(-1)]
+    if mode in ("shift", "flip-shift"):
         for d in (1, -1):
             shifted = _shift(x, d)
-            views += [shifted, shifted.flip(-1)]
+            views += [shifted] if mode == "shift" else [shifted, shifted.flip(-1)]
     return views
 
 

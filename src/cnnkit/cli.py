@@ -63,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "one per GPU, or CPU processes with Gloo)")
     _add_config_flags(p)
 
+    p = sub.add_parser("lr-find", help="learning-rate range test: plot loss against learning rate, suggest one",
+                       description="Train a few hundred steps while the learning rate grows exponentially from "
+                       "--start to --end; write RUN/lr_find.png and lr_find.json and suggest a peak --lr for the "
+                       "recipe (where the loss falls fastest). Recipe fields can be overridden as for train.")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe name or path to a .toml file (default {DEFAULT_RECIPE})")
+    p.add_argument("--start", type=float, default=1e-5, help="first learning rate (default 1e-5)")
+    p.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
+    p.add_argument("--steps", type=int, default=100, help="steps of the test (default 100; it stops early when the loss diverges)")
+    _add_config_flags(p)
+
     p = sub.add_parser("evaluate", help="test accuracy, per-class metrics and confusion matrix of a run")
     p.add_argument("run", type=Path, metavar="RUN", help="run folder")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
@@ -193,6 +203,7 @@ def launch_torchrun(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
+    import cnnkit
     from cnnkit.config import apply_overrides, load_recipe
     from cnnkit.train import train
 
@@ -204,7 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(None, resume=args.resume, overrides=overrides)  # type: ignore[arg-type]
     else:
         cfg = apply_overrides(load_recipe(args.recipe), overrides)
-        result = train(cfg)
+        result = train(cfg, started_at=cnnkit.STARTED)
     s = result.summary
     if not s:  # a distributed worker other than rank 0: rank 0 reports
         return 0
@@ -216,12 +227,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         ("epochs", f"{s['epochs_run']} ({s['status']}), best epoch {s['best_epoch']}"),
         ("best validation accuracy", f"{100 * s['best_val_accuracy']:.2f}%"),
         ("test accuracy", f"{100 * s['test_accuracy']:.2f}%  ({s['test_samples']} images)"),
-        ("time", f"{s['wall_time_s']:.0f} s in all, {s['train_time_s']:.0f} s training, on {s['device']}"),
+        ("time", f"{s.get('total_time_s', s['wall_time_s']):.0f} s in all, {s['train_time_s']:.0f} s training, "
+                 f"on {s['device']}"),
+        *([("time budget", f"{s['time_budget_s']:.0f} s; planned {s['planned_time_s']:.0f} s")] if "time_budget_s" in s else []),
     ]:
         table.add_row(key, value)
 
     out_console().print(table)
     print(f"Run folder: {result.run_dir}")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from cnnkit.config import apply_overrides, load_recipe
+    from cnnkit.lr_find import lr_find
+
+    overrides = _config_overrides(args)
+    overrides.setdefault("name", f"lr-find-{Path(args.recipe).stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    cfg = apply_overrides(load_recipe(args.recipe), overrides)
+    result = lr_find(cfg, args.start, args.end, args.steps)
+    out_console().print(f"suggested --lr {result.suggested_lr:.3g} (steepest fall of the loss); "
+                        f"the loss was lowest at {result.min_loss_lr:.3g} (/10: {result.min_loss_lr / 10:.3g}); "
+                        f"the recipe has {cfg.lr:g}")
+    print(f"Plot: {result.run_dir / 'lr_find.png'}")
     return 0
 
 
@@ -392,7 +422,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "augment": cmd_augment,
-            "report": cmd_report, "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve,
+            "report": cmd_report, "compare": cmd_compare, "lr-find": cmd_lr_find, "export": cmd_export, "serve": cmd_serve,
             "datasets": cmd_datasets, "recipes": cmd_recipes}
 
 if __name__ == "__main__":

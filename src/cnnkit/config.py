@@ -21,11 +21,11 @@ from cnnkit.errors import ConfigError
 
 CHOICES = {
     "optimizer": ("adam", "adamw", "sgd"),
-    "schedule": ("constant", "onecycle", "cosine"),
-    "precision": ("fp32", "bf16", "fp16"),
+    "schedule": ("constant", "onecycle", "cosine", "linear"),
+    "precision": ("fp32", "bf16", "fp16", "auto"),
     "device": ("auto", "cpu", "cuda"),
     "class_balance": ("none", "weights", "sampler"),
-    "tta": ("none", "flip", "flip-shift"),
+    "tta": ("none", "flip", "shift", "flip-shift"),
     "on_nonfinite": ("stop", "skip"),
     "strategy": ("full", "linear-probe"),
 }
@@ -67,15 +67,19 @@ class Config:
     nesterov: bool = False  # SGD Nesterov momentum
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam/AdamW
     weight_decay: float = 0.0  # applied to weights only, never to biases or norm parameters
-    schedule: str = "constant"  # constant | onecycle | cosine (both with warmup)
+    schedule: str = "constant"  # constant | onecycle | cosine | linear (decay to 0); all but onecycle after warmup_epochs
     warmup_epochs: float = 0.0  # linear warmup from 0 (onecycle: default 30% of training)
+    bias_lr_scale: float = 1.0  # learning-rate multiplier for biases and normalisation parameters
+    lookahead: bool = False  # Lookahead of weights as airbench: every 5 steps, slow weights follow and reset the fast ones
     label_smoothing: float = 0.0
     grad_clip: float | None = None  # clip the gradient norm to this value
     early_stopping_patience: int | None = None  # stop after this many epochs without a better validation accuracy
     augment: str | list[dict[str, Any]] = "none"  # preset (none, seed, light, strong) or list of ops; see `cnnkit augment ops`
-    tta: str = "none"  # test-time augmentation for validation and test: none | flip | flip-shift
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA)
+    tta: str = "none"  # test-time augmentation for the test evaluation: none | flip | shift | flip-shift (validation during training goes without)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA) | auto (bf16 where the CPU or GPU has it natively, else fp32 on CPUs, fp16 on GPUs)
     channels_last: bool = False  # memory format; often faster for convolutions
+    compile: bool = False  # torch.compile the training model (compile time counts; needs a C++ compiler on the CPU)
+    time_budget: str | None = None  # e.g. 5m, 90s, 1h: fit the epochs (and so the schedule) to end the whole run within it
     sync_batchnorm: bool = False  # distributed runs: BatchNorm statistics over the global batch, not each process's share
     # -- robustness
     deterministic: bool = False  # torch deterministic algorithms (an interrupted + resumed run equals an uninterrupted one)
@@ -113,6 +117,12 @@ class Config:
             raise ConfigError(f"checkpoint_every_minutes must not be negative; got {self.checkpoint_every_minutes}")
         if self.strategy == "linear-probe" and not self.pretrained:
             raise ConfigError("--strategy linear-probe needs --pretrained true (a frozen random backbone learns nothing)")
+        if self.bias_lr_scale <= 0:
+            raise ConfigError(f"bias_lr_scale must be positive; got {self.bias_lr_scale}")
+        if self.time_budget is not None:
+            from cnnkit.budget import parse_duration
+
+            parse_duration(self.time_budget)
         if len(self.betas) != 2:
             raise ConfigError(f"betas must be two numbers; got {self.betas}")
         return self

@@ -14,7 +14,28 @@ from cnnkit.augment import tta_views
 from cnnkit.preprocess import Preprocess
 
 
+def cpu_has_native_bf16() -> bool:
+    """bf16 instructions (AVX512-BF16 or AMX): there bf16 autocast runs convolutions 1.3-2x faster;
+    without them oneDNN emulates bf16 and it is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: stay with what is known to be fast
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 on GPUs that have it (else fp16) and on CPUs with native bf16; else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

@@ -32,14 +32,16 @@ from torch import nn
 
 import cnnkit
 from cnnkit import distributed, progress
-from cnnkit.augment import build_augment
+from cnnkit.augment import build_augment, tta_views
+from cnnkit.budget import REPORT_FIXED_S, Costs, estimate_costs, fit_epochs, parse_duration
 from cnnkit.checkpoint import load_checkpoint, save_checkpoint
 from cnnkit.config import Config
 from cnnkit.data import canonical_name, imbalance_ratio, load_dataset, make_splits
 from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import CnnkitError, ConfigError, RunError
-from cnnkit.evaluate import autocast, classification_metrics, predict_logits
+from cnnkit.evaluate import autocast, classification_metrics, predict_logits, resolve_precision
 from cnnkit.fileio import write_bytes_atomic, write_json_atomic
+from cnnkit.lookahead import Lookahead
 from cnnkit.models import check_model_name, count_parameters, create_model
 from cnnkit.preprocess import Preprocess, channel_stats
 from cnnkit.runs import save_evaluation
@@ -79,6 +81,7 @@ class TrainState:
     epoch_time_s: float = 0.0
     lr_scale: float = 1.0  # halved each time a non-finite step is skipped (on_nonfinite = skip)
     skipped_steps: int = 0
+    planned_time_s: float = 0.0  # --time-budget: when the plan expects the run (report included) to end
 
 
 @dataclass
@@ -97,15 +100,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weights (matrices, kernels) decay; biases and normalisation parameters (1-d) don't."""
+def param_groups(model: nn.Module, weight_decay: float, lr: float, bias_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Weights (matrices, kernels) decay; biases and normalisation parameters (1-d) don't, and
+    may learn faster (airbench: 64x; their gradients are small and they do not grow the weights)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay, "lr": lr, "initial_lr": lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": lr * bias_lr_scale, "initial_lr": lr * bias_lr_scale}]
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
@@ -124,9 +129,11 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
         return (1 + math.cos(math.pi * min(t, 1.0))) / 2
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    t = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
     if schedule == "cosine":
-        t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return (1 + math.cos(math.pi * min(t, 1.0))) / 2
+        return (1 + math.cos(math.pi * t)) / 2
+    if schedule == "linear":
+        return 1.0 - t
     return 1.0
 
 
@@ -161,16 +168,19 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def train(cfg: Config | None, resume: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainResult:
-    """Train a model as `cfg` says (or resume the run in `resume`) and evaluate it on the test split."""
-    return Trainer(cfg, resume, overrides).run()
+def train(cfg: Config | None, resume: Path | None = None, overrides: dict[str, Any] | None = None,
+          started_at: float | None = None) -> TrainResult:
+    """Train a model as `cfg` says (or resume the run in `resume`) and evaluate it on the test split.
+    `started_at` (a time.perf_counter() value) is when the time budget's clock started."""
+    return Trainer(cfg, resume, overrides, started_at).run()
 
 
 class Trainer:
     """Everything one run needs, built once; `run()` trains, checkpoints and evaluates."""
 
-    def __init__(self, cfg: Config | None, resume: Path | None = None, overrides: dict[str, Any] | None = None):
-        self.wall_start = time.perf_counter()
+    def __init__(self, cfg: Config | None, resume: Path | None = None, overrides: dict[str, Any] | None = None,
+                 started_at: float | None = None):
+        self.wall_start = started_at if started_at is not None else time.perf_counter()
         ckpt = None
         if resume is not None:
             cfg, self.run_dir, ckpt = _prepare_resume(resume, overrides or {})
@@ -189,7 +199,8 @@ class Trainer:
             # cuBLAS needs this set before its first use to be deterministic (ignored on the CPU).
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        if cfg.precision == "fp16" and device.type != "cuda":
+        self.precision = resolve_precision(cfg.precision, device)
+        if self.precision == "fp16" and device.type != "cuda":
             raise ConfigError("precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
 
         self.ds = ds = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, channels=cfg.channels,
@@ -213,6 +224,8 @@ class Trainer:
         else:
             self.model = create_model(cfg.model, k, self.preprocess.model_channels, self.preprocess.input_size,
                                       **cfg.model_args).to(device)
+            if ckpt is None and hasattr(self.model, "init_from_data"):  # e.g. fastnet's whitening stem
+                self.model.init_from_data(self._init_sample(splits.train.images))
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.dist.enabled and cfg.sync_batchnorm:
@@ -236,8 +249,12 @@ class Trainer:
         self.augment = build_augment(cfg.augment)
         self.total_steps = cfg.epochs * len(self.loader)
         self.warmup_steps = int(round(cfg.warmup_epochs * len(self.loader)))
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.aug_rng = torch.Generator()
+        self.lookahead = Lookahead(self.model) if cfg.lookahead else None
+        self.budget_s = parse_duration(cfg.time_budget) if cfg.time_budget and ckpt is None else None
+        self._train_ended: float | None = None
+        self._between_epochs_s = 0.0
 
         self.state = TrainState()
         self.resume_rng: dict[str, torch.Tensor] = {}
@@ -246,6 +263,8 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt.optimizer)
             self.state = TrainState(**{f: ckpt.meta["state"][f] for f in asdict(self.state) if f in ckpt.meta["state"]})
             self.resume_rng = ckpt.extra
+            if self.lookahead is not None:
+                self.lookahead.load_state_tensors(ckpt.extra)
             if "rng.torch" in ckpt.extra:  # dropout and the like draw from the global generator
                 torch.set_rng_state(ckpt.extra["rng.torch"])
             if "rng.cuda" in ckpt.extra and device.type == "cuda":
@@ -263,8 +282,8 @@ class Trainer:
         if self.dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        for group in self.optimizer.param_groups:
-            group.setdefault("initial_lr", cfg.lr)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
         self.meta = {
             "format": "cnnkit-checkpoint/1", "model": cfg.model, "model_args": cfg.model_args,
             "num_classes": k, "classes": ds.classes, "dataset": ds.name,
@@ -288,6 +307,8 @@ class Trainer:
             extra = {"rng.augment": self.aug_rng.get_state(), "rng.torch": torch.get_rng_state()}
             if self.device.type == "cuda":
                 extra["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+            if self.lookahead is not None:
+                extra.update(self.lookahead.state_tensors())
         save_checkpoint(self.run_dir / "checkpoints" / name, self.model, {**self.meta, "state": asdict(self.state)},
                         self.optimizer if name == "last" else None, extra)
         if name == "last":
@@ -304,8 +325,8 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg, state = self.cfg, self.state
-        log.info("model %s: %s parameters; device %s; run folder %s",
-                 cfg.model, f"{count_parameters(self.model):,}", describe_device(self.device), self.run_dir)
+        log.info("model %s: %s parameters; device %s, %s; run folder %s", cfg.model,
+                 f"{count_parameters(self.model):,}", describe_device(self.device), self.precision, self.run_dir)
         if cfg.strategy == "linear-probe":  # minutes of feature extraction, nothing to checkpoint midway
             self._linear_probe()
             return self._finish(False)
@@ -313,7 +334,9 @@ class Trainer:
         previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
         stopped_early = False
         try:
-            for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            epoch = state.epoch
+            while epoch < cfg.epochs:  # a time budget may change cfg.epochs during the first epoch
+                epoch += 1
                 train_loss, train_acc = self._train_epoch(epoch)
                 if self._end_epoch(epoch, train_loss, train_acc):
                     stopped_early = True
@@ -336,13 +359,17 @@ class Trainer:
         loss_sum = torch.tensor(state.epoch_loss_sum, device=device)
         correct = torch.tensor(state.epoch_correct, device=device)
         seen = state.epoch_seen
-        t0 = time.perf_counter() - state.epoch_time_s
+        t0 = self._epoch_started = time.perf_counter() - state.epoch_time_s
+        if self._train_ended is not None:  # validation, checkpoints and logging of the previous epoch
+            self._between_epochs_s = t0 - self._train_ended
         n = len(self.loader)
         with progress.make_progress() as bar:
             task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=n, completed=state.batch, info="")
             for images, labels in self.loader.batches(start=state.batch):
                 loss, logits, targets = self._step(images, labels, epoch)
                 state.batch += 1
+                if self.budget_s is not None and state.epoch == 0 and self._calibrate():
+                    bar.update(task, description=f"epoch {epoch}/{cfg.epochs}")
                 if loss is not None:
                     loss_sum += loss.detach() * len(labels)
                     correct += (logits.argmax(1) == labels).sum()
@@ -363,9 +390,11 @@ class Trainer:
         loss_total, correct_total, seen_total = distributed.sum_all([loss_sum.item(), correct.item(), seen], self.dist, device)
         return loss_total / max(seen_total, 1), correct_total / max(seen_total, 1)
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int):
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, factor: float | None = None):
+        """One optimiser step; `factor` (of each group's initial learning rate) overrides the schedule."""
         cfg, state, optimizer = self.cfg, self.state, self.optimizer
-        factor = lr_factor(state.step, self.total_steps, self.warmup_steps, cfg.schedule) * state.lr_scale
+        if factor is None:
+            factor = lr_factor(state.step, self.total_steps, self.warmup_steps, cfg.schedule) * state.lr_scale
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         x = self.preprocess.to_float(images)
@@ -377,7 +406,7 @@ class Trainer:
         x = self.preprocess.finish(x)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, cfg.precision):
+        with autocast(self.device, self.precision):
             logits = self.net(x)
         loss = self.loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
@@ -397,7 +426,80 @@ class Trainer:
             self.scaler.update()
         else:
             optimizer.step()
+        if self.lookahead is not None:
+            self.lookahead.after_step(self.model, state.step, self.total_steps)
         return loss, logits, targets
+
+    # -- time budget
+
+    def _init_sample(self, images: np.ndarray, n: int = 5000) -> torch.Tensor:
+        """Up to n preprocessed training images (seeded), for data-dependent initialisation."""
+        idx = np.sort(np.random.default_rng(self.cfg.seed).permutation(len(images))[:n])
+        x = torch.from_numpy(np.ascontiguousarray(images[idx])).to(self.device)
+        return self.preprocess.finish(self.preprocess.to_float(x))
+
+    def _calibrate(self) -> bool:
+        """During the first epoch of a budgeted run: time steps 2..k (the first one warms up
+        allocators and compilers), then plan. True when the plan was made."""
+        n, batch = len(self.loader), self.state.batch
+        k = min(n, max(3, n // 10))
+        if batch == 1:
+            self._calibration_start = time.perf_counter()
+        if batch != k:
+            return False
+        start, timed = (self._calibration_start, k - 1) if k > 1 else (self._epoch_started, 1)
+        step_s = (time.perf_counter() - start) / timed
+        costs = estimate_costs(step_s, n, self.cfg.batch_size, len(self.splits.val), self._final_images(),
+                               self.cfg.report)
+        self._plan(costs, self.state.epoch, batch / n, f"{timed} timed steps of {step_s:.2f} s")
+        return True
+
+    def _final_images(self) -> int:
+        """Images the model sees after training: the test split (each test-time view) and the
+        report's robustness section (21 corrupted copies of its sample)."""
+        cfg, test = self.cfg, len(self.splits.test)
+        views = len(tta_views(torch.zeros(1, 1, 2, 2), cfg.tta))
+        return test * views + (21 * min(cfg.report_robustness_samples, test) if cfg.report else 0)
+
+    def _plan(self, costs: Costs, done: int, fraction: float, basis: str) -> None:
+        """Fit the epochs (and so the schedule) to the budget, `done` epochs and `fraction` of the
+        next one into the run; every rank follows rank 0's plan."""
+        cfg, state = self.cfg, self.state
+        elapsed = time.perf_counter() - self.wall_start
+        epochs = distributed.broadcast(fit_epochs(self.budget_s, elapsed, done, fraction, costs), self.dist)
+        state.planned_time_s = (elapsed + (epochs - done - fraction) * costs.epoch_s
+                                + (epochs - done) * costs.val_s + costs.final_s)
+        if epochs != cfg.epochs:
+            self._set_epochs(epochs)
+        log.info("time budget %s: %d epochs planned from %s (epoch %.0f s, validation %.1f s, test and report "
+                 "%.0f s); the run should end after %.0f s", cfg.time_budget, epochs, basis, costs.epoch_s,
+                 costs.val_s, costs.final_s, state.planned_time_s)
+
+    def _set_epochs(self, epochs: int) -> None:
+        """A new length for the run: its schedule follows, and so does a later --resume."""
+        cfg = self.cfg
+        cfg.epochs = epochs
+        self.total_steps = epochs * len(self.loader)
+        self.meta["config"] = cfg.to_dict()
+        if self.dist.is_main:
+            write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
+
+    def _budget_after_epoch(self, epoch: int, val_s: float) -> None:
+        """Re-plan from measured times after the first epoch, and after the second (when the time
+        between epochs, checkpoints included, is known too); later, stop if the next epoch would overrun."""
+        cfg, state = self.cfg, self.state
+        eval_image_s = val_s / max(len(self.splits.val), 1)
+        costs = Costs(state.epoch_time_s, max(val_s, self._between_epochs_s),
+                      self._final_images() * eval_image_s + REPORT_FIXED_S * cfg.report)
+        if epoch <= 2 and cfg.epochs > epoch:
+            self._plan(costs, epoch, 0.0, f"epoch {epoch}")
+        elapsed = time.perf_counter() - self.wall_start
+        if epoch < cfg.epochs and elapsed + costs.epoch_s + costs.val_s + costs.final_s > self.budget_s:
+            log.warning("time budget %s: stopping after epoch %d of %d planned (the next would overrun)",
+                        cfg.time_budget, epoch, cfg.epochs)
+            self._set_epochs(epoch)
+        if epoch == cfg.epochs and self.lookahead is not None:  # the plan ends here, maybe sooner than its steps
+            self.lookahead.finish(self.model)
 
     def _linear_probe(self) -> None:
         """Frozen backbone: cached features, a linear head fitted by L-BFGS, chosen on validation."""
@@ -460,7 +562,10 @@ class Trainer:
         cfg, state = self.cfg, self.state
         epoch_time = state.epoch_time_s
         state.train_time_s += epoch_time
+        self._train_ended = time.perf_counter()
         val = self.evaluate(self.splits.val)
+        if self.budget_s is not None:
+            self._budget_after_epoch(epoch, time.perf_counter() - self._train_ended)
         state.epoch, state.batch = epoch, 0
         improved = val["accuracy"] > state.best_val_accuracy
         if improved:
@@ -495,12 +600,13 @@ class Trainer:
         return stop
 
     def evaluate(self, split) -> dict[str, Any]:
-        """Metrics over the whole split; in distributed runs each rank takes a share and all
-        ranks get the same numbers (so they agree on the best epoch and on early stopping)."""
+        """Metrics over the whole split, without test-time augmentation (it would multiply the cost
+        of every epoch's validation); in distributed runs each rank takes a share and all ranks
+        get the same numbers (so they agree on the best epoch and on early stopping)."""
         cfg, info = self.cfg, self.dist
         idx = np.arange(len(split))[info.rank::info.world]
         logits = predict_logits(self.model, self.preprocess, split.images[idx], batch_size=cfg.eval_batch_size,
-                                device=self.device, precision=cfg.precision, channels_last=cfg.channels_last, tta=cfg.tta)
+                                device=self.device, precision=self.precision, channels_last=cfg.channels_last)
         parts = distributed.gather_cat(logits, info)
         order = np.concatenate([np.arange(len(split))[r::info.world] for r in range(info.world)])
         return classification_metrics(torch.cat(parts), split.labels[order], self.ds.classes)
@@ -513,7 +619,7 @@ class Trainer:
         self.model.load_state_dict(load_checkpoint(self.run_dir / "checkpoints" / "best").model)
         self.dist = distributed.DistInfo()  # from here on, rank 0 alone
         test_logits = predict_logits(self.model, self.preprocess, splits.test.images, batch_size=cfg.eval_batch_size,
-                                     device=self.device, precision=cfg.precision, channels_last=cfg.channels_last,
+                                     device=self.device, precision=self.precision, channels_last=cfg.channels_last,
                                      tta=cfg.tta)
         test = classification_metrics(test_logits, splits.test.labels, self.ds.classes)
         save_evaluation(self.run_dir, test, self.ds.classes, split="test", checkpoint="best")
@@ -525,7 +631,8 @@ class Trainer:
             "train_samples": len(splits.train), "val_samples": len(splits.val), "test_samples": len(splits.test),
             "train_time_s": round(state.train_time_s, 2), "skipped_steps": state.skipped_steps,
             "wall_time_s": round(time.perf_counter() - self.wall_start, 2),  # this invocation, data loading included
-            "device": describe_device(self.device), "finished_at": datetime.now().isoformat(timespec="seconds"),
+            **({"time_budget_s": self.budget_s, "planned_time_s": round(state.planned_time_s, 1)} if self.budget_s else {}),
+            "device": describe_device(self.device), "precision": self.precision, "finished_at": datetime.now().isoformat(timespec="seconds"),
             "versions": versions(), "notes": splits.notes,
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
@@ -537,6 +644,11 @@ class Trainer:
                          splits.test.labels, splits.train.images, splits.train.labels, cfg.to_dict(), self.device,
                          logits=test_logits)
             log.info("report: %s (%.1f s)", self.run_dir / "report.html", time.perf_counter() - t0)
+        summary["total_time_s"] = round(time.perf_counter() - self.wall_start, 2)  # with the report
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        if self.budget_s is not None:
+            log.info("time budget %s: planned %.0f s, took %.0f s", cfg.time_budget, state.planned_time_s,
+                     summary["total_time_s"])
         if self.tensorboard is not None:
             self.tensorboard.close()
         return TrainResult(self.run_dir, state, test, summary)

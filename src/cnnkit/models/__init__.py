@@ -8,9 +8,10 @@ from typing import Any
 from torch import nn
 
 from cnnkit.errors import ConfigError
+from cnnkit.models.fastnet import FastNet
 from cnnkit.models.seed_cnn import SeedCNN
 
-OWN_MODELS = {"seed-cnn": SeedCNN}
+OWN_MODELS = {"seed-cnn": SeedCNN, "fastnet": FastNet}
 
 
 def check_model_name(name: str) -> None:

@@ -1,0 +1,166 @@
+"""The fast recipes' pieces: fastnet, Lookahead, the linear schedule, bias learning rates,
+shift TTA, the time budget and the learning-rate range test."""
+
+import json
+import signal
+
+import pytest
+import torch
+
+from cnnkit.augment import tta_views
+from cnnkit.budget import Costs, fit_epochs, parse_duration
+from cnnkit.checkpoint import load_checkpoint
+from cnnkit.cli import main
+from cnnkit.config import apply_overrides, load_recipe
+from cnnkit.errors import ConfigError
+from cnnkit.lookahead import Lookahead
+from cnnkit.models import create_model
+from cnnkit.train import Trainer, TrainingInterrupted, lr_factor, make_optimizer, train
+
+
+def test_fastnet_shapes_and_frozen_parameters():
+    for channels, size in ((1, 28), (3, 32), (3, 64)):
+        net = create_model("fastnet", 10, channels, size, widths=[8, 16, 32])
+        assert net(torch.rand(2, channels, size, size)).shape == (2, 10)
+    assert not net.stem.weight.requires_grad  # whitened: fixed
+    assert all(not m.weight.requires_grad for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with pytest.raises(ConfigError, match="at least 16 pixels"):
+        create_model("fastnet", 10, 1, 8, widths=[8, 16, 32])
+
+
+def test_whitening_stem_decorrelates_patches():
+    torch.manual_seed(0)
+    # Strongly correlated neighbouring pixels, as in photos: a smooth image plus a little noise.
+    x = torch.nn.functional.interpolate(torch.randn(64, 3, 8, 8), size=32, mode="bilinear") + 0.05 * torch.randn(64, 3, 32, 32)
+    net = create_model("fastnet", 10, 3, 32, widths=[8, 16, 32])
+    net.init_from_data(x, eps=0.0)
+    half = net.stem.weight.shape[0] // 2
+    out = torch.nn.functional.conv2d(x, net.stem.weight[:half]).permute(0, 2, 3, 1).reshape(-1, half)
+    cov = torch.cov(out.T.double())
+    assert torch.allclose(cov, torch.eye(half, dtype=torch.float64), atol=1e-3)
+    assert torch.equal(net.stem.weight[half:], -net.stem.weight[:half])
+
+
+def test_lookahead_syncs_every_k_steps_and_ends_on_the_slow_weights():
+    model = torch.nn.Linear(3, 2)
+    la = Lookahead(model, every=5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    la.after_step(model, 4, 100)  # not a sync step: nothing happens
+    assert torch.equal(model.weight, start + 1)
+    la.after_step(model, 50, 100)  # decay 0.95**5 / 8: the slow weights move most of the way
+    d = la.decay(50, 100)
+    assert torch.allclose(model.weight, start + (1 - d)) and torch.equal(la.slow["weight"], model.weight)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    la.after_step(model, 100, 100)  # the end: the model takes the slow weights (as airbench's final update)
+    assert torch.allclose(model.weight, start + (1 - d))
+
+
+def test_linear_schedule_and_bias_learning_rates():
+    assert lr_factor(0, 100, 10, "linear") == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "linear") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "linear") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "linear") == 0.0
+    cfg = apply_overrides(load_recipe("fmnist-quick"), {})
+    opt = make_optimizer(cfg, create_model("fastnet", 10, 1, 28, widths=[8, 16, 32]))
+    weights, biases = opt.param_groups
+    assert weights["lr"] == cfg.lr and biases["lr"] == cfg.lr * cfg.bias_lr_scale == biases["initial_lr"]
+    assert biases["weight_decay"] == 0 and weights["weight_decay"] == cfg.weight_decay
+
+
+def test_shift_tta_has_no_mirror_views():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    views = tta_views(x, "shift")
+    assert len(views) == 3 and torch.equal(views[0], x)
+    assert not any(torch.equal(v, x.flip(-1)) for v in views)
+    assert torch.equal(views[1][..., 1:3, 1:3], x[..., 2:4, 2:4])  # one pixel diagonally
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("10m", 600), ("1h30m", 5400), ("2.5m", 150), ("45", 45)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["ten minutes", "10x", "-5m", "0s", "5m junk"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ConfigError, match="time budget"):
+        parse_duration(text)
+
+
+def test_fit_epochs_arithmetic():
+    costs = Costs(epoch_s=10, val_s=1, final_s=20)
+    # 0.95 * 200 - 10 elapsed - 20 final = 160 s left: 14 more epochs of 11 s
+    assert fit_epochs(200, 10, 0, 0.0, costs) == 14
+    # a tenth of the first epoch done counts: (160 + 1) // 11 = 14
+    assert fit_epochs(200, 10, 0, 0.1, costs) == 14
+    assert fit_epochs(200, 10, 3, 0.0, costs) == 3 + 14
+    assert fit_epochs(30, 25, 0, 0.5, costs) == 1  # over budget already: finish the epoch in progress
+
+
+def small(tmp_path, name, **kw):
+    base = {"max_train_samples": 3000, "max_eval_samples": 1000, "output": str(tmp_path), "name": name,
+            "model_args": {"widths": [16, 32, 64]}, "batch_size": 128, "lr": 0.4, "report": False}
+    return apply_overrides(load_recipe("fmnist-quick"), {**base, **kw})
+
+
+@pytest.mark.slow
+def test_fast_recipe_learns_and_resumes_exactly_with_lookahead(tmp_path, monkeypatch):
+    full = train(small(tmp_path, "full", epochs=2))
+    assert full.test["accuracy"] > 0.6  # 3000 images, two epochs of a tiny fastnet
+    step = Trainer._step
+
+    def interrupted(self, *args, **kwargs):  # SIGTERM in the middle of epoch 2
+        out = step(self, *args, **kwargs)
+        if self.state.step == 30:  # of 2 x 23
+            self.stop_signal = signal.SIGTERM
+        return out
+
+    monkeypatch.setattr(Trainer, "_step", interrupted)
+    with pytest.raises(TrainingInterrupted):
+        train(small(tmp_path, "part", epochs=2))
+    monkeypatch.setattr(Trainer, "_step", step)
+    train(None, resume=tmp_path / "part")
+    a = load_checkpoint(full.run_dir / "checkpoints" / "last")
+    b = load_checkpoint(tmp_path / "part" / "checkpoints" / "last")
+    assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    assert any(k.startswith("lookahead.") for k in b.extra)
+
+
+@pytest.mark.slow
+def test_time_budget_fits_the_epochs_and_ends_in_time(tmp_path):
+    budget = 25
+    result = train(small(tmp_path, "budget", epochs=1, time_budget=f"{budget}s", report=True,
+                         report_robustness_samples=200))
+    s = json.loads((result.run_dir / "summary.json").read_text())
+    config = json.loads((result.run_dir / "config.json").read_text())
+    # 3000 images take about a second an epoch here: the budget fits many more than the 1 asked for
+    assert s["epochs_run"] == config["epochs"] > 3
+    assert s["time_budget_s"] == budget and 0 < s["planned_time_s"] <= budget
+    assert s["total_time_s"] <= budget
+    last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["lr"] < 0.1 * config["lr"]  # the schedule ran to its end, not cut off
+
+
+@pytest.mark.slow
+def test_lr_find_writes_a_plot_and_suggests_a_rate(tmp_path, capsys):
+    assert main(["lr-find", "--recipe", "fmnist-quick", "--max-train-samples", "2000", "--model-args",
+                 '{"widths": [16, 32, 64]}', "--steps", "40", "--output", str(tmp_path), "--name", "lrf"]) == 0
+    out = capsys.readouterr().out
+    assert "suggested --lr" in out
+    data = json.loads((tmp_path / "lrf" / "lr_find.json").read_text())
+    assert 1e-5 <= data["suggested_lr"] <= 10 and len(data["lrs"]) == len(data["smoothed_losses"]) >= 5
+    assert data["lrs"] == sorted(data["lrs"])
+    assert (tmp_path / "lrf" / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    import cnnkit.evaluate as ev
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(ev, "cpu_has_native_bf16", lambda: True)
+    assert ev.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(ev, "cpu_has_native_bf16", lambda: False)
+    assert ev.resolve_precision("auto", cpu) == "fp32"
+    assert ev.resolve_precision("fp32", cpu) == "fp32" and ev.resolve_precision("bf16", cpu) == "bf16"

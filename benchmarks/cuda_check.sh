@@ -33,6 +33,13 @@ run seed-fmnist-fp32 --recipe seed-fmnist
 run fmnist-baseline-fp32 --recipe fmnist-baseline
 run fmnist-baseline-bf16 --recipe fmnist-baseline --precision bf16
 run fmnist-baseline-fp16 --recipe fmnist-baseline --precision fp16
+# The fast recipes unchanged (precision auto: bf16 on GPUs that have it); CIFAR-10 is too big to
+# carry to the lent machine, so Fashion-MNIST only. And a time budget on the GPU.
+run fmnist-quick --recipe fmnist-quick
+run fmnist-fast --recipe fmnist-fast
+run fmnist-fast-budget-1m --recipe fmnist-fast --time-budget 1m
+python3 -m cnnkit --quiet lr-find "${DATA[@]}" --recipe fmnist-quick --device cuda --output "$RUNS" --name lr-find \
+    > "$OUT/lr-find.log" 2>&1 && echo -e "lr-find on cuda\tok\t$(tail -2 "$OUT/lr-find.log" | head -1)" | tee -a "$OUT/summary.tsv"
 run resnet18-bf16-cl --recipe fmnist-baseline --model resnet18 --epochs 3 --batch-size 256 --lr 0.002 \
     --precision bf16 --channels-last true --augment light --tta flip
 

@@ -50,6 +50,17 @@ def test_cli_errors_are_one_line_without_traceback(argv, message, capsys):
 def test_recipes_and_datasets_commands(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
-    assert "seed-fmnist" in out and "fmnist-baseline (default)" in out
+    assert "seed-fmnist" in out and "fmnist-quick (default)" in out
     assert main(["datasets"]) == 0
     assert "fashion-mnist" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["train", "lr-find", "evaluate", "predict", "export", "serve", "report", "compare"])
+def test_help_of_every_command(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: cnnkit" in out
+    if command in ("train", "lr-find"):  # every recipe field, with its help from config.py
+        assert "--time-budget" in out and "30%" in out

@@ -18,7 +18,7 @@ from cnnkit import progress
 from cnnkit.errors import CnnkitError
 
 log = logging.getLogger("cnnkit")
-DEFAULT_RECIPE = "fmnist-baseline"
+DEFAULT_RECIPE = "fmnist-quick"
 
 
 def _field_help() -> dict[str, str]:
@@ -26,7 +26,8 @@ def _field_help() -> dict[str, str]:
     from cnnkit import config
 
     source = inspect.getsource(config.Config)
-    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^#\n]+#\s*(.+)$", source, re.M)}
+    # argparse %-formats help strings: a literal % (as in "30% of training") must be doubled.
+    return {m.group(1): m.group(2).replace("%", "%%") for m in re.finditer(r"^\s+(\w+): [^#\n]+#\s*(.+)$", source, re.M)}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:

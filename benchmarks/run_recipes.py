@@ -27,17 +27,17 @@ ROOT = HERE.parent
 
 
 def machine() -> str:
+    from cnnkit.evaluate import cpu_has_native_bf16  # the same test as --precision auto
+
     cpu = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-        flags = Path("/proc/cpuinfo").read_text()
-        bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
     except OSError:
-        bf16 = False
-    return f"{cpu}, {os.cpu_count()} cores, bf16 {'yes' if bf16 else 'no'}"
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, bf16 {'yes' if cpu_has_native_bf16() else 'no'}"
 
 
 def commit() -> str:

@@ -1,7 +1,8 @@
 """`--time-budget`: fit the number of epochs so that a whole run, report included, ends in time.
 
-The plan is made twice: after the first few steps (the step rate, with evaluation costs
-estimated from it) and after the first epoch (measured epoch and validation times). The
+The plan is made after the first few steps (the step rate, with evaluation costs estimated
+from it), and made again after the first and the second epoch (measured epoch, validation and
+between-epoch times). The
 schedule follows the plan, so a shorter budget means a shorter, complete schedule (the learning
 rate still decays to its end), not a run cut off midway. A last guard at every epoch end stops
 the run if the next epoch would overrun.
@@ -57,7 +58,12 @@ def estimate_costs(step_s: float, steps_per_epoch: int, batch_size: int, val_ima
     """From the time of one training step, with evaluation at EVAL_SPEEDUP times the training
     rate; `final_images` counts every image the test evaluation and the report run through the model."""
     eval_image_s = step_s / batch_size / EVAL_SPEEDUP
-    return Costs(step_s * steps_per_epoch, val_images * eval_image_s, final_images * eval_image_s + REPORT_FIXED_S * report)
+    return Costs(step_s * steps_per_epoch, val_images * eval_image_s, final_seconds(final_images, eval_image_s, report))
+
+
+def final_seconds(final_images: int, eval_image_s: float, report: bool) -> float:
+    """The test evaluation and the report: their model evaluations, and the report's own work."""
+    return final_images * eval_image_s + REPORT_FIXED_S * report
 
 
 def fit_epochs(budget_s: float, elapsed_s: float, epochs_done: int, fraction: float, costs: Costs) -> int:

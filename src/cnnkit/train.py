@@ -33,7 +33,7 @@ from torch import nn
 import cnnkit
 from cnnkit import distributed, progress
 from cnnkit.augment import build_augment, tta_views
-from cnnkit.budget import REPORT_FIXED_S, Costs, estimate_costs, fit_epochs, parse_duration
+from cnnkit.budget import Costs, estimate_costs, final_seconds, fit_epochs, parse_duration
 from cnnkit.checkpoint import load_checkpoint, save_checkpoint
 from cnnkit.config import Config
 from cnnkit.data import canonical_name, imbalance_ratio, load_dataset, make_splits
@@ -430,13 +430,13 @@ class Trainer:
             self.lookahead.after_step(self.model, state.step, self.total_steps)
         return loss, logits, targets
 
-    # -- time budget
-
     def _init_sample(self, images: np.ndarray, n: int = 5000) -> torch.Tensor:
         """Up to n preprocessed training images (seeded), for data-dependent initialisation."""
         idx = np.sort(np.random.default_rng(self.cfg.seed).permutation(len(images))[:n])
         x = torch.from_numpy(np.ascontiguousarray(images[idx])).to(self.device)
         return self.preprocess.finish(self.preprocess.to_float(x))
+
+    # -- time budget
 
     def _calibrate(self) -> bool:
         """During the first epoch of a budgeted run: time steps 2..k (the first one warms up
@@ -490,7 +490,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         eval_image_s = val_s / max(len(self.splits.val), 1)
         costs = Costs(state.epoch_time_s, max(val_s, self._between_epochs_s),
-                      self._final_images() * eval_image_s + REPORT_FIXED_S * cfg.report)
+                      final_seconds(self._final_images(), eval_image_s, cfg.report))
         if epoch <= 2 and cfg.epochs > epoch:
             self._plan(costs, epoch, 0.0, f"epoch {epoch}")
         elapsed = time.perf_counter() - self.wall_start

@@ -27,7 +27,8 @@ CHOICES = {
     "class_balance": ("none", "weights", "sampler"),
     "tta": ("none", "flip", "shift", "flip-shift"),
     "on_nonfinite": ("stop", "skip"),
-    "strategy": ("full", "linear-probe"),
+    "strategy": ("full", "linear-probe", "frozen", "finetune", "gradual"),
+    "grey_input": ("repeat", "sum"),
 }
 
 
@@ -56,7 +57,11 @@ class Config:
     input_size: int | None = None  # model input size; images are resized on the device (default: data size, or the weights' size)
     pretrained: bool = False  # start from ImageNet weights (timm models): --weights, else the offline registry, else timm's download
     weights: str | None = None  # a weights file (safetensors, or a state dict) for --pretrained
-    strategy: str = "full"  # full: train every layer | linear-probe: frozen backbone, cached features, fitted linear head
+    strategy: str = "full"  # full: every layer | linear-probe: frozen backbone, cached features, fitted linear head | frozen: backbone frozen, head trained with augmentation | finetune: head_epochs of head only, then every layer | gradual: head first, then one more block every unfreeze_epochs
+    head_epochs: float = 1.0  # finetune, gradual: epochs that train only the new head (backbone frozen, its BatchNorm in inference mode)
+    unfreeze_epochs: float = 1.0  # gradual: epochs between unfreezing one more block, from the top down
+    layer_lr_decay: float = 1.0  # discriminative learning rates: each layer group below the head learns this many times slower than the one above
+    grey_input: str = "repeat"  # grey images into an RGB-pretrained model: repeat the channel, or sum the first convolution's weights to one input channel
     # -- optimisation
     epochs: int = 10
     batch_size: int = 64
@@ -115,8 +120,13 @@ class Config:
                 raise ConfigError(f"{key} must be at least 1; got {value}")
         if self.checkpoint_every_minutes is not None and self.checkpoint_every_minutes < 0:
             raise ConfigError(f"checkpoint_every_minutes must not be negative; got {self.checkpoint_every_minutes}")
-        if self.strategy == "linear-probe" and not self.pretrained:
-            raise ConfigError("--strategy linear-probe needs --pretrained true (a frozen random backbone learns nothing)")
+        if self.strategy != "full" and not self.pretrained:
+            raise ConfigError(f"--strategy {self.strategy} needs --pretrained true (it keeps pretrained layers frozen "
+                              "for a while); train a from-scratch model with --strategy full")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise ConfigError(f"layer_lr_decay must be in (0, 1]; got {self.layer_lr_decay}")
+        if self.head_epochs < 0 or self.unfreeze_epochs <= 0:
+            raise ConfigError("head_epochs must not be negative and unfreeze_epochs must be positive")
         if self.bias_lr_scale <= 0:
             raise ConfigError(f"bias_lr_scale must be positive; got {self.bias_lr_scale}")
         if self.time_budget is not None:

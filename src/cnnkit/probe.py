@@ -96,4 +96,6 @@ def check(cfg: Any, model: nn.Module) -> None:
     if not cfg.pretrained:
         raise ConfigError("--strategy linear-probe needs --pretrained true (a frozen random backbone learns nothing)")
     if not hasattr(model, "forward_head") or not isinstance(model.get_classifier(), nn.Linear):
-        raise ConfigError(f"--strategy linear-probe needs a timm model with a linear classifier; {cfg.model} has none")
+        raise ConfigError(f"--strategy linear-probe fits a linear classifier on a timm model; {cfg.model} with "
+                          f"{cfg.model_args or 'default arguments'} has none (for a hidden layer, head_hidden, use "
+                          "--strategy frozen)")

@@ -42,6 +42,7 @@ from cnnkit.errors import CnnkitError, ConfigError, RunError
 from cnnkit.evaluate import autocast, classification_metrics, predict_logits, resolve_precision
 from cnnkit.fileio import write_bytes_atomic, write_json_atomic
 from cnnkit.lookahead import Lookahead
+from cnnkit.finetune import make_unfreezer
 from cnnkit.models import check_model_name, count_parameters, create_model
 from cnnkit.preprocess import Preprocess, channel_stats
 from cnnkit.runs import save_evaluation
@@ -100,17 +101,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float, bias_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float, bias_lr_scale: float = 1.0,
+                 lr_scales: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Weights (matrices, kernels) decay; biases and normalisation parameters (1-d) don't, and
-    may learn faster (airbench: 64x; their gradients are small and they do not grow the weights)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay, "lr": lr, "initial_lr": lr},
-            {"params": no_decay, "weight_decay": 0.0, "lr": lr * bias_lr_scale, "initial_lr": lr * bias_lr_scale}]
+    may learn faster (airbench: 64x; their gradients are small and they do not grow the weights).
+    `lr_scales` (parameter name -> multiplier) gives layers their own rates (discriminative
+    fine-tuning). Groups: weights first, then the rest; the fastest-learning first within each."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            decays = p.ndim > 1
+            scale = (lr_scales or {}).get(name, 1.0) * (1.0 if decays else bias_lr_scale)
+            groups.setdefault((decays, scale), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale, "initial_lr": lr * scale}
+            for (decays, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale)
+    scales = None
+    if cfg.layer_lr_decay != 1.0:
+        from cnnkit.finetune import layer_ids, lr_scales
+
+        scales = lr_scales(*layer_ids(model, coarse=False), cfg.layer_lr_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale, scales)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
@@ -145,9 +158,12 @@ def make_preprocess(cfg: Config, train_images: np.ndarray) -> Preprocess:
         from cnnkit.models.pretrained import preprocessing
 
         w = preprocessing(cfg.model)
+        mean, std = tuple(w["mean"]), tuple(w["std"])
+        model_channels = 3
+        if channels == 1 and cfg.grey_input == "sum":  # one grey channel in, the RGB statistics averaged
+            model_channels, mean, std = 1, (sum(mean) / 3,), (sum(std) / 3,)
         return Preprocess(data_size=height, data_channels=channels, input_size=cfg.input_size or int(w["input_size"]),
-                          model_channels=3, mean=tuple(w["mean"]), std=tuple(w["std"]),
-                          interpolation=str(w["interpolation"]))
+                          model_channels=model_channels, mean=mean, std=std, interpolation=str(w["interpolation"]))
     mean, std = channel_stats(train_images)
     return Preprocess(
         data_size=height, data_channels=channels, input_size=cfg.input_size or height,
@@ -203,6 +219,12 @@ class Trainer:
         if self.precision == "fp16" and device.type != "cuda":
             raise ConfigError("precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
 
+        imagenet = None
+        if cfg.pretrained and ckpt is None:
+            imagenet, self.weights_source = _imagenet_model(cfg)
+            log.info("pretrained weights for %s from %s", cfg.model, self.weights_source)
+        else:
+            self.weights_source = "none"
         self.ds = ds = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, channels=cfg.channels,
                                     skip_bad_images=cfg.skip_bad_images)
         self.splits = splits = make_splits(ds, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
@@ -217,10 +239,8 @@ class Trainer:
         self.preprocess = (Preprocess.from_dict(ckpt.meta["preprocess"]) if ckpt
                            else make_preprocess(cfg, splits.train.images))
         torch.manual_seed(cfg.seed)
-        self.weights_source = "none"
-        if cfg.pretrained and ckpt is None:
-            model, self.weights_source = _pretrained_model(cfg, k, self.preprocess)
-            self.model = model.to(device)
+        if imagenet is not None:
+            self.model = _adapt_pretrained(imagenet, cfg, k, self.preprocess).to(device)
         else:
             self.model = create_model(cfg.model, k, self.preprocess.model_channels, self.preprocess.input_size,
                                       **cfg.model_args).to(device)
@@ -233,7 +253,7 @@ class Trainer:
                 raise ConfigError("--sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm has no CPU version); "
                                   "drop it for CPU processes")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.optimizer = make_optimizer(cfg, self.model)
+        self.optimizer = make_optimizer(cfg, self.model)  # before any freezing: frozen layers join it later
         counts = splits.train.class_counts(k)
         class_weights = None
         if cfg.class_balance == "weights":
@@ -252,6 +272,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.aug_rng = torch.Generator()
         self.lookahead = Lookahead(self.model) if cfg.lookahead else None
+        self.unfreezer = make_unfreezer(cfg, self.model, len(self.loader))
+        if self.unfreezer is not None and self.dist.enabled and cfg.strategy != "frozen":
+            raise ConfigError(f"--strategy {cfg.strategy} changes which layers train during the run, which "
+                              "DistributedDataParallel does not allow; run it in one process, or use --strategy full")
         self.budget_s = parse_duration(cfg.time_budget) if cfg.time_budget and ckpt is None else None
         self._train_ended: float | None = None
         self._between_epochs_s = 0.0
@@ -277,6 +301,9 @@ class Trainer:
                 run_dir = _new_run_dir(cfg)
                 write_json_atomic(run_dir / "config.json", cfg.to_dict())
             self.run_dir = distributed.broadcast(run_dir, self.dist)  # the same folder on every rank
+        if self.unfreezer is not None:
+            self.unfreezer.update(self.state.step)
+            log.info("%s: training %s", cfg.strategy, self.unfreezer.describe())
         # DDP averages gradients over ranks; it wraps the model after its weights are loaded.
         self.net = self.model
         if self.dist.enabled:
@@ -348,7 +375,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> tuple[float, float]:
         cfg, state, device = self.cfg, self.state, self.device
-        self.net.train()
+        self._train_mode()
         self.loader.set_epoch(epoch)
         if state.batch == 0:
             # Augmentation randomness of an epoch depends only on (seed, epoch).
@@ -397,6 +424,9 @@ class Trainer:
             factor = lr_factor(state.step, self.total_steps, self.warmup_steps, cfg.schedule) * state.lr_scale
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
+        if self.unfreezer is not None and self.unfreezer.update(state.step):
+            self._train_mode()
+            log.info("step %d: training %s", state.step, self.unfreezer.describe())
         x = self.preprocess.to_float(images)
         targets = labels
         if self.augment:
@@ -429,6 +459,11 @@ class Trainer:
         if self.lookahead is not None:
             self.lookahead.after_step(self.model, state.step, self.total_steps)
         return loss, logits, targets
+
+    def _train_mode(self) -> None:
+        self.net.train()
+        if self.unfreezer is not None:
+            self.unfreezer.frozen_norms_to_eval()
 
     def _init_sample(self, images: np.ndarray, n: int = 5000) -> torch.Tensor:
         """Up to n preprocessed training images (seeded), for data-dependent initialisation."""
@@ -654,18 +689,30 @@ class Trainer:
         return TrainResult(self.run_dir, state, test, summary)
 
 
-def _pretrained_model(cfg: Config, num_classes: int, preprocess: Preprocess) -> tuple[nn.Module, str]:
-    """A timm model with ImageNet weights and a new head for the dataset's classes."""
+def _imagenet_model(cfg: Config) -> tuple[nn.Module, str]:
+    """The timm model with its ImageNet weights and 1000-class head, and where the weights came
+    from. Done before the data is loaded: missing weights should not cost minutes of decoding."""
     from cnnkit.models import OWN_MODELS
     from cnnkit.models.pretrained import load_pretrained
 
     if cfg.model in OWN_MODELS:
         raise ConfigError(f"--pretrained needs a timm model; {cfg.model} is cnnkit's own and has no pretrained weights")
-    model = create_model(cfg.model, 1000, 3, preprocess.input_size, **cfg.model_args)
-    source = load_pretrained(model, cfg.model, cfg.weights)
-    model.reset_classifier(num_classes)
-    log.info("pretrained weights for %s from %s; new %d-class head", cfg.model, source, num_classes)
-    return model, source
+    args = {k: v for k, v in cfg.model_args.items() if k != "head_hidden"}
+    model = create_model(cfg.model, 1000, 3, 224, **args)
+    return model, load_pretrained(model, cfg.model, cfg.weights)
+
+
+def _adapt_pretrained(model: nn.Module, cfg: Config, num_classes: int, preprocess: Preprocess) -> nn.Module:
+    """A new head for the dataset's classes; one input channel if grey images go in summed."""
+    from cnnkit.models import replace_head, sum_input_channels
+
+    hidden = cfg.model_args.get("head_hidden")
+    replace_head(model, num_classes, hidden)
+    if preprocess.model_channels == 1:
+        sum_input_channels(model)
+    log.info("new %d-class head%s%s", num_classes, f" with a hidden layer of {hidden}" if hidden else "",
+             "; first convolution summed to one input channel" if preprocess.model_channels == 1 else "")
+    return model
 
 
 def _tensorboard_writer(run_dir: Path):

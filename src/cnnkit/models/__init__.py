@@ -27,7 +27,8 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(name: str, num_classes: int, in_channels: int, input_size: int, **kwargs: Any) -> nn.Module:
-    """Build a randomly initialised model. Names not of cnnkit's own are looked up in timm."""
+    """Build a randomly initialised model. Names not of cnnkit's own are looked up in timm; for
+    those, `head_hidden=N` puts a hidden layer of N units (ReLU) before the classifier."""
     if name in OWN_MODELS:
         try:
             return OWN_MODELS[name](num_classes=num_classes, in_channels=in_channels, input_size=input_size, **kwargs)
@@ -36,10 +37,40 @@ def create_model(name: str, num_classes: int, in_channels: int, input_size: int,
     check_model_name(name)
     import timm
 
+    hidden = kwargs.pop("head_hidden", None)
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         raise ConfigError(f"model {name}: cannot build it with {kwargs or 'default arguments'}: {e}") from None
+    if hidden:
+        replace_head(model, num_classes, hidden)
+    return model
+
+
+def replace_head(model: nn.Module, num_classes: int, hidden: int | None = None) -> None:
+    """A new classifier for `num_classes`: linear, or (hidden > 0) Linear-ReLU-Linear, the course's
+    Dense(128, relu) + Dense(10) on pooled features."""
+    model.reset_classifier(num_classes)
+    if not hidden:
+        return
+    where = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    linear = model.get_submodule(where) if where else None
+    if not isinstance(linear, nn.Linear):
+        raise ConfigError(f"head_hidden: cannot find the linear classifier of {type(model).__name__}")
+    model.set_submodule(where, nn.Sequential(nn.Linear(linear.in_features, hidden), nn.ReLU(inplace=True),
+                                             nn.Linear(hidden, num_classes)))
+
+
+def sum_input_channels(model: nn.Module) -> None:
+    """Make an RGB model take one channel by summing its first convolution's weights over the
+    input channels (as timm does for in_chans=1): exact for grey images repeated into RGB when
+    the normalisation is the same for every channel."""
+    where = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    conv = model.get_submodule(where) if where else None
+    if not isinstance(conv, nn.Conv2d) or conv.in_channels != 3:
+        raise ConfigError(f"grey_input sum: cannot find the 3-channel first convolution of {type(model).__name__}")
+    conv.weight = nn.Parameter(conv.weight.detach().sum(1, keepdim=True))
+    conv.in_channels = 1
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,91 @@
+"""Throughput of a pretrained backbone on this machine: fine-tuning steps and feature extraction.
+
+EfficientNet-Lite0 (ImageNet architecture, random weights: speed does not depend on them) with a
+10-class head, at several input sizes, precisions and memory formats, training the head only,
+the top stages, or everything (cnnkit's finetune/gradual phases); and forward-only feature
+extraction, as the linear probe does it. Writes the block `transfer-speed` of RESULTS.md.
+
+    python benchmarks/transfer_speed.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from datetime import date
+
+import torch
+from torch import nn
+
+from cnnkit.finetune import Unfreezer
+from cnnkit.models import create_model
+from run_recipes import commit, machine, write_block
+
+MODEL = "tf_efficientnet_lite0"
+# (what, input size, precision, channels_last, groups training: 0 = forward only, 9 = all of Lite0's)
+CASES = [
+    ("train", 128, "fp32", False, 9), ("train", 128, "fp32", True, 9), ("train", 128, "bf16", False, 9),
+    ("train", 128, "bf16", True, 9), ("train", 128, "fp32", True, 5), ("train", 128, "fp32", True, 3),
+    ("train", 128, "fp32", True, 1), ("train", 96, "fp32", True, 9), ("train", 160, "fp32", True, 9),
+    ("features", 128, "fp32", True, 0), ("features", 128, "bf16", True, 0), ("features", 160, "fp32", True, 0),
+    ("features", 224, "fp32", True, 0), ("features", 32, "fp32", True, 0),
+]
+
+
+def measure(size: int, precision: str, channels_last: bool, groups: int, batch: int, steps: int) -> float:
+    torch.manual_seed(0)
+    model = create_model(MODEL, 10, 3, size)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,))
+    if groups == 0:
+        model.eval()
+
+        def step() -> None:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                model.forward_head(model.forward_features(x), pre_logits=True)
+    else:
+        unfreezer = Unfreezer(model, "gradual", head_steps=1, unfreeze_steps=1)
+        unfreezer.update(groups - 1)  # step k of gradual: k + 1 groups train
+        model.train()
+        unfreezer.frozen_norms_to_eval()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                out = model(x)
+            loss = nn.functional.cross_entropy(out.float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4)
+    args = p.parse_args()
+    rows = ["| work | input | precision | channels_last | layer groups training | img/s |", "|---|---|---|---|---|---|"]
+    for what, size, precision, cl, groups in CASES:
+        rate = measure(size, precision, cl, groups, args.batch, args.steps)
+        trains = "-" if groups == 0 else ("head only" if groups == 1 else ("all 9" if groups == 9 else f"top {groups} of 9"))
+        rows.append(f"| {what} | {size} px | {precision} | {cl} | {trains} | {rate:.0f} |")
+        print(rows[-1], flush=True)
+    block = (f"Measured {date.today()} on {machine()}, commit {commit()}, torch {torch.__version__}, "
+             f"Python {platform.python_version()}, {torch.get_num_threads()} threads.\n"
+             f"Command: `python benchmarks/transfer_speed.py` ({MODEL}, batch {args.batch}, {args.steps} timed steps "
+             "after one; train = forward, backward and SGD step)\n\n" + "\n".join(rows))
+    write_block("transfer-speed", block)
+    print(block)
+
+
+if __name__ == "__main__":
+    main()

@@ -23,22 +23,28 @@ from cnnkit.models import create_model
 from run_recipes import commit, machine, write_block
 
 MODEL = "tf_efficientnet_lite0"
-# (what, input size, precision, channels_last, groups training: 0 = forward only, 9 = all of Lite0's)
-CASES = [
-    ("train", 128, "fp32", False, 9), ("train", 128, "fp32", True, 9), ("train", 128, "bf16", False, 9),
-    ("train", 128, "bf16", True, 9), ("train", 128, "fp32", True, 5), ("train", 128, "fp32", True, 3),
-    ("train", 128, "fp32", True, 1), ("train", 96, "fp32", True, 9), ("train", 160, "fp32", True, 9),
-    ("features", 128, "fp32", True, 0), ("features", 128, "bf16", True, 0), ("features", 160, "fp32", True, 0),
-    ("features", 224, "fp32", True, 0), ("features", 32, "fp32", True, 0),
-]
+# (what, input size, precision, channels_last, groups training: 0 = forward only, 9 = all of Lite0's, input channels)
+CASES = {
+    "transfer-speed": [
+        ("train", 128, "fp32", False, 9, 3), ("train", 128, "fp32", True, 9, 3), ("train", 128, "bf16", False, 9, 3),
+        ("train", 128, "bf16", True, 9, 3), ("train", 128, "fp32", True, 5, 3), ("train", 128, "fp32", True, 3, 3),
+        ("train", 128, "fp32", True, 1, 3), ("train", 96, "fp32", True, 9, 3), ("train", 160, "fp32", True, 9, 3),
+        ("features", 128, "fp32", True, 0, 3), ("features", 128, "bf16", True, 0, 3), ("features", 160, "fp32", True, 0, 3),
+        ("features", 224, "fp32", True, 0, 3), ("features", 32, "fp32", True, 0, 3),
+    ],
+    # grey images: repeated to RGB (3 input channels) or through a summed first convolution (1)
+    "transfer-speed-grey": [("train", 64, "bf16", True, 9, 3), ("train", 64, "bf16", True, 9, 1),
+                            ("train", 96, "bf16", True, 9, 3), ("train", 96, "bf16", True, 9, 1),
+                            ("features", 160, "bf16", True, 0, 3), ("features", 192, "bf16", True, 0, 3)],
+}
 
 
-def measure(size: int, precision: str, channels_last: bool, groups: int, batch: int, steps: int) -> float:
+def measure(size: int, precision: str, channels_last: bool, groups: int, channels: int, batch: int, steps: int) -> float:
     torch.manual_seed(0)
-    model = create_model(MODEL, 10, 3, size)
+    model = create_model(MODEL, 10, channels, size)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
+    x = torch.randn(batch, channels, size, size).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,))
     if groups == 0:
         model.eval()
@@ -72,18 +78,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--set", choices=list(CASES), default="transfer-speed", help="which cases (and RESULTS.md block)")
     args = p.parse_args()
     rows = ["| work | input | precision | channels_last | layer groups training | img/s |", "|---|---|---|---|---|---|"]
-    for what, size, precision, cl, groups in CASES:
-        rate = measure(size, precision, cl, groups, args.batch, args.steps)
+    for what, size, precision, cl, groups, channels in CASES[args.set]:
+        rate = measure(size, precision, cl, groups, channels, args.batch, args.steps)
         trains = "-" if groups == 0 else ("head only" if groups == 1 else ("all 9" if groups == 9 else f"top {groups} of 9"))
-        rows.append(f"| {what} | {size} px | {precision} | {cl} | {trains} | {rate:.0f} |")
+        rows.append(f"| {what} | {channels}x{size}x{size} | {precision} | {cl} | {trains} | {rate:.0f} |")
         print(rows[-1], flush=True)
     block = (f"Measured {date.today()} on {machine()}, commit {commit()}, torch {torch.__version__}, "
              f"Python {platform.python_version()}, {torch.get_num_threads()} threads.\n"
-             f"Command: `python benchmarks/transfer_speed.py` ({MODEL}, batch {args.batch}, {args.steps} timed steps "
+             f"Command: `python benchmarks/transfer_speed.py --set {args.set}` ({MODEL}, batch {args.batch}, {args.steps} timed steps "
              "after one; train = forward, backward and SGD step)\n\n" + "\n".join(rows))
-    write_block("transfer-speed", block)
+    write_block(args.set, block)
     print(block)
 
 

@@ -544,7 +544,7 @@ class Trainer:
         probe.check(cfg, self.model)
         t0 = time.perf_counter()
         feats = {name: probe.cached_features(self.model, self.preprocess, split.images, cfg, self.device,
-                                             self.weights_source, name)
+                                             self.weights_source, name, self.precision)
                  for name, split in (("train", self.splits.train), ("validation", self.splits.val))}
         weight, bias, fit = probe.fit_linear(feats["train"], self.splits.train.labels, feats["validation"],
                                              self.splits.val.labels, self.num_classes, cfg.label_smoothing)

@@ -85,6 +85,19 @@ def test_gradual_unfreezes_one_group_at_a_time_from_the_top():
     assert "conv_stem.weight" in trainable_names(model)
 
 
+def test_keep_frozen_groups_never_train():
+    model = create_model(LITE0, 5, 3, 32)
+    u = Unfreezer(model, "finetune", head_steps=2, unfreeze_steps=1, keep_frozen=4)
+    u.update(100)
+    trains = trainable_names(model)
+    assert "classifier.weight" in trains and "conv_stem.weight" not in trains and "bn1.weight" not in trains
+    ids, _ = layer_ids(model, coarse=True)
+    assert {n for n in ids if ids[n] >= 4} == trains  # groups 4..8 of 9
+    model.train()
+    u.frozen_norms_to_eval()
+    assert not model.bn1.training
+
+
 def test_frozen_strategy_never_unfreezes():
     model = create_model(LITE0, 5, 3, 32)
     u = Unfreezer(model, "frozen", head_steps=0, unfreeze_steps=1)
@@ -132,7 +145,7 @@ def test_bad_fine_tuning_settings_are_clear_errors(overrides, message):
 def test_finetune_run_keeps_the_backbone_until_the_head_is_trained(tmp_path):
     """A real run on Fashion-MNIST: epoch 1 changes only the head (BatchNorm statistics included),
     epoch 2 the whole network; the grey input goes through a summed first convolution; the run
-    reloads with its hidden-layer head and one input channel and predicts the same."""
+    reloads with its hidden-layer head and one input channel, predicts the same, and exports."""
     from cnnkit.checkpoint import load_checkpoint
     from cnnkit.evaluate import predict_logits
     from cnnkit.runs import load_run
@@ -170,6 +183,11 @@ def test_finetune_run_keeps_the_backbone_until_the_head_is_trained(tmp_path):
     a = predict_logits(trainer.model, trainer.preprocess, images, batch_size=8, device=torch.device("cpu"))
     b = predict_logits(run.model, run.preprocess, images, batch_size=8, device=torch.device("cpu"))
     assert torch.allclose(a, b, atol=1e-5)
+    # ...and exports: ONNX with the resize to 32 px and the one-channel normalisation in the graph
+    from cnnkit.export import export_onnx
+
+    parity = export_onnx(run, tmp_path / "model.onnx", trainer.splits.test.images[:64])
+    assert parity["top1_agreement"] == 1.0
 
 
 def test_every_shipped_recipe_loads_and_names_a_known_model():
@@ -203,3 +221,27 @@ def test_a_recipe_whose_weights_cannot_be_had_offline_stops_before_loading_data(
     with pytest.raises(ConfigError, match="no pretrained weights for mobilenetv2_100.*--weights"):
         train_module.train(cfg)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("hidden", [None, 32])
+def test_probe_fits_linear_and_hidden_layer_heads_on_raw_features(hidden):
+    """Features far from standardised (offset 50, scale 100): the fitted head, with the
+    standardisation folded in, classifies the raw features of held-out samples."""
+    import numpy as np
+
+    from cnnkit.probe import fit_head
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 20))
+
+    def sample(n):
+        y = rng.integers(0, 3, n)
+        return (centres[y] + 0.5 * rng.normal(size=(n, 20))) * 100 + 50, y
+
+    (x, y), (vx, vy) = sample(600), sample(300)
+    head = nn.Linear(20, 3) if hidden is None else nn.Sequential(nn.Linear(20, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+    fit = fit_head(head, x.astype(np.float32), y, vx.astype(np.float32), vy)
+    assert fit["val_accuracy"] > 0.95
+    with torch.no_grad():
+        predicted = head(torch.from_numpy(vx).float()).argmax(1).numpy()
+    assert (predicted == vy).mean() == pytest.approx(fit["val_accuracy"], abs=0.01)

@@ -415,10 +415,12 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 def cmd_recipes(args: argparse.Namespace) -> int:
     from cnnkit.config import load_recipe, recipe_names
 
-    for name in recipe_names():
-        r = load_recipe(name)
-        mark = " (default)" if name == DEFAULT_RECIPE else ""
-        print(f"{name + mark:28} {r.dataset:14} {r.model:12} {r.epochs:3d} epochs  {r.description}")
+    recipes = {name + (" (default)" if name == DEFAULT_RECIPE else ""): load_recipe(name) for name in recipe_names()}
+    width = max(map(len, recipes))
+    model_width = max(len(r.model) for r in recipes.values())
+    for name, r in recipes.items():
+        length = "linear probe" if r.strategy == "linear-probe" else f"{r.epochs:3d} epochs"
+        print(f"{name:{width}}  {r.dataset:13}  {r.model:{model_width}}  {length:12}  {r.description}")
     return 0
 
 

@@ -60,6 +60,7 @@ class Config:
     strategy: str = "full"  # full: every layer | linear-probe: frozen backbone, cached features, fitted linear head | frozen: backbone frozen, head trained with augmentation | finetune: head_epochs of head only, then every layer | gradual: head first, then one more block every unfreeze_epochs
     head_epochs: float = 1.0  # finetune, gradual: epochs that train only the new head (backbone frozen, its BatchNorm in inference mode)
     unfreeze_epochs: float = 1.0  # gradual: epochs between unfreezing one more block, from the top down
+    keep_frozen: int = 0  # finetune, gradual: this many layer groups nearest the input never train (faster; Lite0 has 9)
     layer_lr_decay: float = 1.0  # discriminative learning rates: each layer group below the head learns this many times slower than the one above
     grey_input: str = "repeat"  # grey images into an RGB-pretrained model: repeat the channel, or sum the first convolution's weights to one input channel
     # -- optimisation
@@ -125,6 +126,8 @@ class Config:
                               "for a while); train a from-scratch model with --strategy full")
         if not 0 < self.layer_lr_decay <= 1:
             raise ConfigError(f"layer_lr_decay must be in (0, 1]; got {self.layer_lr_decay}")
+        if self.keep_frozen < 0:
+            raise ConfigError(f"keep_frozen must not be negative; got {self.keep_frozen}")
         if self.head_epochs < 0 or self.unfreeze_epochs <= 0:
             raise ConfigError("head_epochs must not be negative and unfreeze_epochs must be positive")
         if self.bias_lr_scale <= 0:

@@ -1,10 +1,11 @@
 """Linear probe: a frozen pretrained backbone, features extracted once (and cached), and a
-linear head fitted on them in seconds. The fitted head goes back into the model, so the run is
+linear (or hidden-layer) head fitted on them in seconds. The fitted head goes back into the model, so the run is
 an ordinary run: evaluate, predict, export and serve use it like any other.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import zlib
 from typing import Any
@@ -61,45 +62,71 @@ def cached_features(model: nn.Module, preprocess: Preprocess, images: np.ndarray
     return arrays["features"]
 
 
-def fit_linear(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, num_classes: int,
-               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Multinomial logistic regression (L-BFGS, full batch) on standardised features; the weight
-    decay with the best validation accuracy wins. Returns W, b for the raw features."""
+def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+             label_smoothing: float = 0.0) -> dict[str, Any]:
+    """Fit `head` in place on backbone features: a linear head by multinomial logistic regression
+    (L-BFGS, full batch), a hidden-layer head (Linear, ReLU, Linear) by Adam; both on standardised
+    features, for each of WEIGHT_DECAYS, and the one with the best validation accuracy wins."""
     x = torch.from_numpy(train_x).double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    xs = (x - mean) / std
-    vx = (torch.from_numpy(val_x).double() - mean) / std
     y, vy = torch.from_numpy(train_y).long(), torch.from_numpy(val_y).long()
+    linear = isinstance(head, nn.Linear)
+    dtype = torch.float64 if linear else torch.float32  # L-BFGS wants the precision; Adam the speed
+    xs, vx = ((x - mean) / std).to(dtype), ((torch.from_numpy(val_x).double() - mean) / std).to(dtype)
     best: dict[str, Any] = {"val_accuracy": -1.0}
     for wd in WEIGHT_DECAYS:
-        head = nn.Linear(x.shape[1], num_classes).double()
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-        opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(head(xs), y, label_smoothing=label_smoothing) + wd * head.weight.pow(2).sum() / 2
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        candidate = copy.deepcopy(head).to(dtype)
+        (_fit_lbfgs if linear else _fit_adam)(candidate, xs, y, wd, label_smoothing)
         with torch.no_grad():
-            acc = float((head(vx).argmax(1) == vy).double().mean())
-        log.info("  linear head, weight decay %g: validation accuracy %.2f%%", wd, 100 * acc)
+            acc = float((candidate(vx).argmax(1) == vy).double().mean())
+        log.info("  %s head, weight decay %g: validation accuracy %.2f%%", "linear" if linear else "hidden-layer",
+                 wd, 100 * acc)
         if acc > best["val_accuracy"]:
-            best = {"val_accuracy": acc, "weight_decay": wd, "head": head}
-    head = best.pop("head")
-    # Fold the standardisation into the head, so it applies to the backbone's raw features.
-    weight = (head.weight / std[None, :]).float()
-    bias = (head.bias - (head.weight * (mean / std)[None, :]).sum(1)).float()
-    return weight, bias, best
+            best = {"val_accuracy": acc, "weight_decay": wd, "head": candidate}
+    fitted = best.pop("head").double()
+    # Fold the standardisation into the first layer, so the head applies to the raw features.
+    first = fitted if linear else fitted[0]
+    with torch.no_grad():
+        first.bias -= (first.weight * (mean / std)[None, :]).sum(1)
+        first.weight /= std[None, :]
+    head.load_state_dict(fitted.float().state_dict())
+    return best
+
+
+def _penalty(head: nn.Module, wd: float) -> torch.Tensor:
+    return wd * sum(p.pow(2).sum() for p in head.parameters() if p.ndim > 1) / 2
+
+
+def _fit_lbfgs(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, wd: float, label_smoothing: float) -> None:
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(x), y, label_smoothing=label_smoothing) + _penalty(head, wd)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+def _fit_adam(head: nn.Module, x: torch.Tensor, y: torch.Tensor, wd: float, label_smoothing: float,
+              epochs: int = 30, batch: int = 1024) -> None:
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    order = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=order).split(batch):
+            loss = F.cross_entropy(head(x[idx]), y[idx], label_smoothing=label_smoothing) + _penalty(head, wd)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
 
 
 def check(cfg: Any, model: nn.Module) -> None:
     if not cfg.pretrained:
         raise ConfigError("--strategy linear-probe needs --pretrained true (a frozen random backbone learns nothing)")
-    if not hasattr(model, "forward_head") or not isinstance(model.get_classifier(), nn.Linear):
-        raise ConfigError(f"--strategy linear-probe fits a linear classifier on a timm model; {cfg.model} with "
-                          f"{cfg.model_args or 'default arguments'} has none (for a hidden layer, head_hidden, use "
-                          "--strategy frozen)")
+    head = model.get_classifier() if hasattr(model, "forward_head") else None
+    if not isinstance(head, nn.Linear) and not (isinstance(head, nn.Sequential) and isinstance(head[0], nn.Linear)):
+        raise ConfigError(f"--strategy linear-probe needs a timm model with a linear or hidden-layer classifier; "
+                          f"{cfg.model} has {type(head).__name__ if head is not None else 'no classifier cnnkit can find'}")

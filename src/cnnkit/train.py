@@ -41,8 +41,8 @@ from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import CnnkitError, ConfigError, RunError
 from cnnkit.evaluate import autocast, classification_metrics, predict_logits, resolve_precision
 from cnnkit.fileio import write_bytes_atomic, write_json_atomic
-from cnnkit.lookahead import Lookahead
 from cnnkit.finetune import make_unfreezer
+from cnnkit.lookahead import Lookahead
 from cnnkit.models import check_model_name, count_parameters, create_model
 from cnnkit.preprocess import Preprocess, channel_stats
 from cnnkit.runs import save_evaluation
@@ -546,12 +546,8 @@ class Trainer:
         feats = {name: probe.cached_features(self.model, self.preprocess, split.images, cfg, self.device,
                                              self.weights_source, name, self.precision)
                  for name, split in (("train", self.splits.train), ("validation", self.splits.val))}
-        weight, bias, fit = probe.fit_linear(feats["train"], self.splits.train.labels, feats["validation"],
-                                             self.splits.val.labels, self.num_classes, cfg.label_smoothing)
-        head = self.model.get_classifier()
-        with torch.no_grad():
-            head.weight.copy_(weight)
-            head.bias.copy_(bias)
+        fit = probe.fit_head(self.model.get_classifier(), feats["train"], self.splits.train.labels,
+                             feats["validation"], self.splits.val.labels, cfg.label_smoothing)
         state.epoch, state.best_epoch = 1, 1
         state.train_time_s = state.epoch_time_s = time.perf_counter() - t0
         val = self.evaluate(self.splits.val)

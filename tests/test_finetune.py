@@ -245,3 +245,18 @@ def test_probe_fits_linear_and_hidden_layer_heads_on_raw_features(hidden):
     with torch.no_grad():
         predicted = head(torch.from_numpy(vx).float()).argmax(1).numpy()
     assert (predicted == vy).mean() == pytest.approx(fit["val_accuracy"], abs=0.01)
+
+
+def test_grad_cam_works_when_every_parameter_is_frozen():
+    """The report's Grad-CAM on a model trained with --strategy frozen (no parameter needs a gradient)."""
+    import numpy as np
+
+    from cnnkit.analysis import grad_cam
+    from cnnkit.preprocess import Preprocess
+
+    model = create_model(LITE0, 3, 3, 32)
+    model.requires_grad_(False)
+    pre = Preprocess(data_size=32, data_channels=3, input_size=32, model_channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    maps = grad_cam(model, pre, images)
+    assert maps.shape == (2, 32, 32) and np.isfinite(maps).all()

@@ -144,7 +144,9 @@ def grad_cam(model: nn.Module, preprocess: Preprocess, images: np.ndarray, targe
     was_training = model.training
     model.eval()
     try:
-        x = preprocess(torch.from_numpy(images).to(device)).requires_grad_(False)
+        # The input asks for gradients so the activations have them even when every parameter
+        # is frozen (a backbone trained with --strategy frozen).
+        x = preprocess(torch.from_numpy(images).to(device)).requires_grad_(True)
         logits = model(x)
         cls = torch.as_tensor(target, device=logits.device) if target is not None else logits.argmax(1)
         model.zero_grad(set_to_none=True)

@@ -33,6 +33,16 @@ CASES = [  # (label, channels, size, widths, precision, channels_last, compile)
 ]
 
 
+def train_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, precision: str) -> None:
+    """Forward (bf16 autocast or fp32), cross-entropy, backward, optimiser step."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = net(x)
+    loss = nn.functional.cross_entropy(out.float(), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def measure(channels: int, size: int, widths: tuple[int, ...], precision: str, channels_last: bool, compile: bool,
             batch: int, steps: int) -> tuple[float, float]:
     """(images per second, seconds of the first step)."""
@@ -46,12 +56,7 @@ def measure(channels: int, size: int, widths: tuple[int, ...], precision: str, c
     y = torch.randint(0, 10, (batch,))
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = net(x)
-        loss = nn.functional.cross_entropy(out.float(), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(net, opt, x, y, precision)
 
     t0 = time.perf_counter()
     step()

@@ -16,11 +16,11 @@ import time
 from datetime import date
 
 import torch
-from torch import nn
 
 from cnnkit.finetune import Unfreezer
 from cnnkit.models import create_model
 from run_recipes import commit, machine, write_block
+from step_speed import train_step
 
 MODEL = "tf_efficientnet_lite0"
 # (what, input size, precision, channels_last, groups training: 0 = forward only, 9 = all of Lite0's, input channels)
@@ -60,12 +60,7 @@ def measure(size: int, precision: str, channels_last: bool, groups: int, channel
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
 
         def step() -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                out = model(x)
-            loss = nn.functional.cross_entropy(out.float(), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            train_step(model, opt, x, y, precision)
 
     step()
     t0 = time.perf_counter()

@@ -106,8 +106,9 @@ def small(tmp_path, name, **kw):
 
 
 @pytest.mark.slow
-def test_fast_recipe_learns_and_resumes_exactly_with_lookahead(tmp_path, monkeypatch):
-    full = train(small(tmp_path, "full", epochs=2))
+@pytest.mark.parametrize("optimizer", [{}, {"optimizer": "muon", "lookahead": False}], ids=["sgd-lookahead", "muon"])
+def test_fast_recipe_learns_and_resumes_exactly(tmp_path, monkeypatch, optimizer):
+    full = train(small(tmp_path, "full", epochs=2, **optimizer))
     assert full.test["accuracy"] > 0.6  # 3000 images, two epochs of a tiny fastnet
     step = Trainer._step
 
@@ -119,13 +120,13 @@ def test_fast_recipe_learns_and_resumes_exactly_with_lookahead(tmp_path, monkeyp
 
     monkeypatch.setattr(Trainer, "_step", interrupted)
     with pytest.raises(TrainingInterrupted):
-        train(small(tmp_path, "part", epochs=2))
+        train(small(tmp_path, "part", epochs=2, **optimizer))
     monkeypatch.setattr(Trainer, "_step", step)
     train(None, resume=tmp_path / "part")
     a = load_checkpoint(full.run_dir / "checkpoints" / "last")
     b = load_checkpoint(tmp_path / "part" / "checkpoints" / "last")
     assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
-    assert any(k.startswith("lookahead.") for k in b.extra)
+    assert any(k.startswith("lookahead.") for k in b.extra) == (not optimizer)
 
 
 @pytest.mark.slow
@@ -153,6 +154,7 @@ def test_lr_find_writes_a_plot_and_suggests_a_rate(tmp_path, capsys):
     assert 1e-5 <= data["suggested_lr"] <= 10 and len(data["lrs"]) == len(data["smoothed_losses"]) >= 5
     assert data["lrs"] == sorted(data["lrs"])
     assert (tmp_path / "lrf" / "lr_find.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "lrf" / "checkpoints").exists()  # no training, so no empty checkpoints folder
 
 
 def test_auto_precision_follows_the_cpu(monkeypatch):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from cnnkit.budget import calibration_window
 from cnnkit.config import Config, apply_overrides, load_recipe
 from cnnkit.errors import ConfigError
 from cnnkit.finetune import Unfreezer, layer_ids, lr_scales
@@ -103,6 +104,22 @@ def test_frozen_strategy_never_unfreezes():
     u = Unfreezer(model, "frozen", head_steps=0, unfreeze_steps=1)
     u.update(0)
     assert not u.update(10_000) and trainable_names(model) == {"classifier.weight", "classifier.bias"}
+
+
+@pytest.mark.parametrize("strategy, keep_frozen", [("frozen", 0), ("finetune", 0), ("gradual", 0), ("gradual", 4)])
+def test_settled_step_is_where_the_trainable_layers_stop_changing(strategy, keep_frozen):
+    model = create_model(LITE0, 5, 3, 32)
+    u = Unfreezer(model, strategy, head_steps=10, unfreeze_steps=3, keep_frozen=keep_frozen)
+    s = u.settled_step()
+    assert u.groups_training(s) == u.groups_training(10_000)
+    assert s == 0 or u.groups_training(s - 1) < u.groups_training(s)
+
+
+def test_the_time_budget_times_steps_that_train_as_the_rest_of_the_run():
+    assert calibration_window(100, 0) == (0, 10)
+    assert calibration_window(100, 25) == (25, 35)  # finetune: after a quarter epoch of head-only steps
+    assert calibration_window(100, 95) == (0, 10)  # no room in the first epoch: re-plans after epochs correct it
+    assert calibration_window(2, 0) == (0, 2)
 
 
 def test_hidden_layer_head_and_its_rebuild():

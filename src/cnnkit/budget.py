@@ -66,6 +66,15 @@ def final_seconds(final_images: int, eval_image_s: float, report: bool) -> float
     return final_images * eval_image_s + REPORT_FIXED_S * report
 
 
+def calibration_window(steps_per_epoch: int, settled_step: int) -> tuple[int, int]:
+    """The steps of the first epoch to time: after step `first` up to step `last`, about a tenth
+    of the epoch. `first` is `settled_step` (where the trainable layers stop changing) when the
+    epoch has room for the window after it, else 0."""
+    window = max(3, steps_per_epoch // 10)
+    first = settled_step if settled_step + window <= steps_per_epoch else 0
+    return first, min(steps_per_epoch, first + window)
+
+
 def fit_epochs(budget_s: float, elapsed_s: float, epochs_done: int, fraction: float, costs: Costs) -> int:
     """How many epochs in all fit in the budget, given `epochs_done` finished (validated) epochs
     and `fraction` of the next one trained, `elapsed_s` seconds into the run. At least the

@@ -54,6 +54,7 @@ def save_checkpoint(
         tensors.update(opt_tensors)
     meta["tensors_sha256"] = tensor_digest(tensors)
     header = {"cnnkit": json.dumps(meta)}
+    stem.parent.mkdir(parents=True, exist_ok=True)
     save_with(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, tmp, metadata=header))
     write_json_atomic(stem.with_suffix(".json"), meta)
 

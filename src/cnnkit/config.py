@@ -20,7 +20,7 @@ from typing import Any
 from cnnkit.errors import ConfigError
 
 CHOICES = {
-    "optimizer": ("adam", "adamw", "sgd"),
+    "optimizer": ("adam", "adamw", "sgd", "muon"),
     "schedule": ("constant", "onecycle", "cosine", "linear"),
     "precision": ("fp32", "bf16", "fp16", "auto"),
     "device": ("auto", "cpu", "cuda"),
@@ -67,10 +67,12 @@ class Config:
     epochs: int = 10
     batch_size: int = 64
     eval_batch_size: int = 1024
-    optimizer: str = "adam"  # adam | adamw | sgd
+    optimizer: str = "adam"  # adam | adamw | sgd | muon (Muon on convolution filters, SGD on the rest)
     lr: float = 1e-3  # peak learning rate
     momentum: float = 0.9  # SGD momentum
-    nesterov: bool = False  # SGD Nesterov momentum
+    nesterov: bool = False  # SGD Nesterov momentum (muon: for both parts)
+    muon_lr: float = 0.24  # muon: peak learning rate of the orthogonalised filter updates (airbench94_muon)
+    muon_momentum: float = 0.6  # muon: momentum of the filter updates
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam/AdamW
     weight_decay: float = 0.0  # applied to weights only, never to biases or norm parameters
     schedule: str = "constant"  # constant | onecycle | cosine | linear (decay to 0); all but onecycle after warmup_epochs
@@ -130,6 +132,8 @@ class Config:
             raise ConfigError(f"keep_frozen must not be negative; got {self.keep_frozen}")
         if self.head_epochs < 0 or self.unfreeze_epochs <= 0:
             raise ConfigError("head_epochs must not be negative and unfreeze_epochs must be positive")
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"muon_lr must be positive and muon_momentum in [0, 1); got {self.muon_lr} and {self.muon_momentum}")
         if self.bias_lr_scale <= 0:
             raise ConfigError(f"bias_lr_scale must be positive; got {self.bias_lr_scale}")
         if self.time_budget is not None:

@@ -84,6 +84,15 @@ class Unfreezer:
             return self.most
         return min(self.most, 2 + (step - self.head_steps) // self.unfreeze_steps)
 
+    def settled_step(self) -> int:
+        """The first step from which the trainable groups no longer change: steps before it are
+        cheaper (fewer backward passes), so they say little about the rest of the run's speed."""
+        if self.strategy == "frozen":
+            return 0
+        if self.strategy == "finetune" or self.most <= 2:
+            return self.head_steps
+        return self.head_steps + (self.most - 2) * self.unfreeze_steps
+
     def update(self, step: int) -> bool:
         """Set requires_grad for `step`; True when it changed."""
         n = self.groups_training(step)

@@ -33,7 +33,7 @@ from torch import nn
 import cnnkit
 from cnnkit import distributed, progress
 from cnnkit.augment import build_augment, tta_views
-from cnnkit.budget import Costs, estimate_costs, final_seconds, fit_epochs, parse_duration
+from cnnkit.budget import Costs, calibration_window, estimate_costs, final_seconds, fit_epochs, parse_duration
 from cnnkit.checkpoint import load_checkpoint, save_checkpoint
 from cnnkit.config import Config
 from cnnkit.data import canonical_name, imbalance_ratio, load_dataset, make_splits
@@ -102,19 +102,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, bias_lr_scale: float = 1.0,
-                 lr_scales: dict[str, float] | None = None) -> list[dict[str, Any]]:
+                 lr_scales: dict[str, float] | None = None, muon_lr: float | None = None) -> list[dict[str, Any]]:
     """Weights (matrices, kernels) decay; biases and normalisation parameters (1-d) don't, and
     may learn faster (airbench: 64x; their gradients are small and they do not grow the weights).
     `lr_scales` (parameter name -> multiplier) gives layers their own rates (discriminative
-    fine-tuning). Groups: weights first, then the rest; the fastest-learning first within each."""
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    fine-tuning). With `muon_lr`, convolution filters form groups of their own, marked
+    `orthogonal`, at that rate and without weight decay (MuonSGD). Groups: filters for Muon,
+    weights, then the rest; the fastest-learning first within each."""
+    groups: dict[tuple[int, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            decays = p.ndim > 1
-            scale = (lr_scales or {}).get(name, 1.0) * (1.0 if decays else bias_lr_scale)
-            groups.setdefault((decays, scale), []).append(p)
-    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr": lr * scale, "initial_lr": lr * scale}
-            for (decays, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
+            kind = 0 if muon_lr is not None and p.ndim == 4 else 1 if p.ndim > 1 else 2
+            scale = (lr_scales or {}).get(name, 1.0) * (bias_lr_scale if kind == 2 else 1.0)
+            groups.setdefault((kind, scale), []).append(p)
+    out = []
+    for (kind, scale), params in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        rate = (muon_lr if kind == 0 else lr) * scale
+        out.append({"params": params, "weight_decay": weight_decay if kind == 1 else 0.0, "lr": rate, "initial_lr": rate,
+                    **({"orthogonal": True} if kind == 0 else {})})
+    return out
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -123,7 +129,15 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         from cnnkit.finetune import layer_ids, lr_scales
 
         scales = lr_scales(*layer_ids(model, coarse=False), cfg.layer_lr_decay)
-    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale, scales)
+    muon = cfg.optimizer == "muon"
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale, scales, cfg.muon_lr if muon else None)
+    if muon:
+        from cnnkit.muon import MuonSGD
+
+        for g in groups:
+            if g.get("orthogonal"):
+                g["momentum"] = cfg.muon_momentum
+        return MuonSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
@@ -277,6 +291,9 @@ class Trainer:
             raise ConfigError(f"--strategy {cfg.strategy} changes which layers train during the run, which "
                               "DistributedDataParallel does not allow; run it in one process, or use --strategy full")
         self.budget_s = parse_duration(cfg.time_budget) if cfg.time_budget and ckpt is None else None
+        # The budget plans from steps that train as many layers as the rest of the run will:
+        # finetune's head-only steps are several times faster than the steps after them.
+        self._settled_step = self.unfreezer.settled_step() if self.unfreezer is not None else 0
         self._train_ended: float | None = None
         self._between_epochs_s = 0.0
 
@@ -474,15 +491,17 @@ class Trainer:
     # -- time budget
 
     def _calibrate(self) -> bool:
-        """During the first epoch of a budgeted run: time steps 2..k (the first one warms up
-        allocators and compilers), then plan. True when the plan was made."""
+        """During the first epoch of a budgeted run: time steps first+2..k (the step after `first`
+        warms up allocators and compilers), then plan. `first` is the step where the trainable
+        layers stop changing, if the first epoch has room for the timing after it, else 0 (the
+        plan is then optimistic until the re-plans after the epochs). True when the plan was made."""
         n, batch = len(self.loader), self.state.batch
-        k = min(n, max(3, n // 10))
-        if batch == 1:
+        first, k = calibration_window(n, self._settled_step)
+        if batch == first + 1:
             self._calibration_start = time.perf_counter()
         if batch != k:
             return False
-        start, timed = (self._calibration_start, k - 1) if k > 1 else (self._epoch_started, 1)
+        start, timed = (self._calibration_start, k - first - 1) if k - first > 1 else (self._epoch_started, 1)
         step_s = (time.perf_counter() - start) / timed
         costs = estimate_costs(step_s, n, self.cfg.batch_size, len(self.splits.val), self._final_images(),
                                self.cfg.report)
@@ -520,13 +539,15 @@ class Trainer:
             write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
 
     def _budget_after_epoch(self, epoch: int, val_s: float) -> None:
-        """Re-plan from measured times after the first epoch, and after the second (when the time
-        between epochs, checkpoints included, is known too); later, stop if the next epoch would overrun."""
+        """Re-plan from measured times after each epoch up to the second whose layers trained
+        throughout as they will to the end (the second: when the time between epochs,
+        checkpoints included, is known too); later, stop if the next epoch would overrun."""
         cfg, state = self.cfg, self.state
         eval_image_s = val_s / max(len(self.splits.val), 1)
         costs = Costs(state.epoch_time_s, max(val_s, self._between_epochs_s),
                       final_seconds(self._final_images(), eval_image_s, cfg.report))
-        if epoch <= 2 and cfg.epochs > epoch:
+        first_settled_epoch = math.ceil(self._settled_step / len(self.loader)) + 1
+        if epoch <= first_settled_epoch + 1 and cfg.epochs > epoch:
             self._plan(costs, epoch, 0.0, f"epoch {epoch}")
         elapsed = time.perf_counter() - self.wall_start
         if epoch < cfg.epochs and elapsed + costs.epoch_s + costs.val_s + costs.final_s > self.budget_s:
@@ -744,7 +765,7 @@ def _new_run_dir(cfg: Config) -> Path:
     run_dir = Path(cfg.output) / name
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run folder {run_dir} already exists; choose another --name, or continue it with --resume {run_dir}")
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)  # checkpoints/ comes with the first checkpoint (lr-find writes none)
     return run_dir
 
 

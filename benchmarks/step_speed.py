@@ -5,6 +5,7 @@ step (for torch.compile: the first step is timed separately, it is the compile t
 the block `step-speed` of benchmarks/RESULTS.md.
 
     python benchmarks/step_speed.py
+    python benchmarks/step_speed.py --nets cifar10-fast --optimizers sgd muon --batches 1024 2000 --label step-speed-muon
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from cnnkit.models.fastnet import FastNet
+from cnnkit.muon import MuonSGD
 from run_recipes import commit, machine, write_block
 
 CASES = [  # (label, channels, size, widths, precision, channels_last, compile)
@@ -43,14 +45,25 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: t
     opt.step()
 
 
+def make_optimizer(model: nn.Module, name: str) -> torch.optim.Optimizer:
+    """SGD-Nesterov on every trainable parameter, or MuonSGD (Muon on the convolution filters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "muon":
+        filters = [p for p in params if p.ndim == 4]
+        rest = [p for p in params if p.ndim != 4]
+        return MuonSGD([{"params": filters, "orthogonal": True, "lr": 0.1, "momentum": 0.6}, {"params": rest}],
+                       lr=0.01, momentum=0.9, nesterov=True)
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True)
+
+
 def measure(channels: int, size: int, widths: tuple[int, ...], precision: str, channels_last: bool, compile: bool,
-            batch: int, steps: int) -> tuple[float, float]:
+            batch: int, steps: int, optimizer: str = "sgd") -> tuple[float, float]:
     """(images per second, seconds of the first step)."""
     torch.manual_seed(0)
     model = FastNet(10, channels, size, widths=widths)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, nesterov=True)
+    opt = make_optimizer(model, optimizer)
     net = torch.compile(model) if compile else model
     x = torch.randn(batch, channels, size, size).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,))
@@ -69,20 +82,30 @@ def measure(channels: int, size: int, widths: tuple[int, ...], precision: str, c
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--batches", type=int, nargs="+", default=[512])
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--optimizers", nargs="+", choices=["sgd", "muon"], default=["sgd"])
+    p.add_argument("--nets", help="only the cases whose label contains this, e.g. cifar10-fast")
+    p.add_argument("--label", default="step-speed", help="the block of RESULTS.md to write")
     args = p.parse_args()
-    rows = ["| net | input | precision | channels_last | compile | train img/s | first step |", "|---|---|---|---|---|---|---|"]
+    rows = ["| net | input | precision | channels_last | compile | optimizer | batch | train img/s | first step |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for label, c, size, widths, precision, cl, comp in CASES:
-        rate, first = measure(c, size, widths, precision, cl, comp, args.batch, args.steps)
-        rows.append(f"| {label} {'-'.join(map(str, widths))} | {c}x{size}x{size} | {precision} | {cl} | {comp} "
-                    f"| {rate:.0f} | {first:.1f} s |")
-        print(rows[-1], flush=True)
+        if args.nets and args.nets not in label:
+            continue
+        for optimizer in args.optimizers:
+            for batch in args.batches:
+                rate, first = measure(c, size, widths, precision, cl, comp, batch, args.steps, optimizer)
+                rows.append(f"| {label} {'-'.join(map(str, widths))} | {c}x{size}x{size} | {precision} | {cl} | {comp} "
+                            f"| {optimizer} | {batch} | {rate:.0f} | {first:.1f} s |")
+                print(rows[-1], flush=True)
+    flags = (f"--batches {' '.join(map(str, args.batches))} --steps {args.steps} --optimizers {' '.join(args.optimizers)}"
+             + (f" --nets {args.nets}" if args.nets else "") + f" --label {args.label}")
     block = (f"Measured {date.today()} on {machine()}, commit {commit()}, torch {torch.__version__}, "
              f"Python {platform.python_version()}, {torch.get_num_threads()} threads.\n"
-             f"Command: `python benchmarks/step_speed.py` (batch {args.batch}, {args.steps} timed steps after one)\n\n"
+             f"Command: `python benchmarks/step_speed.py {flags}` ({args.steps} timed steps after one)\n\n"
              + "\n".join(rows))
-    write_block("step-speed", block)
+    write_block(args.label, block)
     print(block)
 
 

@@ -6,6 +6,7 @@ the top stages, or everything (cnnkit's finetune/gradual phases); and forward-on
 extraction, as the linear probe does it. Writes the block `transfer-speed` of RESULTS.md.
 
     python benchmarks/transfer_speed.py
+    python benchmarks/transfer_speed.py --set transfer-speed-top --batches 64 128
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ CASES = {
     "transfer-speed-grey": [("train", 64, "bf16", True, 9, 3), ("train", 64, "bf16", True, 9, 1),
                             ("train", 96, "bf16", True, 9, 3), ("train", 96, "bf16", True, 9, 1),
                             ("features", 160, "bf16", True, 0, 3), ("features", 192, "bf16", True, 0, 3)],
+    # fine-tuning with the lowest groups frozen (--keep-frozen 4 or 5), at and above 128 px
+    "transfer-speed-top": [("train", 128, "fp32", True, 5, 3), ("train", 128, "bf16", True, 5, 3),
+                           ("train", 128, "fp32", True, 4, 3), ("train", 144, "fp32", True, 5, 3),
+                           ("train", 160, "fp32", True, 5, 3), ("train", 160, "fp32", True, 4, 3)],
 }
 
 
@@ -71,20 +76,21 @@ def measure(size: int, precision: str, channels_last: bool, groups: int, channel
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batches", type=int, nargs="+", default=[64])
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--set", choices=list(CASES), default="transfer-speed", help="which cases (and RESULTS.md block)")
     args = p.parse_args()
-    rows = ["| work | input | precision | channels_last | layer groups training | img/s |", "|---|---|---|---|---|---|"]
+    rows = ["| work | input | precision | channels_last | layer groups training | batch | img/s |", "|---|---|---|---|---|---|---|"]
     for what, size, precision, cl, groups, channels in CASES[args.set]:
-        rate = measure(size, precision, cl, groups, channels, args.batch, args.steps)
-        trains = "-" if groups == 0 else ("head only" if groups == 1 else ("all 9" if groups == 9 else f"top {groups} of 9"))
-        rows.append(f"| {what} | {channels}x{size}x{size} | {precision} | {cl} | {trains} | {rate:.0f} |")
-        print(rows[-1], flush=True)
+        for batch in args.batches:
+            rate = measure(size, precision, cl, groups, channels, batch, args.steps)
+            trains = "-" if groups == 0 else ("head only" if groups == 1 else ("all 9" if groups == 9 else f"top {groups} of 9"))
+            rows.append(f"| {what} | {channels}x{size}x{size} | {precision} | {cl} | {trains} | {batch} | {rate:.0f} |")
+            print(rows[-1], flush=True)
     block = (f"Measured {date.today()} on {machine()}, commit {commit()}, torch {torch.__version__}, "
              f"Python {platform.python_version()}, {torch.get_num_threads()} threads.\n"
-             f"Command: `python benchmarks/transfer_speed.py --set {args.set}` ({MODEL}, batch {args.batch}, {args.steps} timed steps "
-             "after one; train = forward, backward and SGD step)\n\n" + "\n".join(rows))
+             f"Command: `python benchmarks/transfer_speed.py --set {args.set} --batches {' '.join(map(str, args.batches))}` "
+             f"({MODEL}, {args.steps} timed steps after one; train = forward, backward and SGD step)\n\n" + "\n".join(rows))
     write_block(args.set, block)
     print(block)
 

@@ -5,7 +5,8 @@ step (for torch.compile: the first step is timed separately, it is the compile t
 the block `step-speed` of benchmarks/RESULTS.md.
 
     python benchmarks/step_speed.py
-    python benchmarks/step_speed.py --nets cifar10-fast --optimizers sgd muon --batches 1024 2000 --label step-speed-muon
+    python benchmarks/step_speed.py --nets cifar10-fast --precision bf16 --eager --optimizers sgd muon \
+        --batches 1024 2000 --label step-speed-muon
 """
 
 from __future__ import annotations
@@ -86,12 +87,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--optimizers", nargs="+", choices=["sgd", "muon"], default=["sgd"])
     p.add_argument("--nets", help="only the cases whose label contains this, e.g. cifar10-fast")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="only the cases in this precision")
+    p.add_argument("--eager", action="store_true", help="skip the torch.compile cases")
     p.add_argument("--label", default="step-speed", help="the block of RESULTS.md to write")
     args = p.parse_args()
     rows = ["| net | input | precision | channels_last | compile | optimizer | batch | train img/s | first step |",
             "|---|---|---|---|---|---|---|---|---|"]
     for label, c, size, widths, precision, cl, comp in CASES:
-        if args.nets and args.nets not in label:
+        if (args.nets and args.nets not in label) or (args.precision and precision != args.precision) or (args.eager and comp):
             continue
         for optimizer in args.optimizers:
             for batch in args.batches:
@@ -100,7 +103,8 @@ def main() -> None:
                             f"| {optimizer} | {batch} | {rate:.0f} | {first:.1f} s |")
                 print(rows[-1], flush=True)
     flags = (f"--batches {' '.join(map(str, args.batches))} --steps {args.steps} --optimizers {' '.join(args.optimizers)}"
-             + (f" --nets {args.nets}" if args.nets else "") + f" --label {args.label}")
+             + (f" --nets {args.nets}" if args.nets else "") + (f" --precision {args.precision}" if args.precision else "")
+             + (" --eager" if args.eager else "") + f" --label {args.label}")
     block = (f"Measured {date.today()} on {machine()}, commit {commit()}, torch {torch.__version__}, "
              f"Python {platform.python_version()}, {torch.get_num_threads()} threads.\n"
              f"Command: `python benchmarks/step_speed.py {flags}` ({args.steps} timed steps after one)\n\n"

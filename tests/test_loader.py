@@ -33,6 +33,13 @@ def test_loader_drop_last_and_labels_follow_images():
         assert (x[:, 0, 0, 0].long() % 5 == y).all()
 
 
+def test_batches_with_ids_name_the_samples_they_hold():
+    loader = BatchLoader(make_split(), 10, shuffle=True, seed=3)
+    loader.set_epoch(2)
+    for x, _, ids in loader.batches_with_ids(start=4):
+        assert x[:, 0, 0, 0].long().tolist() == ids.tolist()  # image i holds the value i
+
+
 def test_balanced_sampler_evens_out_classes():
     labels = np.array([0] * 90 + [1] * 10)
     split = Split(np.zeros((100, 1, 2, 2), np.uint8), labels)

@@ -75,7 +75,12 @@ def test_evaluate_and_predict_commands(trained, tmp_path, fmnist_images, capsys)
     result = trained
     assert main(["--quiet", "evaluate", str(result.run_dir), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["accuracy"] == pytest.approx(result.test["accuracy"])
+    assert report["accuracy"] == pytest.approx(result.test["accuracy"]) and report["tta"] == "none"
+    saved = (result.run_dir / "evaluation.json").read_text()
+    assert main(["--quiet", "evaluate", str(result.run_dir), "--json", "--tta", "flip"]) == 0
+    flipped = json.loads(capsys.readouterr().out)
+    assert flipped["tta"] == "flip" and flipped["loss"] != report["loss"]
+    assert (result.run_dir / "evaluation.json").read_text() == saved  # another TTA is shown, not saved
     x, y = fmnist_images
     trouser = x[np.flatnonzero(y == 1)[0]]
     Image.fromarray(trouser).resize((100, 100)).save(tmp_path / "trouser.png")

@@ -134,6 +134,25 @@ def vflip(x: Tensor, g: torch.Generator) -> Tensor:
     return x.flip(-2)
 
 
+def alternating_hflip(x: Tensor, g: torch.Generator, *, ids: Tensor | None = None, epoch: int = 1, seed: int = 0) -> Tensor:
+    """airbench's alternating flip: every training image is mirrored in every other epoch, half of
+    them from the first epoch on, the other half from the second. Any two consecutive epochs show
+    each image both ways, where a random flip shows a quarter of them one way only. Which half an
+    image is in depends on (seed, sample id). Without sample ids (previews) it is a random flip."""
+    if ids is None:
+        return _random_flip(x, g, -1)
+    flip = (_hash32(ids.to(torch.int64) + seed * 1_000_003) + epoch) % 2 == 1
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+def _hash32(k: Tensor) -> Tensor:
+    """A 32-bit integer hash (Mueller's): nearby keys give unrelated bits."""
+    h = k & 0xFFFFFFFF
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
 def _random_flip(x: Tensor, g: torch.Generator, dim: int) -> Tensor:
     mask = _coin(x.shape[0], 0.5, g).to(x.device)
     return torch.where(mask[:, None, None, None], x.flip(dim), x)
@@ -421,7 +440,7 @@ def cutmix(x: Tensor, y: Tensor, g: torch.Generator, *, alpha: float = 1.0) -> t
 # -- registry, presets and the pipeline
 
 IMAGE_OPS: dict[str, Callable[..., Tensor]] = {
-    "affine": affine, "hflip": hflip, "vflip": vflip, "translate": translate,
+    "affine": affine, "hflip": hflip, "alternating_hflip": alternating_hflip, "vflip": vflip, "translate": translate,
     "random_resized_crop": random_resized_crop, "brightness": brightness, "contrast": contrast,
     "saturation": saturation, "hue": hue, "color_jitter": color_jitter, "gamma": gamma, "noise": noise,
     "blur": blur, "erasing": erasing, "cutout": cutout, "randaugment": randaugment,
@@ -429,6 +448,8 @@ IMAGE_OPS: dict[str, Callable[..., Tensor]] = {
 }
 MIX_OPS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"mixup": mixup, "cutmix": cutmix}
 DEFAULT_P = {"hflip": 0.5, "vflip": 0.5}  # every other op changes every sample unless p says otherwise
+# Given by the training loop, not by the recipe: the batch's sample ids, the epoch and the seed.
+CONTEXT_PARAMS = ("ids", "epoch", "seed")
 
 PRESETS: dict[str, list[dict[str, Any]]] = {
     "none": [],
@@ -452,7 +473,7 @@ class Augment:
 
     def __init__(self, ops: list[dict[str, Any]]):
         self.ops = [dict(op) for op in ops]
-        self.image_ops: list[tuple[Callable[..., Tensor], float, dict[str, Any]]] = []
+        self.image_ops: list[tuple[Callable[..., Tensor], float, dict[str, Any], bool]] = []
         self.mix_ops: list[tuple[Callable[..., tuple[Tensor, Tensor]], float, dict[str, Any]]] = []
         for spec in self.ops:
             name = spec.get("op")
@@ -462,7 +483,8 @@ class Augment:
                 raise ConfigError(f"augmentation op {name!r}: p must be a probability in [0, 1], got {p!r}")
             if name in IMAGE_OPS:
                 _check_params(name, IMAGE_OPS[name], params)
-                self.image_ops.append((IMAGE_OPS[name], float(p), params))
+                wants_context = "ids" in inspect.signature(IMAGE_OPS[name]).parameters
+                self.image_ops.append((IMAGE_OPS[name], float(p), params, wants_context))
             elif name in MIX_OPS:
                 _check_params(name, MIX_OPS[name], params)
                 self.mix_ops.append((MIX_OPS[name], float(p), params))
@@ -476,15 +498,19 @@ class Augment:
     def mixes_labels(self) -> bool:
         return bool(self.mix_ops)
 
-    def __call__(self, x: Tensor, g: torch.Generator) -> Tensor:
-        for fn, p, params in self.image_ops:
+    def __call__(self, x: Tensor, g: torch.Generator, *, ids: Tensor | None = None, epoch: int = 1, seed: int = 0) -> Tensor:
+        """Augment batch `x`; `ids` (the samples' indices in the split), `epoch` and `seed` are for
+        ops that treat a sample differently from epoch to epoch (alternating_hflip)."""
+        for fn, p, params, wants_context in self.image_ops:
             if p >= 1:
-                x = fn(x, g, **params)
+                x = fn(x, g, **params, **(dict(ids=ids, epoch=epoch, seed=seed) if wants_context else {}))
             else:
                 idx = _coin(len(x), p, g).nonzero().squeeze(1).to(x.device)
                 if len(idx):
+                    sub_ids = None if ids is None else ids[idx.to(ids.device)]
+                    context = dict(ids=sub_ids, epoch=epoch, seed=seed) if wants_context else {}
                     x = x.clone()
-                    x[idx] = fn(x[idx], g, **params)
+                    x[idx] = fn(x[idx], g, **params, **context)
         return x
 
     def mix(self, x: Tensor, labels: Tensor, num_classes: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -508,8 +534,14 @@ def build_augment(spec: AugmentSpec | None) -> Augment:
     return Augment(spec)
 
 
+def op_params(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The parameters a recipe may set on an op, with their defaults."""
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+            if p.kind == p.KEYWORD_ONLY and p.name not in CONTEXT_PARAMS}
+
+
 def _check_params(name: str, fn: Callable[..., Any], params: dict[str, Any]) -> None:
-    allowed = {p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY}
+    allowed = set(op_params(fn))
     unknown = set(params) - allowed
     if unknown:
         raise ConfigError(f"augmentation op {name!r}: unknown parameter(s) {sorted(unknown)}; known: {sorted(allowed) or 'none'}")

@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from cnnkit import progress
+from cnnkit import config, progress
 from cnnkit.errors import CnnkitError
 
 log = logging.getLogger("cnnkit")
@@ -23,8 +23,6 @@ DEFAULT_RECIPE = "fmnist-quick"
 
 def _field_help() -> dict[str, str]:
     """Help for each configuration field, taken from its comment in config.py (one source of truth)."""
-    from cnnkit import config
-
     source = inspect.getsource(config.Config)
     # argparse %-formats help strings: a literal % (as in "30% of training") must be doubled.
     return {m.group(1): m.group(2).replace("%", "%%") for m in re.finditer(r"^\s+(\w+): [^#\n]+#\s*(.+)$", source, re.M)}
@@ -79,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--data-dir", help="where the dataset is now, if it moved since training")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--tta", choices=config.CHOICES["tta"],
+                   help="test-time augmentation (default: the run's own). Another mode shows what TTA buys; "
+                        "its result is printed, not saved, so the run folder keeps the run's own evaluation")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     p = sub.add_parser("predict", help="classify image files with a trained run")
@@ -265,21 +266,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
     _, splits = run_splits(cfg, args.data_dir)
-    logits = predict_logits(run.model, run.preprocess, splits.test.images, device=device, tta=cfg.get("tta", "none"))
+    run_tta = cfg.get("tta", "none")
+    tta = args.tta or run_tta
+    logits = predict_logits(run.model, run.preprocess, splits.test.images, device=device, tta=tta)
     metrics = classification_metrics(logits, splits.test.labels, run.classes)
-    save_evaluation(args.run, metrics, run.classes, split="test", checkpoint=args.checkpoint)
+    if tta == run_tta:
+        save_evaluation(args.run, metrics, run.classes, split="test", checkpoint=args.checkpoint)
     if args.json:
-        print(json.dumps({"split": "test", "checkpoint": args.checkpoint, **metrics}, indent=2))
+        print(json.dumps({"split": "test", "checkpoint": args.checkpoint, "tta": tta, **metrics}, indent=2))
         return 0
     from rich.table import Table
 
-    table = Table(title=f"{args.run}: test accuracy {100 * metrics['accuracy']:.2f}% on {metrics['samples']} images")
+    table = Table(title=f"{args.run}: test accuracy {100 * metrics['accuracy']:.2f}% on {metrics['samples']} images"
+                        f" (test-time augmentation: {tta})")
     for col in ("class", "precision", "recall", "F1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for row in metrics["per_class"]:
         table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
     out_console().print(table)
-    print(f"Confusion matrix: {args.run / 'plots' / 'confusion_matrix.png'}; all numbers: {args.run / 'evaluation.json'}")
+    if tta != run_tta:
+        print(f"Not saved: {args.run / 'evaluation.json'} keeps the evaluation with the run's own TTA ({run_tta}).")
+    else:
+        print(f"Confusion matrix: {args.run / 'plots' / 'confusion_matrix.png'}; all numbers: {args.run / 'evaluation.json'}")
     return 0
 
 
@@ -346,10 +354,8 @@ def cmd_augment(args: argparse.Namespace) -> int:
     from cnnkit import augment
 
     if args.augment_command == "ops":
-        import inspect
-
         for name, fn in {**augment.IMAGE_OPS, **augment.MIX_OPS}.items():
-            params = [f"{p.name}={p.default!r}" for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
+            params = [f"{k}={v!r}" for k, v in augment.op_params(fn).items()]
             p_default = augment.DEFAULT_P.get(name, 1.0)
             doc = (inspect.getdoc(fn) or "").split("\n")[0]
             print(f"{name:20} p={p_default} {' '.join(params)}\n{'':20} {doc}" if doc else f"{name:20} p={p_default} {' '.join(params)}")

@@ -411,8 +411,8 @@ class Trainer:
         n = len(self.loader)
         with progress.make_progress() as bar:
             task = bar.add_task(f"epoch {epoch}/{cfg.epochs}", total=n, completed=state.batch, info="")
-            for images, labels in self.loader.batches(start=state.batch):
-                loss, logits, targets = self._step(images, labels, epoch)
+            for images, labels, ids in self.loader.batches_with_ids(start=state.batch):
+                loss, logits, targets = self._step(images, labels, epoch, ids=ids)
                 state.batch += 1
                 if self.budget_s is not None and state.epoch == 0 and self._calibrate():
                     bar.update(task, description=f"epoch {epoch}/{cfg.epochs}")
@@ -436,7 +436,8 @@ class Trainer:
         loss_total, correct_total, seen_total = distributed.sum_all([loss_sum.item(), correct.item(), seen], self.dist, device)
         return loss_total / max(seen_total, 1), correct_total / max(seen_total, 1)
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, factor: float | None = None):
+    def _step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, factor: float | None = None,
+              ids: torch.Tensor | None = None):
         """One optimiser step; `factor` (of each group's initial learning rate) overrides the schedule."""
         cfg, state, optimizer = self.cfg, self.state, self.optimizer
         if factor is None:
@@ -449,7 +450,7 @@ class Trainer:
         x = self.preprocess.to_float(images)
         targets = labels
         if self.augment:
-            x = self.augment(x, self.aug_rng)
+            x = self.augment(x, self.aug_rng, ids=ids, epoch=epoch, seed=cfg.seed)
             if self.augment.mixes_labels:  # soft targets: cross-entropy takes class probabilities too
                 x, targets = self.augment.mix(x, labels, self.num_classes, self.aug_rng)
         x = self.preprocess.finish(x)

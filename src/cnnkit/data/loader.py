@@ -75,10 +75,15 @@ class BatchLoader:
 
     def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches from batch number `start` on (a resumed run skips those it has done)."""
+        for images, labels, _ in self.batches_with_ids(start):
+            yield images, labels
+
+    def batches_with_ids(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """As `batches`, with each batch's sample indices in the split (for per-sample augmentation)."""
         order = self.order(self.epoch).to(self.device)
         for i in range(start, len(self)):
             idx = self.shard(order[i * self.batch_size : (i + 1) * self.batch_size])
-            yield self.images[idx], self.labels[idx]
+            yield self.images[idx], self.labels[idx], idx
 
     def shard(self, global_batch: torch.Tensor) -> torch.Tensor:
         """This rank's part of a global batch (the last, shorter batch is split as evenly as it goes)."""

@@ -2,11 +2,15 @@
 
 One SGD-Nesterov step (forward, backward, update) on random data, batch 512, after one warm-up
 step (for torch.compile: the first step is timed separately, it is the compile time). Writes
-the block `step-speed` of benchmarks/RESULTS.md.
+the block `step-speed` of benchmarks/RESULTS.md. malloc `tuned` is what `cnnkit` runs with
+(cnnkit.allocator); `--malloc default tuned` measures glibc's defaults first, then the tuning
+(it cannot be undone in a process).
 
     python benchmarks/step_speed.py
     python benchmarks/step_speed.py --nets cifar10-fast --precision bf16 --eager --optimizers sgd muon \
         --batches 1024 2000 --label step-speed-muon
+    python benchmarks/step_speed.py --nets cifar10-fast --eager --optimizers muon --batches 1024 2000 \
+        --malloc default tuned --label step-speed-malloc
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from datetime import date
 import torch
 from torch import nn
 
+from cnnkit.allocator import reuse_freed_memory
 from cnnkit.models.fastnet import FastNet
 from cnnkit.muon import MuonSGD
 from run_recipes import commit, machine, write_block
@@ -89,22 +94,27 @@ def main() -> None:
     p.add_argument("--nets", help="only the cases whose label contains this, e.g. cifar10-fast")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="only the cases in this precision")
     p.add_argument("--eager", action="store_true", help="skip the torch.compile cases")
+    p.add_argument("--malloc", nargs="+", choices=["default", "tuned"], default=["tuned"],
+                   help="glibc malloc as it is, and/or as cnnkit tunes it (default: tuned)")
     p.add_argument("--label", default="step-speed", help="the block of RESULTS.md to write")
     args = p.parse_args()
-    rows = ["| net | input | precision | channels_last | compile | optimizer | batch | train img/s | first step |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for label, c, size, widths, precision, cl, comp in CASES:
-        if (args.nets and args.nets not in label) or (args.precision and precision != args.precision) or (args.eager and comp):
-            continue
-        for optimizer in args.optimizers:
-            for batch in args.batches:
-                rate, first = measure(c, size, widths, precision, cl, comp, batch, args.steps, optimizer)
-                rows.append(f"| {label} {'-'.join(map(str, widths))} | {c}x{size}x{size} | {precision} | {cl} | {comp} "
-                            f"| {optimizer} | {batch} | {rate:.0f} | {first:.1f} s |")
-                print(rows[-1], flush=True)
+    rows = ["| net | input | precision | channels_last | compile | optimizer | malloc | batch | train img/s | first step |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for malloc in sorted(set(args.malloc)):  # "default" first: the tuning cannot be undone
+        if malloc == "tuned" and not reuse_freed_memory():
+            raise SystemExit("malloc tuning is not available here (it needs Linux with glibc)")
+        for label, c, size, widths, precision, cl, comp in CASES:
+            if (args.nets and args.nets not in label) or (args.precision and precision != args.precision) or (args.eager and comp):
+                continue
+            for optimizer in args.optimizers:
+                for batch in args.batches:
+                    rate, first = measure(c, size, widths, precision, cl, comp, batch, args.steps, optimizer)
+                    rows.append(f"| {label} {'-'.join(map(str, widths))} | {c}x{size}x{size} | {precision} | {cl} | {comp} "
+                                f"| {optimizer} | {malloc} | {batch} | {rate:.0f} | {first:.1f} s |")
+                    print(rows[-1], flush=True)
     flags = (f"--batches {' '.join(map(str, args.batches))} --steps {args.steps} --optimizers {' '.join(args.optimizers)}"
              + (f" --nets {args.nets}" if args.nets else "") + (f" --precision {args.precision}" if args.precision else "")
-             + (" --eager" if args.eager else "") + f" --label {args.label}")
+             + (" --eager" if args.eager else "") + f" --malloc {' '.join(args.malloc)} --label {args.label}")
     block = (f"Measured {date.today()} on {machine()}, commit {commit()}, torch {torch.__version__}, "
              f"Python {platform.python_version()}, {torch.get_num_threads()} threads.\n"
              f"Command: `python benchmarks/step_speed.py {flags}` ({args.steps} timed steps after one)\n\n"

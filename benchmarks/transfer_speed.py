@@ -18,6 +18,7 @@ from datetime import date
 
 import torch
 
+from cnnkit.allocator import reuse_freed_memory
 from cnnkit.finetune import Unfreezer
 from cnnkit.models import create_model
 from run_recipes import commit, machine, write_block
@@ -75,6 +76,7 @@ def measure(size: int, precision: str, channels_last: bool, groups: int, channel
 
 
 def main() -> None:
+    reuse_freed_memory()  # as `cnnkit train` runs
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="+", default=[64])
     p.add_argument("--steps", type=int, default=4)

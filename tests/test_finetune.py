@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnkit.budget import calibration_window
+from cnnkit.budget import calibration_window, replan_after_epoch
 from cnnkit.config import Config, apply_overrides, load_recipe
 from cnnkit.errors import ConfigError
 from cnnkit.finetune import Unfreezer, layer_ids, lr_scales
@@ -106,7 +106,8 @@ def test_frozen_strategy_never_unfreezes():
     assert not u.update(10_000) and trainable_names(model) == {"classifier.weight", "classifier.bias"}
 
 
-@pytest.mark.parametrize("strategy, keep_frozen", [("frozen", 0), ("finetune", 0), ("gradual", 0), ("gradual", 4)])
+@pytest.mark.parametrize("strategy, keep_frozen", [("frozen", 0), ("finetune", 0), ("gradual", 0), ("gradual", 4),
+                                                   ("finetune", 100)])  # only the head ever trains
 def test_settled_step_is_where_the_trainable_layers_stop_changing(strategy, keep_frozen):
     model = create_model(LITE0, 5, 3, 32)
     u = Unfreezer(model, strategy, head_steps=10, unfreeze_steps=3, keep_frozen=keep_frozen)
@@ -120,6 +121,11 @@ def test_the_time_budget_times_steps_that_train_as_the_rest_of_the_run():
     assert calibration_window(100, 25) == (25, 35)  # finetune: after a quarter epoch of head-only steps
     assert calibration_window(100, 95) == (0, 10)  # no room in the first epoch: re-plans after epochs correct it
     assert calibration_window(2, 0) == (0, 2)
+    # Re-plans: the first two epochs that trained every layer that will train...
+    assert [e for e in range(1, 6) if replan_after_epoch(e, 100, 0, True)] == [1, 2]
+    assert [e for e in range(1, 6) if replan_after_epoch(e, 100, 150, True)] == [3, 4]
+    # ...and epochs that mixed in head-only steps only while the plan rests on head-only steps.
+    assert [e for e in range(1, 6) if replan_after_epoch(e, 100, 95, False)] == [1, 2, 3]
 
 
 def test_hidden_layer_head_and_its_rebuild():

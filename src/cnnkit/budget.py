@@ -2,8 +2,8 @@
 
 The plan is made after the first few steps (the step rate, with evaluation costs estimated
 from it), and made again after the first and the second epoch (measured epoch, validation and
-between-epoch times). The
-schedule follows the plan, so a shorter budget means a shorter, complete schedule (the learning
+between-epoch times; when fine-tuning, the first two that trained every layer that will train).
+The schedule follows the plan, so a shorter budget means a shorter, complete schedule (the learning
 rate still decays to its end), not a run cut off midway. A last guard at every epoch end stops
 the run if the next epoch would overrun.
 """
@@ -73,6 +73,18 @@ def calibration_window(steps_per_epoch: int, settled_step: int) -> tuple[int, in
     window = max(3, steps_per_epoch // 10)
     first = settled_step if settled_step + window <= steps_per_epoch else 0
     return first, min(steps_per_epoch, first + window)
+
+
+def replan_after_epoch(epoch: int, steps_per_epoch: int, settled_step: int, timed_settled: bool) -> bool:
+    """Whether the time of epoch `epoch` should re-plan the run: yes for the first two epochs that
+    trained throughout as the rest of the run will (from the second the time between epochs is
+    known too). An epoch that began with cheaper, head-only steps would plan too many epochs, so
+    it re-plans only while the plan rests on such steps (`timed_settled` False: the first epoch
+    had no room to time later ones), which it is closer to the truth than."""
+    first_settled = math.ceil(settled_step / steps_per_epoch) + 1
+    if epoch >= first_settled:
+        return epoch <= first_settled + 1
+    return not timed_settled
 
 
 def fit_epochs(budget_s: float, elapsed_s: float, epochs_done: int, fraction: float, costs: Costs) -> int:

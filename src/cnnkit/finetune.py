@@ -87,11 +87,13 @@ class Unfreezer:
     def settled_step(self) -> int:
         """The first step from which the trainable groups no longer change: steps before it are
         cheaper (fewer backward passes), so they say little about the rest of the run's speed."""
-        if self.strategy == "frozen":
-            return 0
-        if self.strategy == "finetune" or self.most <= 2:
-            return self.head_steps
-        return self.head_steps + (self.most - 2) * self.unfreeze_steps
+        # groups_training never decreases: the first step at its final value, by bisection.
+        lo, hi = 0, self.head_steps + self.most * self.unfreeze_steps
+        final = self.groups_training(hi)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self.groups_training(mid) == final else (mid + 1, hi)
+        return lo
 
     def update(self, step: int) -> bool:
         """Set requires_grad for `step`; True when it changed."""

@@ -33,7 +33,8 @@ from torch import nn
 import cnnkit
 from cnnkit import distributed, progress
 from cnnkit.augment import build_augment, tta_views
-from cnnkit.budget import Costs, calibration_window, estimate_costs, final_seconds, fit_epochs, parse_duration
+from cnnkit.budget import (Costs, calibration_window, estimate_costs, final_seconds, fit_epochs, parse_duration,
+                           replan_after_epoch)
 from cnnkit.checkpoint import load_checkpoint, save_checkpoint
 from cnnkit.config import Config
 from cnnkit.data import canonical_name, imbalance_ratio, load_dataset, make_splits
@@ -296,6 +297,7 @@ class Trainer:
         # The budget plans from steps that train as many layers as the rest of the run will:
         # finetune's head-only steps are several times faster than the steps after them.
         self._settled_step = self.unfreezer.settled_step() if self.unfreezer is not None else 0
+        self._timed_settled = True  # whether the first plan timed such steps (set by _calibrate)
         self._train_ended: float | None = None
         self._between_epochs_s = 0.0
 
@@ -504,6 +506,7 @@ class Trainer:
             self._calibration_start = time.perf_counter()
         if batch != k:
             return False
+        self._timed_settled = first == self._settled_step
         start, timed = (self._calibration_start, k - first - 1) if k - first > 1 else (self._epoch_started, 1)
         step_s = (time.perf_counter() - start) / timed
         costs = estimate_costs(step_s, n, self.cfg.batch_size, len(self.splits.val), self._final_images(),
@@ -542,15 +545,13 @@ class Trainer:
             write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
 
     def _budget_after_epoch(self, epoch: int, val_s: float) -> None:
-        """Re-plan from measured times after each epoch up to the second whose layers trained
-        throughout as they will to the end (the second: when the time between epochs,
-        checkpoints included, is known too); later, stop if the next epoch would overrun."""
+        """Re-plan from the measured times (see `budget.replan_after_epoch`); after every epoch,
+        stop if the next one would overrun."""
         cfg, state = self.cfg, self.state
         eval_image_s = val_s / max(len(self.splits.val), 1)
         costs = Costs(state.epoch_time_s, max(val_s, self._between_epochs_s),
                       final_seconds(self._final_images(), eval_image_s, cfg.report))
-        first_settled_epoch = math.ceil(self._settled_step / len(self.loader)) + 1
-        if epoch <= first_settled_epoch + 1 and cfg.epochs > epoch:
+        if cfg.epochs > epoch and replan_after_epoch(epoch, len(self.loader), self._settled_step, self._timed_settled):
             self._plan(costs, epoch, 0.0, f"epoch {epoch}")
         elapsed = time.perf_counter() - self.wall_start
         if epoch < cfg.epochs and elapsed + costs.epoch_s + costs.val_s + costs.final_s > self.budget_s:

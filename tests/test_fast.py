@@ -107,9 +107,14 @@ def small(tmp_path, name, **kw):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", [{}, {"optimizer": "muon", "lookahead": False}], ids=["sgd-lookahead", "muon"])
-def test_fast_recipe_learns_and_resumes_exactly(tmp_path, monkeypatch, optimizer):
+def test_fast_recipe_learns_and_resumes_exactly(tmp_path, monkeypatch, capsys, optimizer):
     full = train(small(tmp_path, "full", epochs=2, **optimizer))
     assert full.test["accuracy"] > 0.6  # 3000 images, two epochs of a tiny fastnet
+    # `cnnkit evaluate` reproduces the run's own test figure: same precision (bf16 where the CPU
+    # has it), memory format (channels-last) and test-time augmentation
+    assert main(["--quiet", "evaluate", str(full.run_dir), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["accuracy"] == full.test["accuracy"] and again["loss"] == pytest.approx(full.test["loss"], rel=1e-6)
     step = Trainer._step
 
     def interrupted(self, *args, **kwargs):  # SIGTERM in the middle of epoch 2

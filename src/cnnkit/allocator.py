@@ -5,12 +5,13 @@ CPU training step allocates and frees many such tensors (a batch of 1024 CIFAR-1
 activations of 130 MB per layer), so every step faults in and zeroes gigabytes of new pages:
 31,700 page faults a second in a cifar10-fast run on the 2-core CPU here, 5% of its time in the
 kernel, and more through the caches it flushes. With mmap off and the heap never trimmed, freed
-blocks are reused: cifar10-fast's net trained 11% faster at batch 1024 and 23% faster at batch
-2000 (benchmarks/RESULTS.md, step-speed-malloc), which is what PyTorch's CPU tuning guide gets
-by preloading jemalloc or tcmalloc, without a library to install.
+blocks are reused: cifar10-fast's net trained 26% faster at batch 1024 and 38% faster at batch
+2000 (benchmarks/RESULTS.md, step-speed-malloc), and a whole cifar10-fast run at batch 2000 at
+516 images/s against 410. PyTorch's CPU tuning guide gets this by preloading jemalloc or
+tcmalloc; this needs no library to install.
 
-The cost: memory freed by the process is kept (its peak stays resident) and it stays fragmented
-until the process ends; fine for a training process, so `cnnkit` sets it at start, not on import.
+The cost: memory the process frees stays resident until it ends (cifar10-fast's peak went from
+3.1 to 3.9 GB); fine for a training process, so `cnnkit` sets it at start, not on import.
 `CNNKIT_MALLOC_TUNING=0` leaves malloc as it is.
 """
 

@@ -19,7 +19,7 @@ import torch
 
 from cnnkit import analysis
 from cnnkit.augment import build_augment
-from cnnkit.evaluate import classification_metrics, plot_confusion_matrix, predict_logits
+from cnnkit.evaluate import classification_metrics, plot_confusion_matrix, predict_logits, run_inference_settings
 from cnnkit.fileio import save_with, write_bytes_atomic, write_json_atomic
 from cnnkit.preprocess import Preprocess
 
@@ -165,7 +165,7 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
     plots = run_dir / "plots"
     if logits is None:
         logits = predict_logits(model, preprocess, test_images, device=device, tta=cfg.get("tta", "none"),
-                                batch_size=cfg.get("eval_batch_size", 1024))
+                                **run_inference_settings(cfg, device))
     metrics = classification_metrics(logits, test_labels, classes)
     metrics["calibration"] = analysis.calibration(logits, test_labels)
     metrics["confused_pairs"] = analysis.confused_pairs(metrics["confusion_matrix"], classes)

@@ -79,8 +79,8 @@ def replan_after_epoch(epoch: int, steps_per_epoch: int, settled_step: int, time
     """Whether the time of epoch `epoch` should re-plan the run: yes for the first two epochs that
     trained throughout as the rest of the run will (from the second the time between epochs is
     known too). An epoch that began with cheaper, head-only steps would plan too many epochs, so
-    it re-plans only while the plan rests on such steps (`timed_settled` False: the first epoch
-    had no room to time later ones), which it is closer to the truth than."""
+    such an epoch re-plans only while the plan rests on head-only steps (`timed_settled` False:
+    the first epoch had no room to time later ones); its time is closer to the truth than theirs."""
     first_settled = math.ceil(settled_step / steps_per_epoch) + 1
     if epoch >= first_settled:
         return epoch <= first_settled + 1

@@ -122,10 +122,11 @@ def test_the_time_budget_times_steps_that_train_as_the_rest_of_the_run():
     assert calibration_window(100, 95) == (0, 10)  # no room in the first epoch: re-plans after epochs correct it
     assert calibration_window(2, 0) == (0, 2)
     # Re-plans: the first two epochs that trained every layer that will train...
-    assert [e for e in range(1, 6) if replan_after_epoch(e, 100, 0, True)] == [1, 2]
-    assert [e for e in range(1, 6) if replan_after_epoch(e, 100, 150, True)] == [3, 4]
+    assert [e for e in range(1, 6) if replan_after_epoch(e, 100, 0)] == [1, 2]
+    assert [e for e in range(1, 6) if replan_after_epoch(e, 100, 50)] == [2, 3]  # epoch 1 timed steps 50-60
     # ...and epochs that mixed in head-only steps only while the plan rests on head-only steps.
-    assert [e for e in range(1, 6) if replan_after_epoch(e, 100, 95, False)] == [1, 2, 3]
+    assert [e for e in range(1, 6) if replan_after_epoch(e, 100, 95)] == [1, 2, 3]
+    assert [e for e in range(1, 6) if replan_after_epoch(e, 100, 150)] == [1, 2, 3, 4]
 
 
 def test_hidden_layer_head_and_its_rebuild():

@@ -502,13 +502,14 @@ class Augment:
         """Augment batch `x`; `ids` (the samples' indices in the split), `epoch` and `seed` are for
         ops that treat a sample differently from epoch to epoch (alternating_hflip)."""
         for fn, p, params, wants_context in self.image_ops:
+            context = dict(ids=ids, epoch=epoch, seed=seed) if wants_context else {}
             if p >= 1:
-                x = fn(x, g, **params, **(dict(ids=ids, epoch=epoch, seed=seed) if wants_context else {}))
+                x = fn(x, g, **params, **context)
             else:
                 idx = _coin(len(x), p, g).nonzero().squeeze(1).to(x.device)
                 if len(idx):
-                    sub_ids = None if ids is None else ids[idx.to(ids.device)]
-                    context = dict(ids=sub_ids, epoch=epoch, seed=seed) if wants_context else {}
+                    if context and ids is not None:
+                        context["ids"] = ids[idx.to(ids.device)]
                     x = x.clone()
                     x[idx] = fn(x[idx], g, **params, **context)
         return x

@@ -75,16 +75,16 @@ def calibration_window(steps_per_epoch: int, settled_step: int) -> tuple[int, in
     return first, min(steps_per_epoch, first + window)
 
 
-def replan_after_epoch(epoch: int, steps_per_epoch: int, settled_step: int, timed_settled: bool) -> bool:
+def replan_after_epoch(epoch: int, steps_per_epoch: int, settled_step: int) -> bool:
     """Whether the time of epoch `epoch` should re-plan the run: yes for the first two epochs that
     trained throughout as the rest of the run will (from the second the time between epochs is
     known too). An epoch that began with cheaper, head-only steps would plan too many epochs, so
-    such an epoch re-plans only while the plan rests on head-only steps (`timed_settled` False:
-    the first epoch had no room to time later ones); its time is closer to the truth than theirs."""
+    such an epoch re-plans only while the plan rests on head-only steps (the first epoch had no
+    room to time later ones, see `calibration_window`); its time is closer to the truth than theirs."""
     first_settled = math.ceil(settled_step / steps_per_epoch) + 1
     if epoch >= first_settled:
         return epoch <= first_settled + 1
-    return not timed_settled
+    return calibration_window(steps_per_epoch, settled_step)[0] != settled_step
 
 
 def fit_epochs(budget_s: float, elapsed_s: float, epochs_done: int, fraction: float, costs: Costs) -> int:

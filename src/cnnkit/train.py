@@ -297,7 +297,6 @@ class Trainer:
         # The budget plans from steps that train as many layers as the rest of the run will:
         # finetune's head-only steps are several times faster than the steps after them.
         self._settled_step = self.unfreezer.settled_step() if self.unfreezer is not None else 0
-        self._timed_settled = True  # whether the first plan timed such steps (set by _calibrate)
         self._train_ended: float | None = None
         self._between_epochs_s = 0.0
 
@@ -506,7 +505,6 @@ class Trainer:
             self._calibration_start = time.perf_counter()
         if batch != k:
             return False
-        self._timed_settled = first == self._settled_step
         start, timed = (self._calibration_start, k - first - 1) if k - first > 1 else (self._epoch_started, 1)
         step_s = (time.perf_counter() - start) / timed
         costs = estimate_costs(step_s, n, self.cfg.batch_size, len(self.splits.val), self._final_images(),
@@ -551,7 +549,7 @@ class Trainer:
         eval_image_s = val_s / max(len(self.splits.val), 1)
         costs = Costs(state.epoch_time_s, max(val_s, self._between_epochs_s),
                       final_seconds(self._final_images(), eval_image_s, cfg.report))
-        if cfg.epochs > epoch and replan_after_epoch(epoch, len(self.loader), self._settled_step, self._timed_settled):
+        if cfg.epochs > epoch and replan_after_epoch(epoch, len(self.loader), self._settled_step):
             self._plan(costs, epoch, 0.0, f"epoch {epoch}")
         elapsed = time.perf_counter() - self.wall_start
         if epoch < cfg.epochs and elapsed + costs.epoch_s + costs.val_s + costs.final_s > self.budget_s:

@@ -68,6 +68,19 @@ def test_linear_schedule_and_bias_learning_rates():
     weights, biases = opt.param_groups
     assert weights["lr"] == cfg.lr and biases["lr"] == cfg.lr * cfg.bias_lr_scale == biases["initial_lr"]
     assert biases["weight_decay"] == 0 and weights["weight_decay"] == cfg.weight_decay
+    # bias_decay: biases shrink as much per step as the weights (lr x decay), as in airbench
+    _, biases = make_optimizer(apply_overrides(cfg, {"bias_decay": True}), create_model("fastnet", 10, 1, 28)).param_groups
+    assert biases["lr"] * biases["weight_decay"] == pytest.approx(cfg.lr * cfg.weight_decay)
+
+
+def test_frozen_after_names_must_be_trainable_parameters():
+    model = create_model("fastnet", 10, 1, 28, widths=[8, 16, 32])
+    with pytest.raises(ConfigError, match=r"stem\.bais \(did you mean stem\.bias\?\)"):
+        make_optimizer(apply_overrides(load_recipe("fmnist-quick"), {"frozen_after": {"stem.bais": 3}}), model)
+    with pytest.raises(ConfigError, match="stem.weight"):  # the whitening stem's filters never train
+        make_optimizer(apply_overrides(load_recipe("fmnist-quick"), {"frozen_after": {"stem.weight": 3}}), model)
+    with pytest.raises(ConfigError, match="positive number of epochs"):
+        apply_overrides(load_recipe("fmnist-quick"), {"frozen_after": {"stem.bias": 0}})
 
 
 def test_shift_tta_has_no_mirror_views():
@@ -132,6 +145,28 @@ def test_fast_recipe_learns_and_resumes_exactly(tmp_path, monkeypatch, capsys, o
     b = load_checkpoint(tmp_path / "part" / "checkpoints" / "last")
     assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
     assert any(k.startswith("lookahead.") for k in b.extra) == (not optimizer)
+
+
+@pytest.mark.slow
+def test_frozen_after_lets_a_parameter_stop_training_on_time(tmp_path, monkeypatch):
+    seen = []  # (learning rate of the stem bias's group, the stem bias) after each step
+    step = Trainer._step
+
+    def watched(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        group = next(g for g in self.optimizer.param_groups if any(p is self.model.stem.bias for p in g["params"]))
+        seen.append((group["lr"], self.model.stem.bias.detach().clone()))
+        return out
+
+    monkeypatch.setattr(Trainer, "_step", watched)
+    cfg = small(tmp_path, "frozen", epochs=2, max_train_samples=1000, optimizer="muon", lookahead=False,
+                frozen_after={"stem.bias": 1}, bias_decay=True)
+    train(cfg)
+    n = len(seen) // 2  # steps per epoch
+    peak = cfg.lr * cfg.bias_lr_scale
+    assert seen[0][0] == pytest.approx(peak) and seen[n // 2][0] == pytest.approx(peak * (1 - (n // 2) / n))
+    assert not torch.equal(seen[0][1], seen[n - 1][1])  # it trains in the first epoch ...
+    assert all(lr == 0 and torch.equal(bias, seen[n - 1][1]) for lr, bias in seen[n:])  # ... and not after
 
 
 @pytest.mark.slow

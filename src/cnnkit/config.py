@@ -74,10 +74,12 @@ class Config:
     muon_lr: float = 0.24  # muon: peak learning rate of the orthogonalised filter updates (airbench94_muon)
     muon_momentum: float = 0.6  # muon: momentum of the filter updates
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam/AdamW
-    weight_decay: float = 0.0  # applied to weights only, never to biases or norm parameters
+    weight_decay: float = 0.0  # applied to weights; to biases and norm parameters only with bias_decay
+    bias_decay: bool = False  # biases and norm parameters decay too, as much per step as the weights (airbench): weight_decay / bias_lr_scale
     schedule: str = "constant"  # constant | onecycle | cosine | linear (decay to 0); all but onecycle after warmup_epochs
     warmup_epochs: float = 0.0  # linear warmup from 0 (onecycle: default 30% of training)
     bias_lr_scale: float = 1.0  # learning-rate multiplier for biases and normalisation parameters
+    frozen_after: dict[str, float] = field(default_factory=dict)  # parameter name -> epochs: its learning rate falls linearly to 0 over these epochs from the start, then it no longer trains (airbench: the whitening stem's bias, 3)
     lookahead: bool = False  # Lookahead of weights as airbench: every 5 steps, slow weights follow and reset the fast ones
     label_smoothing: float = 0.0
     grad_clip: float | None = None  # clip the gradient norm to this value
@@ -136,6 +138,9 @@ class Config:
             raise ConfigError(f"muon_lr must be positive and muon_momentum in [0, 1); got {self.muon_lr} and {self.muon_momentum}")
         if self.bias_lr_scale <= 0:
             raise ConfigError(f"bias_lr_scale must be positive; got {self.bias_lr_scale}")
+        bad = {name: e for name, e in self.frozen_after.items() if not isinstance(e, (int, float)) or isinstance(e, bool) or e <= 0}
+        if bad:
+            raise ConfigError(f"frozen_after maps parameter names to a positive number of epochs; got {bad}")
         if self.time_budget is not None:
             from cnnkit.budget import parse_duration
 

@@ -13,6 +13,7 @@ resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -103,24 +104,35 @@ def resolve_device(name: str) -> torch.device:
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, bias_lr_scale: float = 1.0,
-                 lr_scales: dict[str, float] | None = None, muon_lr: float | None = None) -> list[dict[str, Any]]:
-    """Weights (matrices, kernels) decay; biases and normalisation parameters (1-d) don't, and
-    may learn faster (airbench: 64x; their gradients are small and they do not grow the weights).
+                 lr_scales: dict[str, float] | None = None, muon_lr: float | None = None, *,
+                 bias_decay: bool = False, frozen_after: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Weights (matrices, kernels) decay; biases and normalisation parameters (1-d) may learn
+    faster (airbench: 64x; their gradients are small and they do not grow the weights) and decay
+    only with `bias_decay`, by weight_decay / bias_lr_scale: as much per step as the weights.
     `lr_scales` (parameter name -> multiplier) gives layers their own rates (discriminative
     fine-tuning). With `muon_lr`, convolution filters form groups of their own, marked
-    `orthogonal`, at that rate and without weight decay (MuonSGD). Groups: filters for Muon,
-    weights, then the rest; the fastest-learning first within each."""
-    groups: dict[tuple[int, float], list[nn.Parameter]] = {}
+    `orthogonal`, at that rate and without weight decay (MuonSGD). Parameters named in
+    `frozen_after` (name -> epochs) form groups of their own carrying that number, for the
+    training loop's schedule. Groups: filters for Muon, weights, then the rest; the
+    fastest-learning first within each."""
+    frozen_after = frozen_after or {}
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    unknown = sorted(set(frozen_after) - set(trainable))
+    if unknown:
+        hints = [f"{n} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(n, trainable, 1)) else n for n in unknown]
+        raise ConfigError(f"frozen_after names no trainable parameter of {type(model).__name__}: {', '.join(hints)}")
+    groups: dict[tuple[int, float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             kind = 0 if muon_lr is not None and p.ndim == 4 else 1 if p.ndim > 1 else 2
             scale = (lr_scales or {}).get(name, 1.0) * (bias_lr_scale if kind == 2 else 1.0)
-            groups.setdefault((kind, scale), []).append(p)
+            groups.setdefault((kind, scale, frozen_after.get(name, 0.0)), []).append(p)
     out = []
-    for (kind, scale), params in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+    for (kind, scale, epochs), params in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
         rate = (muon_lr if kind == 0 else lr) * scale
-        out.append({"params": params, "weight_decay": weight_decay if kind == 1 else 0.0, "lr": rate, "initial_lr": rate,
-                    **({"orthogonal": True} if kind == 0 else {})})
+        decay = weight_decay if kind == 1 else weight_decay / bias_lr_scale if kind == 2 and bias_decay else 0.0
+        out.append({"params": params, "weight_decay": decay, "lr": rate, "initial_lr": rate,
+                    **({"orthogonal": True} if kind == 0 else {}), **({"frozen_after": epochs} if epochs else {})})
     return out
 
 
@@ -131,7 +143,8 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
         scales = lr_scales(*layer_ids(model, coarse=False), cfg.layer_lr_decay)
     muon = cfg.optimizer == "muon"
-    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale, scales, cfg.muon_lr if muon else None)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.bias_lr_scale, scales, cfg.muon_lr if muon else None,
+                          bias_decay=cfg.bias_decay, frozen_after=cfg.frozen_after)
     if muon:
         from cnnkit.muon import MuonSGD
 
@@ -441,10 +454,13 @@ class Trainer:
               ids: torch.Tensor | None = None):
         """One optimiser step; `factor` (of each group's initial learning rate) overrides the schedule."""
         cfg, state, optimizer = self.cfg, self.state, self.optimizer
-        if factor is None:
+        scheduled = factor is None
+        if scheduled:
             factor = lr_factor(state.step, self.total_steps, self.warmup_steps, cfg.schedule) * state.lr_scale
         for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
+            epochs = group.get("frozen_after") if scheduled else None
+            group["lr"] = group["initial_lr"] * (
+                factor if epochs is None else state.lr_scale * max(0.0, 1 - state.step / (epochs * len(self.loader))))
         if self.unfreezer is not None and self.unfreezer.update(state.step):
             self._train_mode()
             log.info("step %d: training %s", state.step, self.unfreezer.describe())

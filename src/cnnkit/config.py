@@ -79,7 +79,7 @@ class Config:
     schedule: str = "constant"  # constant | onecycle | cosine | linear (decay to 0); all but onecycle after warmup_epochs
     warmup_epochs: float = 0.0  # linear warmup from 0 (onecycle: default 30% of training)
     bias_lr_scale: float = 1.0  # learning-rate multiplier for biases and normalisation parameters
-    frozen_after: dict[str, float] = field(default_factory=dict)  # parameter name -> epochs: its learning rate falls linearly to 0 over these epochs from the start, then it no longer trains (airbench: the whitening stem's bias, 3)
+    frozen_after: dict[str, float] = field(default_factory=dict)  # parameter name -> epochs, e.g. '{"stem.bias": 3}' (airbench's whitening stem): its learning rate falls linearly to 0 over these epochs from the start, then it no longer trains
     lookahead: bool = False  # Lookahead of weights as airbench: every 5 steps, slow weights follow and reset the fast ones
     label_smoothing: float = 0.0
     grad_clip: float | None = None  # clip the gradient norm to this value

@@ -41,7 +41,8 @@ from cnnkit.config import Config
 from cnnkit.data import canonical_name, imbalance_ratio, load_dataset, make_splits
 from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import CnnkitError, ConfigError, RunError
-from cnnkit.evaluate import autocast, classification_metrics, predict_logits, resolve_precision
+from cnnkit.evaluate import (autocast, classification_metrics, predict_logits, resolve_precision,
+                             run_inference_settings)
 from cnnkit.fileio import write_bytes_atomic, write_json_atomic
 from cnnkit.finetune import make_unfreezer
 from cnnkit.lookahead import Lookahead
@@ -248,6 +249,8 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, device)
         if self.precision == "fp16" and device.type != "cuda":
             raise ConfigError("precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+        # evaluation's precision, memory format and batch: the same rule as `cnnkit evaluate` and `report`
+        self.inference = run_inference_settings(cfg.to_dict(), device)
 
         imagenet = None
         if cfg.pretrained and ckpt is None:
@@ -673,10 +676,9 @@ class Trainer:
         """Metrics over the whole split, without test-time augmentation (it would multiply the cost
         of every epoch's validation); in distributed runs each rank takes a share and all ranks
         get the same numbers (so they agree on the best epoch and on early stopping)."""
-        cfg, info = self.cfg, self.dist
+        info = self.dist
         idx = np.arange(len(split))[info.rank::info.world]
-        logits = predict_logits(self.model, self.preprocess, split.images[idx], batch_size=cfg.eval_batch_size,
-                                device=self.device, precision=self.precision, channels_last=cfg.channels_last)
+        logits = predict_logits(self.model, self.preprocess, split.images[idx], device=self.device, **self.inference)
         parts = distributed.gather_cat(logits, info)
         order = np.concatenate([np.arange(len(split))[r::info.world] for r in range(info.world)])
         return classification_metrics(torch.cat(parts), split.labels[order], self.ds.classes)
@@ -688,9 +690,8 @@ class Trainer:
             return TrainResult(self.run_dir, state, {}, {})
         self.model.load_state_dict(load_checkpoint(self.run_dir / "checkpoints" / "best").model)
         self.dist = distributed.DistInfo()  # from here on, rank 0 alone
-        test_logits = predict_logits(self.model, self.preprocess, splits.test.images, batch_size=cfg.eval_batch_size,
-                                     device=self.device, precision=self.precision, channels_last=cfg.channels_last,
-                                     tta=cfg.tta)
+        test_logits = predict_logits(self.model, self.preprocess, splits.test.images, device=self.device,
+                                     tta=cfg.tta, **self.inference)
         test = classification_metrics(test_logits, splits.test.labels, self.ds.classes)
         save_evaluation(self.run_dir, test, self.ds.classes, split="test", checkpoint="best")
         summary = {

@@ -99,13 +99,14 @@ CORRUPTIONS: dict[str, tuple[Callable[[torch.Tensor, float], torch.Tensor], list
 
 @torch.no_grad()
 def robustness(model: nn.Module, preprocess: Preprocess, images: np.ndarray, labels: np.ndarray, classes: list[str],
-               device: torch.device | str = "cpu", batch_size: int = 1024) -> dict[str, Any]:
-    """Accuracy on the images as they are, and under each corruption at each severity."""
+               device: torch.device | str = "cpu", **inference: Any) -> dict[str, Any]:
+    """Accuracy on the images as they are, and under each corruption at each severity; `inference`
+    (precision, channels_last, batch_size) as for `predict_logits`, the run's own by the report."""
     x = preprocess.to_float(torch.from_numpy(images))
 
     def accuracy(batch: torch.Tensor) -> float:
         u8 = (batch * 255).round().clamp(0, 255).byte()
-        return classification_metrics(predict_logits(model, preprocess, u8, device=device, batch_size=batch_size),
+        return classification_metrics(predict_logits(model, preprocess, u8, device=device, **inference),
                                       labels, classes)["accuracy"]
 
     results = {"samples": int(len(labels)), "clean": accuracy(x), "corruptions": []}

@@ -163,15 +163,16 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
     plots/*.png and report.html; return the numbers."""
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
+    inference = run_inference_settings(cfg, device)
     if logits is None:
-        logits = predict_logits(model, preprocess, test_images, device=device, tta=cfg.get("tta", "none"),
-                                **run_inference_settings(cfg, device))
+        logits = predict_logits(model, preprocess, test_images, device=device, tta=cfg.get("tta", "none"), **inference)
     metrics = classification_metrics(logits, test_labels, classes)
     metrics["calibration"] = analysis.calibration(logits, test_labels)
     metrics["confused_pairs"] = analysis.confused_pairs(metrics["confusion_matrix"], classes)
     metrics["worst_mistakes"] = analysis.worst_mistakes(logits, test_labels)
     n_rob = min(cfg.get("report_robustness_samples", ROBUSTNESS_SAMPLES), len(test_labels))
-    metrics["robustness"] = analysis.robustness(model, preprocess, test_images[:n_rob], test_labels[:n_rob], classes, device)
+    metrics["robustness"] = analysis.robustness(model, preprocess, test_images[:n_rob], test_labels[:n_rob], classes, device,
+                                                **inference)
     write_json_atomic(run_dir / "evaluation.json", {"split": "test", "checkpoint": "best", "classes": classes, **metrics})
 
     pred = logits.argmax(1).numpy()

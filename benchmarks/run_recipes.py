@@ -26,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def machine() -> str:
+def machine(gpu: bool = False) -> str:
+    """The CPU (model, cores, native bf16), and the GPU's name first when the runs train on one."""
     from cnnkit.evaluate import cpu_has_native_bf16  # the same test as --precision auto
 
     cpu = "unknown CPU"
@@ -37,16 +38,24 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, bf16 {'yes' if cpu_has_native_bf16() else 'no'}"
+    host = f"{cpu}, {os.cpu_count()} cores, bf16 {'yes' if cpu_has_native_bf16() else 'no'}"
+    if gpu:
+        import torch
+
+        return f"{torch.cuda.get_device_name(0)}, host {host}"
+    return host
 
 
 def commit() -> str:
+    """HEAD (+dirty if src/ has changes); BENCH_COMMIT names it for a copied tree without .git."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True).stdout
-        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
+        if out.returncode == 0:
+            return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
     except OSError:
-        return "unknown"
+        pass
+    return os.environ.get("BENCH_COMMIT", "unknown") + " (copied tree)"
 
 
 def run_one(recipe: str, seed: int, extra: list[str], out_dir: Path) -> dict:
@@ -103,6 +112,7 @@ def main() -> None:
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more `cnnkit train` flags for every run")
     args = p.parse_args()
     extra = [a for a in args.extra if a != "--"]
+    gpu = "--device" in extra and extra[extra.index("--device") + 1:][:1] == ["cuda"]
     variants = [("", [])]
     if args.variants:
         variants = [] if args.no_base else variants
@@ -110,7 +120,7 @@ def main() -> None:
     elif args.vary:
         field, *values = args.vary
         variants = [(f" ({field}={v})", [f"--{field.replace('_', '-')}", v]) for v in values]
-    header = (f"Measured {date.today()} on {machine()}, commit {commit()}, "
+    header = (f"Measured {date.today()} on {machine(gpu)}, commit {commit()}, "
               f"torch {__import__('torch').__version__}, Python {platform.python_version()}.\n"
               f"Command: `python benchmarks/run_recipes.py --recipes {' '.join(args.recipes)} "
               f"--seeds {' '.join(map(str, args.seeds))}{' --vary ' + ' '.join(args.vary) if args.vary else ''}"
@@ -123,14 +133,14 @@ def main() -> None:
                 row = run_one(recipe, seed, extra + flags, args.runs_dir)
                 row["recipe"] += suffix
                 rows.append(row)
-                record(args.label, header, rows)  # after every run: an interrupted benchmark keeps what it measured
+                record(args.label, header, rows, gpu)  # after every run: an interrupted benchmark keeps what it measured
     print(header + table(rows))
 
 
-def record(label: str, header: str, rows: list[dict]) -> None:
+def record(label: str, header: str, rows: list[dict], gpu: bool = False) -> None:
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    (results / f"{label}.json").write_text(json.dumps({"machine": machine(), "commit": commit(), "rows": rows}, indent=2) + "\n")
+    (results / f"{label}.json").write_text(json.dumps({"machine": machine(gpu), "commit": commit(), "rows": rows}, indent=2) + "\n")
     write_block(label, header + table(rows))
 
 

@@ -246,6 +246,9 @@ class Trainer:
             # cuBLAS needs this set before its first use to be deterministic (ignored on the CPU).
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
+        elif device.type == "cuda":
+            # cuDNN times its algorithms per input shape once; a training run repeats a few shapes
+            torch.backends.cudnn.benchmark = True
         self.precision = resolve_precision(cfg.precision, device)
         if self.precision == "fp16" and device.type != "cuda":
             raise ConfigError("precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")

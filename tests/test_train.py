@@ -96,6 +96,24 @@ def test_evaluate_and_predict_commands(trained, tmp_path, fmnist_images, capsys)
     assert "not an image" in json.loads(capsys.readouterr().out)["results"][0]["error"]
 
 
+def test_validation_tie_keeps_later_weights_but_stops_early(tmp_path, monkeypatch):
+    from cnnkit.train import Trainer
+
+    evaluate = Trainer.evaluate
+
+    def flat_validation(self, split, *args, **kwargs):
+        result = evaluate(self, split, *args, **kwargs)
+        return {**result, "accuracy": 0.5} if split is self.splits.val else result
+
+    monkeypatch.setattr(Trainer, "evaluate", flat_validation)
+    summary = train(small(tmp_path, "tie", epochs=4, early_stopping_patience=2, max_train_samples=500)).summary
+    assert summary["epochs_run"] == 3  # epochs 2 and 3 tied with epoch 1: no progress twice
+    assert summary["best_epoch"] == 3  # but the best checkpoint holds the latest of the tied weights
+    best = load_checkpoint(tmp_path / "tie" / "checkpoints" / "best").model
+    last = load_checkpoint(tmp_path / "tie" / "checkpoints" / "last").model
+    assert all(torch.equal(best[k], last[k]) for k in best)
+
+
 def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
     train(small(tmp_path, "same", max_train_samples=500))
     assert main(["--quiet", "train", "--max-train-samples", "500", "--epochs", "1",

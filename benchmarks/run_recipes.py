@@ -120,7 +120,8 @@ def main() -> None:
     elif args.vary:
         field, *values = args.vary
         variants = [(f" ({field}={v})", [f"--{field.replace('_', '-')}", v]) for v in values]
-    header = (f"Measured {date.today()} on {machine(gpu)}, commit {commit()}, "
+    where = {"machine": machine(gpu), "commit": commit()}  # read once, before the runs
+    header = (f"Measured {date.today()} on {where['machine']}, commit {where['commit']}, "
               f"torch {__import__('torch').__version__}, Python {platform.python_version()}.\n"
               f"Command: `python benchmarks/run_recipes.py --recipes {' '.join(args.recipes)} "
               f"--seeds {' '.join(map(str, args.seeds))}{' --vary ' + ' '.join(args.vary) if args.vary else ''}"
@@ -133,14 +134,14 @@ def main() -> None:
                 row = run_one(recipe, seed, extra + flags, args.runs_dir)
                 row["recipe"] += suffix
                 rows.append(row)
-                record(args.label, header, rows, gpu)  # after every run: an interrupted benchmark keeps what it measured
+                record(args.label, header, rows, where)  # after every run: an interrupted benchmark keeps what it measured
     print(header + table(rows))
 
 
-def record(label: str, header: str, rows: list[dict], gpu: bool = False) -> None:
+def record(label: str, header: str, rows: list[dict], where: dict[str, str]) -> None:
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    (results / f"{label}.json").write_text(json.dumps({"machine": machine(gpu), "commit": commit(), "rows": rows}, indent=2) + "\n")
+    (results / f"{label}.json").write_text(json.dumps({**where, "rows": rows}, indent=2) + "\n")
     write_block(label, header + table(rows))
 
 

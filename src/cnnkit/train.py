@@ -14,6 +14,7 @@ resumed run continues exactly where it stopped.
 from __future__ import annotations
 
 import difflib
+import gc
 import json
 import logging
 import math
@@ -691,6 +692,13 @@ class Trainer:
 
     def _finish(self, stopped_early: bool) -> TrainResult:
         cfg, state, splits = self.cfg, self.state, self.splits
+        if self.dist.enabled:
+            # Ranks leave together, and DDP (whose reducer holds the process group) lets go of it
+            # first: a rank that tore Gloo down on its own while rank 0 was still saving aborted
+            # once in CI ("terminate called without an active exception").
+            distributed.barrier(self.dist)
+            self.net = self.model
+            gc.collect()
         distributed.cleanup(self.dist)
         if not self.dist.is_main:
             return TrainResult(self.run_dir, state, {}, {})

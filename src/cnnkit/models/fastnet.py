@@ -25,7 +25,8 @@ class FastNet(nn.Module):
         input_size: int = 32,
         widths: tuple[int, ...] | list[int] = (64, 256, 256),
         depth: int = 2,  # 3x3 convolutions per group
-        whiten: bool = True,  # stem weights from the training data's 2x2 patch covariance (see init_from_data)
+        whiten: bool = True,  # stem weights from the training data's patch covariance (see init_from_data)
+        stem_kernel: int = 2,  # patch size of the stem; a grey image has only 4 directions in a 2x2 patch, 9 in a 3x3
         bn_momentum: float = 0.4,  # PyTorch's convention: the weight of the new batch's statistics
         head_scale: float = 1 / 9,
         dirac_init: bool = True,
@@ -33,11 +34,13 @@ class FastNet(nn.Module):
         super().__init__()
         if depth < 1 or not widths:
             raise ValueError("fastnet needs at least one group and one convolution per group")
+        if stem_kernel < 1:
+            raise ValueError(f"fastnet's stem_kernel must be at least 1, not {stem_kernel}")
         if input_size < 2 ** (len(widths) + 1):
             raise ValueError(f"fastnet with {len(widths)} groups needs inputs of at least {2 ** (len(widths) + 1)} pixels")
         self.whiten = whiten
-        stem_width = 2 * in_channels * 2 * 2  # each whitening direction and its negation
-        self.stem = nn.Conv2d(in_channels, stem_width, kernel_size=2, padding=0)
+        stem_width = 2 * in_channels * stem_kernel**2  # each whitening direction and its negation
+        self.stem = nn.Conv2d(in_channels, stem_width, kernel_size=stem_kernel, padding=0)
         if whiten:  # fixed by init_from_data; only its bias trains
             self.stem.weight.requires_grad_(False)
         layers: list[nn.Module] = [self.stem, nn.GELU()]
@@ -58,18 +61,18 @@ class FastNet(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor, eps: float = 5e-4) -> None:
-        """Set the stem to whiten 2x2 patches of preprocessed training images `x` (N, C, H, W):
+        """Set the stem to whiten kxk patches of preprocessed training images `x` (N, C, H, W):
         the eigenvectors of their covariance, scaled by 1/sqrt(eigenvalue), and their negations."""
         if not self.whiten:
             return
-        c = x.shape[1]
-        # (N, C, H-1, W-1, 2, 2) -> one row per patch, in the order of the stem's weights (C, 2, 2)
-        patches = x.float().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4)
+        c, k = x.shape[1], self.stem.kernel_size[0]
+        # (N, C, H-k+1, W-k+1, k, k) -> one row per patch, in the order of the stem's weights (C, k, k)
+        patches = x.float().unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
         patches = patches - patches.mean(0)
         cov = patches.T @ patches / len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(cov.double())
         filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]).float()
-        filters = filters.reshape(c * 4, c, 2, 2)
+        filters = filters.reshape(c * k * k, c, k, k)
         self.stem.weight.copy_(torch.cat([filters, -filters]))
         self.stem.bias.zero_()
 

@@ -644,8 +644,8 @@ class Trainer:
         if self.budget_s is not None:
             self._budget_after_epoch(epoch, time.perf_counter() - self._train_ended)
         state.epoch, state.batch = epoch, 0
-        progress = val["accuracy"] > state.best_val_accuracy
-        state.bad_epochs = 0 if progress else state.bad_epochs + 1
+        gained = val["accuracy"] > state.best_val_accuracy  # (not `progress`: that is the module)
+        state.bad_epochs = 0 if gained else state.bad_epochs + 1
         # A tie is no progress for early stopping, but its later weights become the best: as good on
         # validation and trained longer (under a decaying schedule, at a lower rate). A GPU
         # fmnist-fast run tied at epochs 10 and 11 and was tested with epoch 10's weights.
@@ -692,11 +692,7 @@ class Trainer:
 
     def _finish(self, stopped_early: bool) -> TrainResult:
         cfg, state, splits = self.cfg, self.state, self.splits
-        if self.dist.enabled:
-            # Ranks leave together, and DDP (whose reducer holds the process group) lets go of it
-            # first: a rank that tore Gloo down on its own while rank 0 was still saving aborted
-            # once in CI ("terminate called without an active exception").
-            distributed.barrier(self.dist)
+        if self.dist.enabled:  # DDP's reducer holds the process group: let go of it before it goes
             self.net = self.model
             gc.collect()
         distributed.cleanup(self.dist)

@@ -160,31 +160,18 @@ def _random_flip(x: Tensor, g: torch.Generator, dim: int) -> Tensor:
 
 def translate(x: Tensor, g: torch.Generator, *, pixels: int = 2, fill: str = "reflect") -> Tensor:
     """Pad-and-crop: shift each image by a whole number of pixels in [-pixels, pixels] per axis."""
-    h, w = x.shape[-2:]
+    b, _, h, w = x.shape
     mode = {"zero": "constant", "constant": "constant", "reflect": "reflect", "edge": "replicate", "nearest": "replicate"}
     if fill not in mode:
         raise ConfigError(f"translate: fill must be one of {sorted(mode)}, got {fill!r}")
-    return _crop_each(F.pad(x, (pixels,) * 4, mode=mode[fill]), h, w, g)
-
-
-def random_crop(x: Tensor, g: torch.Generator, *, size: int) -> Tensor:
-    """A random size x size window of each image, no padding (progressive resizing's "crop" mode:
-    objects keep their scale, the network sees less of the image)."""
-    if not 0 < size <= min(x.shape[-2:]):
-        raise ConfigError(f"random_crop: size must be between 1 and the image size {min(x.shape[-2:])}, got {size}")
-    return _crop_each(x, size, size, g)
-
-
-def _crop_each(x: Tensor, h: int, w: int, g: torch.Generator) -> Tensor:
-    """An h x w window of each image of x (B, C, H, W) at its own random offset."""
-    b = x.shape[0]
-    dx = torch.randint(0, x.shape[-1] - w + 1, (b,), generator=g).to(x.device)
-    dy = torch.randint(0, x.shape[-2] - h + 1, (b,), generator=g).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, h, 1)
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, w)
+    padded = F.pad(x, (pixels,) * 4, mode=mode[fill])
+    dx = torch.randint(0, 2 * pixels + 1, (b,), generator=g).to(x.device)
+    dy = torch.randint(0, 2 * pixels + 1, (b,), generator=g).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
     batch = torch.arange(b, device=x.device)[:, None, None, None]
     chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return x[batch, chan, rows, cols]
+    return padded[batch, chan, rows, cols]
 
 
 def random_resized_crop(

@@ -85,8 +85,6 @@ class Config:
     grad_clip: float | None = None  # clip the gradient norm to this value
     early_stopping_patience: int | None = None  # stop after this many epochs without a better validation accuracy
     augment: str | list[dict[str, Any]] = "none"  # preset (none, seed, light, strong) or list of ops; see `cnnkit augment ops`
-    low_res_epochs: int = 0  # progressive resizing: the first N epochs train on random low_res_size crops of the augmented images, each step about (low_res_size / image size)^2 the cost of a full one
-    low_res_size: int = 24  # pixels per side of those crops; objects keep their scale
     tta: str = "none"  # test-time augmentation for the test evaluation: none | flip | shift | flip-shift (validation during training goes without)
     precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA) | auto (bf16 where the CPU or GPU has it natively, else fp32 on CPUs, fp16 on GPUs)
     channels_last: bool = False  # memory format; often faster for convolutions
@@ -140,9 +138,6 @@ class Config:
             raise ConfigError(f"muon_lr must be positive and muon_momentum in [0, 1); got {self.muon_lr} and {self.muon_momentum}")
         if self.bias_lr_scale <= 0:
             raise ConfigError(f"bias_lr_scale must be positive; got {self.bias_lr_scale}")
-        if self.low_res_epochs < 0 or self.low_res_size < 1:
-            raise ConfigError(f"low_res_epochs must not be negative and low_res_size must be positive; "
-                              f"got {self.low_res_epochs} and {self.low_res_size}")
         bad = {name: e for name, e in self.frozen_after.items() if not isinstance(e, (int, float)) or isinstance(e, bool) or e <= 0}
         if bad:
             raise ConfigError(f"frozen_after maps parameter names to a positive number of epochs; got {bad}")

@@ -34,7 +34,7 @@ from torch import nn
 
 import cnnkit
 from cnnkit import distributed, progress
-from cnnkit.augment import build_augment, random_crop, tta_views
+from cnnkit.augment import build_augment, tta_views
 from cnnkit.budget import (Costs, calibration_window, estimate_costs, final_seconds, fit_epochs, parse_duration,
                            replan_after_epoch)
 from cnnkit.checkpoint import load_checkpoint, save_checkpoint
@@ -304,9 +304,6 @@ class Trainer:
             raise ConfigError(str(e)) from None
         self.loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
         self.augment = build_augment(cfg.augment)
-        if cfg.low_res_epochs and cfg.low_res_size >= self.preprocess.input_size:
-            raise ConfigError(f"low_res_size {cfg.low_res_size} must be smaller than the model's input "
-                              f"({self.preprocess.input_size} px) for low_res_epochs to save anything")
         self.total_steps = cfg.epochs * len(self.loader)
         self.warmup_steps = int(round(cfg.warmup_epochs * len(self.loader)))
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
@@ -481,8 +478,6 @@ class Trainer:
             if self.augment.mixes_labels:  # soft targets: cross-entropy takes class probabilities too
                 x, targets = self.augment.mix(x, labels, self.num_classes, self.aug_rng)
         x = self.preprocess.finish(x)
-        if epoch <= cfg.low_res_epochs:  # progressive resizing: cheaper steps while coarse features form
-            x = random_crop(x, self.aug_rng, size=cfg.low_res_size)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):

@@ -28,23 +28,6 @@ def test_fastnet_shapes_and_frozen_parameters():
         create_model("fastnet", 10, 1, 8, widths=[8, 16, 32])
 
 
-def test_fastnet_full_res_convs_moves_the_first_pooling():
-    def sizes_after_each_conv(net, size):
-        out, x = [], torch.rand(1, 1, size, size)
-        for layer in net.features:
-            x = layer(x)
-            if isinstance(layer, torch.nn.BatchNorm2d):  # after the conv (and its pooling, if any)
-                out.append(x.shape[-1])
-        return out
-
-    assert sizes_after_each_conv(create_model("fastnet", 10, 1, 28, widths=[8, 16, 32]), 28) == [13, 13, 6, 6, 3, 3]
-    late = create_model("fastnet", 10, 1, 28, widths=[8, 16, 32], full_res_convs=2)
-    assert sizes_after_each_conv(late, 28) == [27, 13, 6, 6, 3, 3]
-    assert late(torch.rand(2, 1, 28, 28)).shape == (2, 10)
-    with pytest.raises(ConfigError, match="full_res_convs must be between 1 and depth"):
-        create_model("fastnet", 10, 1, 28, widths=[8, 16, 32], full_res_convs=3)
-
-
 @pytest.mark.parametrize("channels, kernel", [(3, 2), (1, 3)])
 def test_whitening_stem_decorrelates_patches(channels, kernel):
     torch.manual_seed(0)

@@ -4,7 +4,6 @@ airbench (Keller Jordan, 2024) holds the CIFAR-10 speed record with a small VGG-
 
     stem: 2x2 convolution, its weights fixed to the whitening transform of 2x2 patches -> GELU
     3 groups: conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU    (widths 64, 256, 256)
-    (`full_res_convs=2`: the first group pools after its second convolution instead)
     global max pool -> linear (no bias) -> x 1/9
 
 BatchNorm keeps its scale at 1 and learns only its shift; each 3x3 convolution starts as the
@@ -31,13 +30,10 @@ class FastNet(nn.Module):
         bn_momentum: float = 0.4,  # PyTorch's convention: the weight of the new batch's statistics
         head_scale: float = 1 / 9,
         dirac_init: bool = True,
-        full_res_convs: int = 1,  # 3x3 convolutions at the input's resolution: the first group pools after this many
     ):
         super().__init__()
         if depth < 1 or not widths:
             raise ValueError("fastnet needs at least one group and one convolution per group")
-        if not 1 <= full_res_convs <= depth:
-            raise ValueError(f"fastnet's full_res_convs must be between 1 and depth ({depth}), not {full_res_convs}")
         if stem_kernel < 1:
             raise ValueError(f"fastnet's stem_kernel must be at least 1, not {stem_kernel}")
         if input_size < 2 ** (len(widths) + 1):
@@ -49,15 +45,14 @@ class FastNet(nn.Module):
             self.stem.weight.requires_grad_(False)
         layers: list[nn.Module] = [self.stem, nn.GELU()]
         prev = stem_width
-        for g, width in enumerate(widths):
-            pool_at = full_res_convs - 1 if g == 0 else 0
+        for width in widths:
             for i in range(depth):
                 conv = nn.Conv2d(prev if i == 0 else width, width, 3, padding=1, bias=False)
                 if dirac_init:
                     nn.init.dirac_(conv.weight.data[: conv.in_channels])
                 bn = nn.BatchNorm2d(width, momentum=bn_momentum, eps=1e-12)
                 bn.weight.requires_grad_(False)  # the scale is redundant before GELU + the next BN
-                layers += [conv, nn.MaxPool2d(2), bn, nn.GELU()] if i == pool_at else [conv, bn, nn.GELU()]
+                layers += [conv, nn.MaxPool2d(2), bn, nn.GELU()] if i == 0 else [conv, bn, nn.GELU()]
             prev = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveMaxPool2d(1)

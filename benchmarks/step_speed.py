@@ -38,6 +38,13 @@ CASES = [  # (label, channels, size, widths, precision, channels_last, compile)
     ("fmnist-quick net", 1, 28, (32, 64, 128), "bf16", True, False),
     ("fmnist-quick net", 1, 28, (32, 64, 128), "fp32", True, False),
     ("fmnist-quick net", 1, 28, (32, 64, 128), "bf16", True, True),
+    # fp32: what precision "auto" runs on CPUs without native bf16 (most laptops: AVX2 only)
+    ("cifar10-fast net", 3, 32, (64, 256, 256), "fp32", False, False),
+    ("cifar10-fast net", 3, 32, (64, 256, 256), "fp32", True, True),
+    ("cifar10-quick net", 3, 32, (64, 128, 256), "fp32", True, False),
+    ("fmnist-fast net", 1, 28, (64, 128, 256), "fp32", True, False),
+    ("fmnist-quick net", 1, 28, (32, 64, 128), "fp32", False, False),
+    ("fmnist-quick net", 1, 28, (32, 64, 128), "fp32", True, True),
 ]
 
 

@@ -2,13 +2,16 @@
 shift TTA, the time budget and the learning-rate range test."""
 
 import json
+import logging
+import re
 import signal
+import time
 
 import pytest
 import torch
 
 from cnnkit.augment import tta_views
-from cnnkit.budget import Costs, fit_epochs, parse_duration
+from cnnkit.budget import Costs, fit_epochs, overruns, parse_duration, recent_epoch_s
 from cnnkit.checkpoint import load_checkpoint
 from cnnkit.cli import main
 from cnnkit.config import apply_overrides, load_recipe
@@ -113,6 +116,10 @@ def test_fit_epochs_arithmetic():
     assert fit_epochs(200, 10, 0, 0.1, costs) == 14
     assert fit_epochs(200, 10, 3, 0.0, costs) == 3 + 14
     assert fit_epochs(30, 25, 0, 0.5, costs) == 1  # over budget already: finish the epoch in progress
+    # 100 s in, 6 more epochs of 11 s and 20 s after them end at 186 s, inside 0.95 * 200; 7 would not
+    assert not overruns(200, 100, 6, costs) and overruns(200, 100, 7, costs)
+    assert recent_epoch_s([9.0, 30.0, 10.0, 11.0, 12.0]) == 11.0  # the last three only
+    assert recent_epoch_s([12.0]) == 12.0
 
 
 def small(tmp_path, name, **kw):
@@ -173,18 +180,30 @@ def test_frozen_after_lets_a_parameter_stop_training_on_time(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_time_budget_fits_the_epochs_and_ends_in_time(tmp_path):
+def test_time_budget_fits_the_epochs_and_ends_in_time(tmp_path, monkeypatch, caplog):
     budget = 25
-    result = train(small(tmp_path, "budget", epochs=1, time_budget=f"{budget}s", report=True,
-                         report_robustness_samples=200))
+    step = Trainer._step
+
+    def slowing(self, *args, **kwargs):  # a machine that slows down after the plan of epoch 2
+        if self.state.epoch >= 2:
+            time.sleep(0.03)  # about 0.7 s more an epoch of 23 steps
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_step", slowing)
+    with caplog.at_level(logging.INFO, logger="cnnkit"):
+        result = train(small(tmp_path, "budget", epochs=1, time_budget=f"{budget}s", report=True,
+                             report_robustness_samples=200))
     s = json.loads((result.run_dir / "summary.json").read_text())
     config = json.loads((result.run_dir / "config.json").read_text())
-    # 3000 images take about a second an epoch here: the budget fits many more than the 1 asked for
+    # 3000 images take a second or two an epoch: the budget fits many more than the 1 asked for
     assert s["epochs_run"] == config["epochs"] > 3
     assert s["time_budget_s"] == budget and 0 < s["planned_time_s"] <= budget
     assert s["total_time_s"] <= budget
+    plans = [int(m.group(1)) for r in caplog.records if (m := re.search(r"(\d+) epochs planned from epoch (\d+)", r.getMessage()))
+             and int(m.group(2)) > 2]
+    assert plans and plans[-1] == config["epochs"]  # the slower epochs made a shorter plan ...
     last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["lr"] < 0.1 * config["lr"]  # the schedule ran to its end, not cut off
+    assert last["lr"] < 0.1 * config["lr"]  # ... whose schedule ran to its end, rather than a cut-off run
 
 
 @pytest.mark.slow

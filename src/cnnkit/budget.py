@@ -3,9 +3,11 @@
 The plan is made after the first few steps (the step rate, with evaluation costs estimated
 from it), and made again after the first and the second epoch (measured epoch, validation and
 between-epoch times; when fine-tuning, the first two that trained every layer that will train).
-The schedule follows the plan, so a shorter budget means a shorter, complete schedule (the learning
-rate still decays to its end), not a run cut off midway. A last guard at every epoch end stops
-the run if the next epoch would overrun.
+After that it is made again, shorter, whenever the last epochs' times say the plan would end past
+its margin: a machine slower than its first epochs showed, or slowing down. The schedule follows
+the plan, so a shorter budget means a shorter, complete schedule (the learning rate still decays
+to its end), not a run cut off midway. A last guard at every epoch end stops the run if the next
+epoch would overrun.
 """
 
 from __future__ import annotations
@@ -75,13 +77,32 @@ def calibration_window(steps_per_epoch: int, settled_step: int) -> tuple[int, in
     return first, min(steps_per_epoch, first + window)
 
 
+def first_settled_epoch(steps_per_epoch: int, settled_step: int) -> int:
+    """The first epoch (1-based) that trains throughout as the rest of the run will."""
+    return math.ceil(settled_step / steps_per_epoch) + 1
+
+
+def recent_epoch_s(times: list[float], last: int = 3) -> float:
+    """Seconds per epoch from here on: the mean of the `last` settled epochs' times, so that one
+    fast or slow epoch (they vary by 20% on a laptop) does not move the plan alone, and a machine
+    that slows down as it warms is followed."""
+    recent = times[-last:]
+    return sum(recent) / len(recent)
+
+
+def overruns(budget_s: float, elapsed_s: float, epochs_left: int, costs: Costs) -> bool:
+    """Whether `epochs_left` more epochs (each validated), then the test and report, end past the
+    margin that plans keep: caught while epochs remain, a shorter plan still ends its schedule."""
+    return elapsed_s + epochs_left * (costs.epoch_s + costs.val_s) + costs.final_s > MARGIN * budget_s
+
+
 def replan_after_epoch(epoch: int, steps_per_epoch: int, settled_step: int) -> bool:
     """Whether the time of epoch `epoch` should re-plan the run: yes for the first two epochs that
     trained throughout as the rest of the run will (from the second the time between epochs is
     known too). An epoch that began with cheaper, head-only steps would plan too many epochs, so
     such an epoch re-plans only while the plan rests on head-only steps (the first epoch had no
     room to time later ones, see `calibration_window`); its time is closer to the truth than theirs."""
-    first_settled = math.ceil(settled_step / steps_per_epoch) + 1
+    first_settled = first_settled_epoch(steps_per_epoch, settled_step)
     if epoch >= first_settled:
         return epoch <= first_settled + 1
     return calibration_window(steps_per_epoch, settled_step)[0] != settled_step

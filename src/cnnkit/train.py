@@ -35,8 +35,8 @@ from torch import nn
 import cnnkit
 from cnnkit import distributed, progress
 from cnnkit.augment import build_augment, tta_views
-from cnnkit.budget import (Costs, calibration_window, estimate_costs, final_seconds, fit_epochs, parse_duration,
-                           replan_after_epoch)
+from cnnkit.budget import (Costs, calibration_window, estimate_costs, final_seconds, first_settled_epoch, fit_epochs,
+                           overruns, parse_duration, recent_epoch_s, replan_after_epoch)
 from cnnkit.checkpoint import load_checkpoint, save_checkpoint
 from cnnkit.config import Config
 from cnnkit.data import canonical_name, imbalance_ratio, load_dataset, make_splits
@@ -319,6 +319,7 @@ class Trainer:
         self._settled_step = self.unfreezer.settled_step() if self.unfreezer is not None else 0
         self._train_ended: float | None = None
         self._between_epochs_s = 0.0
+        self._settled_epoch_times: list[float] = []  # of the epochs that trained as the rest of the run will
 
         self.state = TrainState()
         self.resume_rng: dict[str, torch.Tensor] = {}
@@ -552,7 +553,7 @@ class Trainer:
                                 + (epochs - done) * costs.val_s + costs.final_s)
         if epochs != cfg.epochs:
             self._set_epochs(epochs)
-        log.info("time budget %s: %d epochs planned from %s (epoch %.0f s, validation %.1f s, test and report "
+        log.info("time budget %s: %d epochs planned from %s (epoch %.1f s, validation %.1f s, test and report "
                  "%.0f s); the run should end after %.0f s", cfg.time_budget, epochs, basis, costs.epoch_s,
                  costs.val_s, costs.final_s, state.planned_time_s)
 
@@ -569,10 +570,15 @@ class Trainer:
         """Re-plan from the measured times (see `budget.replan_after_epoch`); after every epoch,
         stop if the next one would overrun."""
         cfg, state = self.cfg, self.state
+        if epoch >= first_settled_epoch(len(self.loader), self._settled_step):
+            self._settled_epoch_times.append(state.epoch_time_s)
         eval_image_s = val_s / max(len(self.splits.val), 1)
-        costs = Costs(state.epoch_time_s, max(val_s, self._between_epochs_s),
+        epoch_s = recent_epoch_s(self._settled_epoch_times or [state.epoch_time_s])
+        costs = Costs(epoch_s, max(val_s, self._between_epochs_s),
                       final_seconds(self._final_images(), eval_image_s, cfg.report))
-        if cfg.epochs > epoch and replan_after_epoch(epoch, len(self.loader), self._settled_step):
+        elapsed = time.perf_counter() - self.wall_start
+        if cfg.epochs > epoch and (replan_after_epoch(epoch, len(self.loader), self._settled_step)
+                                   or overruns(self.budget_s, elapsed, cfg.epochs - epoch, costs)):
             self._plan(costs, epoch, 0.0, f"epoch {epoch}")
         elapsed = time.perf_counter() - self.wall_start
         if epoch < cfg.epochs and elapsed + costs.epoch_s + costs.val_s + costs.final_s > self.budget_s:

@@ -42,8 +42,8 @@ from cnnkit.config import Config
 from cnnkit.data import canonical_name, imbalance_ratio, load_dataset, make_splits
 from cnnkit.data.loader import BatchLoader
 from cnnkit.errors import CnnkitError, ConfigError, RunError
-from cnnkit.evaluate import (autocast, classification_metrics, predict_logits, resolve_precision,
-                             run_inference_settings)
+from cnnkit.evaluate import (autocast, classification_metrics, cpu_has_native_bf16, predict_logits,
+                             resolve_precision, run_inference_settings)
 from cnnkit.fileio import write_bytes_atomic, write_json_atomic
 from cnnkit.finetune import make_unfreezer
 from cnnkit.lookahead import Lookahead
@@ -253,6 +253,14 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, device)
         if self.precision == "fp16" and device.type != "cuda":
             raise ConfigError("precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            if self.precision == "bf16":
+                log.warning("this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 is emulated: many times "
+                            "slower than fp32 (benchmarks/RESULTS.md, step-speed-bf16-avx2); --precision auto "
+                            "chooses fp32 here")
+            elif cfg.precision == "auto":
+                log.info("fp32: this CPU has no native bf16 (AVX512-BF16 or AMX); the recipes' times were "
+                         "measured with it and take 2-4 times as long here: --time-budget fits a run to your time")
         # evaluation's precision, memory format and batch: the same rule as `cnnkit evaluate` and `report`
         self.inference = run_inference_settings(cfg.to_dict(), device)
 

@@ -27,18 +27,21 @@ ROOT = HERE.parent
 
 
 def machine(gpu: bool = False) -> str:
-    """The CPU (model, cores, native bf16), and the GPU's name first when the runs train on one."""
+    """The CPU (model, cores, widest vector instructions, native bf16), and the GPU's name first
+    when the runs train on one. The model name alone may not tell CPU generations apart ("AMD EPYC")."""
     from cnnkit.evaluate import cpu_has_native_bf16  # the same test as --precision auto
 
-    cpu = "unknown CPU"
+    cpu, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == "unknown CPU":
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    host = f"{cpu}, {os.cpu_count()} cores, bf16 {'yes' if cpu_has_native_bf16() else 'no'}"
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    host = f"{cpu}, {os.cpu_count()} cores, {vector + ', ' if vector else ''}bf16 {'yes' if cpu_has_native_bf16() else 'no'}"
     if gpu:
         import torch
 

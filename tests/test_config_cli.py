@@ -47,10 +47,15 @@ def test_cli_errors_are_one_line_without_traceback(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_recipes_and_datasets_commands(capsys):
-    assert main(["recipes"]) == 0
-    out = capsys.readouterr().out
-    assert "seed-fmnist" in out and "fmnist-quick (default)" in out
+def test_recipes_and_datasets_commands(capsys, monkeypatch):
+    import cnnkit.evaluate as ev
+
+    for native in (True, False):
+        monkeypatch.setattr(ev, "cpu_has_native_bf16", lambda: native)
+        assert main(["recipes"]) == 0
+        out = capsys.readouterr().out
+        assert "seed-fmnist" in out and "fmnist-quick (default)" in out
+        assert ("This CPU has none: the fast recipes train in fp32" in out) is not native  # the times hold there
     assert main(["datasets"]) == 0
     assert "fashion-mnist" in capsys.readouterr().out
 

@@ -207,6 +207,34 @@ def test_time_budget_fits_the_epochs_and_ends_in_time(tmp_path, monkeypatch, cap
 
 
 @pytest.mark.slow
+def test_time_budget_shorter_than_one_epoch_trains_part_of_it_to_a_complete_schedule(tmp_path, monkeypatch):
+    step = Trainer._step
+
+    def slow(self, *args, **kwargs):  # a machine (or data set) on which one epoch takes longer than the budget
+        time.sleep(0.5)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_step", slow)
+    budget = 12
+    result = train(small(tmp_path, "part-epoch", epochs=3, time_budget=f"{budget}s"))  # 23 steps: over 11 s
+    s = json.loads((result.run_dir / "summary.json").read_text())
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert s["epochs_run"] == config["epochs"] == 1 and 3 < s["steps_run"] < 23
+    assert s["total_time_s"] <= budget
+    last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == s["steps_run"] and last["lr"] < 0.5 * config["lr"]  # the shortened schedule decayed
+
+
+@pytest.mark.slow
+def test_time_budget_too_short_for_the_evaluation_says_so(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="cnnkit"):
+        result = train(small(tmp_path, "tiny-budget", epochs=3, time_budget="1s"))
+    s = json.loads((result.run_dir / "summary.json").read_text())
+    assert s["epochs_run"] == 1 and s["planned_time_s"] > 1
+    assert [r for r in caplog.records if "cannot end in time" in r.getMessage()]
+
+
+@pytest.mark.slow
 def test_lr_find_writes_a_plot_and_suggests_a_rate(tmp_path, capsys):
     assert main(["lr-find", "--recipe", "fmnist-quick", "--max-train-samples", "2000", "--model-args",
                  '{"widths": [16, 32, 64]}', "--steps", "40", "--output", str(tmp_path), "--name", "lrf"]) == 0

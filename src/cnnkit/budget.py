@@ -6,8 +6,8 @@ between-epoch times; when fine-tuning, the first two that trained every layer th
 After that it is made again, shorter, whenever the last epochs' times say the plan would end past
 its margin: a machine slower than its first epochs showed, or slowing down. The schedule follows
 the plan, so a shorter budget means a shorter, complete schedule (the learning rate still decays
-to its end), not a run cut off midway. A last guard at every epoch end stops the run if the next
-epoch would overrun.
+to its end), not a run cut off midway; where not even one epoch fits, the plan is the part of the
+first epoch that does. A last guard at every epoch end stops the run if the next epoch would overrun.
 """
 
 from __future__ import annotations
@@ -75,6 +75,16 @@ def calibration_window(steps_per_epoch: int, settled_step: int) -> tuple[int, in
     window = max(3, steps_per_epoch // 10)
     first = settled_step if settled_step + window <= steps_per_epoch else 0
     return first, min(steps_per_epoch, first + window)
+
+
+def fit_first_epoch_steps(budget_s: float, elapsed_s: float, steps_done: int, steps_per_epoch: int,
+                          costs: Costs) -> int:
+    """When not even the first epoch fits: how many of its steps do, with the validation, test and
+    report after them; at least one more than `steps_done`, at most the whole epoch. A slow machine
+    (or a large data set) then still gets a complete, shorter schedule that ends in time."""
+    step_s = costs.epoch_s / steps_per_epoch
+    left = MARGIN * budget_s - elapsed_s - costs.val_s - costs.final_s
+    return max(steps_done + 1, min(steps_per_epoch, steps_done + math.floor(left / step_s)))
 
 
 def first_settled_epoch(steps_per_epoch: int, settled_step: int) -> int:

@@ -429,6 +429,12 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     for name, r in recipes.items():
         length = "linear probe" if r.strategy == "linear-probe" else f"{r.epochs:3d} epochs"
         print(f"{name:{width}}  {r.dataset:13}  {r.model:{model_width}}  {length:12}  {r.description}")
+    from cnnkit.evaluate import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        print("\nThe times are for a 2-core CPU with bf16 instructions (AVX512-BF16 or AMX). This CPU has none: the "
+              "fast recipes train in fp32 here,\nabout 3 times as long. `cnnkit train --recipe R --time-budget 5m` "
+              "fits a run to the time you have.")
     return 0
 
 

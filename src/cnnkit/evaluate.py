@@ -16,7 +16,7 @@ from cnnkit.preprocess import Preprocess
 
 def cpu_has_native_bf16() -> bool:
     """bf16 instructions (AVX512-BF16 or AMX): there bf16 autocast runs convolutions 1.3-2x faster;
-    without them oneDNN emulates bf16 and it is slower than fp32."""
+    without them oneDNN emulates bf16, 15 times slower than fp32 (step-speed-bf16-avx2)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()

@@ -36,7 +36,7 @@ import cnnkit
 from cnnkit import distributed, progress
 from cnnkit.augment import build_augment, tta_views
 from cnnkit.budget import (Costs, calibration_window, estimate_costs, final_seconds, first_settled_epoch, fit_epochs,
-                           overruns, parse_duration, recent_epoch_s, replan_after_epoch)
+                           fit_first_epoch_steps, overruns, parse_duration, recent_epoch_s, replan_after_epoch)
 from cnnkit.checkpoint import load_checkpoint, save_checkpoint
 from cnnkit.config import Config
 from cnnkit.data import canonical_name, imbalance_ratio, load_dataset, make_splits
@@ -87,6 +87,7 @@ class TrainState:
     lr_scale: float = 1.0  # halved each time a non-finite step is skipped (on_nonfinite = skip)
     skipped_steps: int = 0
     planned_time_s: float = 0.0  # --time-budget: when the plan expects the run (report included) to end
+    planned_steps: int = 0  # --time-budget: the steps of a run shorter than one epoch (0: all of cfg.epochs)
 
 
 @dataclass
@@ -260,7 +261,8 @@ class Trainer:
                             "chooses fp32 here")
             elif cfg.precision == "auto":
                 log.info("fp32: this CPU has no native bf16 (AVX512-BF16 or AMX); the recipes' times were "
-                         "measured with it and take 2-4 times as long here: --time-budget fits a run to your time")
+                         "measured on one with it, and runs take about 3 times as long without (benchmarks/"
+                         "RESULTS.md, avx2-fmnist-quick): --time-budget fits a run to your time")
         # evaluation's precision, memory format and batch: the same rule as `cnnkit evaluate` and `report`
         self.inference = run_inference_settings(cfg.to_dict(), device)
 
@@ -312,8 +314,7 @@ class Trainer:
             raise ConfigError(str(e)) from None
         self.loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
         self.augment = build_augment(cfg.augment)
-        self.total_steps = cfg.epochs * len(self.loader)
-        self.warmup_steps = int(round(cfg.warmup_epochs * len(self.loader)))
+        self._set_total_steps(cfg.epochs * len(self.loader))
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.aug_rng = torch.Generator()
         self.lookahead = Lookahead(self.model) if cfg.lookahead else None
@@ -328,6 +329,7 @@ class Trainer:
         self._train_ended: float | None = None
         self._between_epochs_s = 0.0
         self._settled_epoch_times: list[float] = []  # of the epochs that trained as the rest of the run will
+        self._warned_over_budget = False
 
         self.state = TrainState()
         self.resume_rng: dict[str, torch.Tensor] = {}
@@ -335,6 +337,8 @@ class Trainer:
             self.model.load_state_dict(ckpt.model)
             self.optimizer.load_state_dict(ckpt.optimizer)
             self.state = TrainState(**{f: ckpt.meta["state"][f] for f in asdict(self.state) if f in ckpt.meta["state"]})
+            if self.state.planned_steps:
+                self._set_total_steps(self.state.planned_steps)
             self.resume_rng = ckpt.extra
             if self.lookahead is not None:
                 self.lookahead.load_state_tensors(ckpt.extra)
@@ -452,7 +456,8 @@ class Trainer:
                     seen += len(labels)
                 stop = distributed.any_rank(self.stop_signal is not None, self.dist, device) if self.dist.enabled \
                     else self.stop_signal is not None
-                if state.batch % 20 == 0 or state.batch == n or stop or self._checkpoint_due():
+                last = state.batch == n or state.step >= self.total_steps  # a budget may plan part of an epoch
+                if state.batch % 20 == 0 or last or stop or self._checkpoint_due():
                     # .item() waits for a GPU: not every step
                     state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = loss_sum.item(), int(correct.item()), seen
                     state.epoch_time_s = time.perf_counter() - t0
@@ -460,8 +465,10 @@ class Trainer:
                                f"acc {100 * state.epoch_correct / max(seen, 1):.2f}%  {seen / state.epoch_time_s:.0f} img/s")
                     if stop:
                         self._stop_for_signal(epoch)
-                    if self._checkpoint_due() and state.batch < n:
+                    if self._checkpoint_due() and not last:
                         self.save("last")
+                if last:
+                    break
         state.epoch_time_s = time.perf_counter() - t0
         loss_total, correct_total, seen_total = distributed.sum_all([loss_sum.item(), correct.item(), seen], self.dist, device)
         return loss_total / max(seen_total, 1), correct_total / max(seen_total, 1)
@@ -556,23 +563,43 @@ class Trainer:
         next one into the run; every rank follows rank 0's plan."""
         cfg, state = self.cfg, self.state
         elapsed = time.perf_counter() - self.wall_start
+        n = len(self.loader)
         epochs = distributed.broadcast(fit_epochs(self.budget_s, elapsed, done, fraction, costs), self.dist)
         state.planned_time_s = (elapsed + (epochs - done - fraction) * costs.epoch_s
                                 + (epochs - done) * costs.val_s + costs.final_s)
         if epochs != cfg.epochs:
             self._set_epochs(epochs)
-        log.info("time budget %s: %d epochs planned from %s (epoch %.1f s, validation %.1f s, test and report "
-                 "%.0f s); the run should end after %.0f s", cfg.time_budget, epochs, basis, costs.epoch_s,
+        what = f"{epochs} epochs"
+        if done == 0 and epochs == 1 and state.planned_time_s > self.budget_s:  # not even one epoch fits
+            steps = distributed.broadcast(fit_first_epoch_steps(self.budget_s, elapsed, state.step, n, costs), self.dist)
+            if steps < n:
+                state.planned_steps = steps
+                self._set_total_steps(steps)
+                state.planned_time_s = elapsed + (steps - state.step) * costs.epoch_s / n + costs.val_s + costs.final_s
+                what = f"{steps} of the first epoch's {n} steps"
+        log.info("time budget %s: %s planned from %s (epoch %.1f s, validation %.1f s, test and report "
+                 "%.0f s); the run should end after %.0f s", cfg.time_budget, what, basis, costs.epoch_s,
                  costs.val_s, costs.final_s, state.planned_time_s)
+        if state.planned_time_s > self.budget_s and not self._warned_over_budget:
+            self._warned_over_budget = True
+            log.warning("time budget %s: the run cannot end in time: it will end after about %.0f s here. A larger "
+                        "budget, a smaller recipe or --max-train-samples N fits.", cfg.time_budget, state.planned_time_s)
 
     def _set_epochs(self, epochs: int) -> None:
         """A new length for the run: its schedule follows, and so does a later --resume."""
         cfg = self.cfg
         cfg.epochs = epochs
-        self.total_steps = epochs * len(self.loader)
+        self.state.planned_steps = 0
+        self._set_total_steps(epochs * len(self.loader))
         self.meta["config"] = cfg.to_dict()
         if self.dist.is_main:
             write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
+
+    def _set_total_steps(self, steps: int) -> None:
+        """The schedule's length; its warm-up takes at most half of it, so that a run shortened (by a
+        budget, or --epochs) still decays."""
+        self.total_steps = steps
+        self.warmup_steps = min(int(round(self.cfg.warmup_epochs * len(self.loader))), steps // 2)
 
     def _budget_after_epoch(self, epoch: int, val_s: float) -> None:
         """Re-plan from the measured times (see `budget.replan_after_epoch`); after every epoch,
@@ -726,7 +753,8 @@ class Trainer:
             "train_samples": len(splits.train), "val_samples": len(splits.val), "test_samples": len(splits.test),
             "train_time_s": round(state.train_time_s, 2), "skipped_steps": state.skipped_steps,
             "wall_time_s": round(time.perf_counter() - self.wall_start, 2),  # this invocation, data loading included
-            **({"time_budget_s": self.budget_s, "planned_time_s": round(state.planned_time_s, 1)} if self.budget_s else {}),
+            **({"time_budget_s": self.budget_s, "planned_time_s": round(state.planned_time_s, 1), "steps_run": state.step}
+               if self.budget_s else {}),
             "device": describe_device(self.device), "precision": self.precision, "finished_at": datetime.now().isoformat(timespec="seconds"),
             "versions": versions(), "notes": splits.notes,
         }

@@ -223,6 +223,22 @@ def test_time_budget_shorter_than_one_epoch_trains_part_of_it_to_a_complete_sche
     assert s["total_time_s"] <= budget
     last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == s["steps_run"] and last["lr"] < 0.5 * config["lr"]  # the shortened schedule decayed
+    assert last["train_images_per_s"] == pytest.approx(s["steps_run"] * 128 / last["epoch_time_s"], rel=0.01)
+
+    def interrupted(self, *args, **kwargs):  # SIGTERM after the plan (made at step 3), before its end
+        out = slow(self, *args, **kwargs)
+        if self.state.step == 5:
+            self.stop_signal = signal.SIGTERM
+        return out
+
+    monkeypatch.setattr(Trainer, "_step", interrupted)
+    with pytest.raises(TrainingInterrupted):
+        train(small(tmp_path, "resumed", epochs=3, time_budget=f"{budget}s"))
+    planned = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last").meta["state"]["planned_steps"]
+    monkeypatch.setattr(Trainer, "_step", step)
+    train(None, resume=tmp_path / "resumed")  # a resumed run keeps the plan: it ends at the planned step
+    last = json.loads((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 5 < planned < 23 and last["step"] == planned
 
 
 @pytest.mark.slow

@@ -678,7 +678,7 @@ class Trainer:
     def _end_epoch(self, epoch: int, train_loss: float, train_acc: float) -> bool:
         """Validate, record, checkpoint; True when early stopping ends the run."""
         cfg, state = self.cfg, self.state
-        epoch_time = state.epoch_time_s
+        epoch_time, batches = state.epoch_time_s, state.batch  # fewer than the loader's when a budget planned part of it
         state.train_time_s += epoch_time
         self._train_ended = time.perf_counter()
         val = self.evaluate(self.splits.val)
@@ -698,7 +698,7 @@ class Trainer:
             "train_loss": train_loss, "train_accuracy": train_acc,
             "val_loss": val["loss"], "val_accuracy": val["accuracy"],
             "epoch_time_s": round(epoch_time, 3),
-            "train_images_per_s": round(len(self.loader) * cfg.batch_size / max(epoch_time, 1e-9), 1),
+            "train_images_per_s": round(batches * cfg.batch_size / max(epoch_time, 1e-9), 1),
         }
         if self.dist.is_main:
             _append_metrics(self.run_dir, record)

@@ -100,12 +100,6 @@ def recent_epoch_s(times: list[float], last: int = 3) -> float:
     return sum(recent) / len(recent)
 
 
-def overruns(budget_s: float, elapsed_s: float, epochs_left: int, costs: Costs) -> bool:
-    """Whether `epochs_left` more epochs (each validated), then the test and report, end past the
-    margin that plans keep: caught while epochs remain, a shorter plan still ends its schedule."""
-    return elapsed_s + epochs_left * (costs.epoch_s + costs.val_s) + costs.final_s > MARGIN * budget_s
-
-
 def replan_after_epoch(epoch: int, steps_per_epoch: int, settled_step: int) -> bool:
     """Whether the time of epoch `epoch` should re-plan the run: yes for the first two epochs that
     trained throughout as the rest of the run will (from the second the time between epochs is

@@ -36,7 +36,7 @@ import cnnkit
 from cnnkit import distributed, progress
 from cnnkit.augment import build_augment, tta_views
 from cnnkit.budget import (Costs, calibration_window, estimate_costs, final_seconds, first_settled_epoch, fit_epochs,
-                           fit_first_epoch_steps, overruns, parse_duration, recent_epoch_s, replan_after_epoch)
+                           fit_first_epoch_steps, parse_duration, recent_epoch_s, replan_after_epoch)
 from cnnkit.checkpoint import load_checkpoint, save_checkpoint
 from cnnkit.config import Config
 from cnnkit.data import canonical_name, imbalance_ratio, load_dataset, make_splits
@@ -612,10 +612,11 @@ class Trainer:
         costs = Costs(epoch_s, max(val_s, self._between_epochs_s),
                       final_seconds(self._final_images(), eval_image_s, cfg.report))
         elapsed = time.perf_counter() - self.wall_start
+        # Re-plan after the first epochs, and later whenever the plan no longer fits its margin
+        # (fewer epochs fit than planned): caught while epochs remain, the shorter plan still ends its schedule.
         if cfg.epochs > epoch and (replan_after_epoch(epoch, len(self.loader), self._settled_step)
-                                   or overruns(self.budget_s, elapsed, cfg.epochs - epoch, costs)):
+                                   or fit_epochs(self.budget_s, elapsed, epoch, 0.0, costs) < cfg.epochs):
             self._plan(costs, epoch, 0.0, f"epoch {epoch}")
-        elapsed = time.perf_counter() - self.wall_start
         if epoch < cfg.epochs and elapsed + costs.epoch_s + costs.val_s + costs.final_s > self.budget_s:
             log.warning("time budget %s: stopping after epoch %d of %d planned (the next would overrun)",
                         cfg.time_budget, epoch, cfg.epochs)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cnnkit.augment import tta_views
-from cnnkit.budget import Costs, fit_epochs, parse_duration, recent_epoch_s
+from cnnkit.budget import Costs, describe_plan, fit_steps, parse_duration, recent_epoch_s, run_end_s
 from cnnkit.checkpoint import load_checkpoint
 from cnnkit.cli import main
 from cnnkit.config import apply_overrides, load_recipe
@@ -108,16 +108,21 @@ def test_parse_duration_rejects(text):
         parse_duration(text)
 
 
-def test_fit_epochs_arithmetic():
-    costs = Costs(epoch_s=10, val_s=1, final_s=20)
-    # 0.95 * 200 - 10 elapsed - 20 final = 160 s left: 14 more epochs of 11 s
-    assert fit_epochs(200, 10, 0, 0.0, costs) == 14
-    # a tenth of the first epoch done counts: (160 + 1) // 11 = 14
-    assert fit_epochs(200, 10, 0, 0.1, costs) == 14
-    assert fit_epochs(200, 10, 3, 0.0, costs) == 3 + 14
-    assert fit_epochs(30, 25, 0, 0.5, costs) == 1  # over budget already: finish the epoch in progress
-    # 100 s in, 6 more epochs of 11 s and 20 s after them end at 186 s, inside 0.95 * 200; 7 would not
-    assert fit_epochs(200, 100, 0, 0.0, costs) == 6
+def test_fit_steps_arithmetic():
+    costs = Costs(epoch_s=10, val_s=1, final_s=20)  # 100 steps an epoch: 0.1 s a step
+    # 0.95 * 200 - 10 elapsed - 20 final = 160 s left: 14 epochs of 11 s, and 6 s: 50 steps and a validation
+    assert fit_steps(200, 10, 0, 100, costs) == 1450
+    assert run_end_s(10, 0, 1450, 100, costs) == pytest.approx(190) and run_end_s(10, 0, 1451, 100, costs) > 190
+    # within an epoch: its steps done count, and its validation is still to come
+    assert fit_steps(200, 10, 30, 100, costs) == 1480
+    assert fit_steps(200, 10, 300, 100, costs) == 1750
+    # where no whole epoch fits, the part of the first that does: 3 steps and (0.95 * 30 - 5 - 1 - 20) / 0.1
+    assert fit_steps(30, 5, 3, 100, costs) == 3 + 25
+    assert fit_steps(30, 25, 50, 100, costs) == 51  # over budget already: one more step, then the test
+    assert fit_steps(30, 25, 200, 100, costs) == 200  # ... or, between epochs, none
+    assert fit_steps(200, 179.9, 0, 100, costs) == 1  # the run is at least one step
+    assert describe_plan(1450, 100) == "14 epochs of 100 steps and 50 more"
+    assert describe_plan(100, 100) == "1 epoch of 100 steps" and describe_plan(25, 100) == "25 of the first epoch's 100 steps"
     assert recent_epoch_s([9.0, 30.0, 10.0, 11.0, 12.0]) == 11.0  # the last three only
     assert recent_epoch_s([12.0]) == 12.0
 
@@ -199,9 +204,10 @@ def test_time_budget_fits_the_epochs_and_ends_in_time(tmp_path, monkeypatch, cap
     assert s["epochs_run"] == config["epochs"] > 3
     assert s["time_budget_s"] == budget and 0 < s["planned_time_s"] <= budget
     assert s["total_time_s"] <= budget
-    plans = [int(m.group(1)) for r in caplog.records if (m := re.search(r"(\d+) epochs planned from epoch (\d+)", r.getMessage()))
-             and int(m.group(2)) > 2]
-    assert plans and plans[-1] == config["epochs"]  # the slower epochs made a shorter plan ...
+    plans = [int(m.group(1)) for r in caplog.records
+             if (m := re.search(r"(\d+) steps planned \(.*\) from epoch (\d+)", r.getMessage())) and int(m.group(2)) > 2]
+    assert plans and plans[-1] == s["steps_run"]  # the slower epochs made a shorter plan, run to its step ...
+    assert s["planned_time_s"] > 0.9 * budget  # ... which fills the budget to the step, not to whole epochs
     last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["lr"] < 0.1 * config["lr"]  # ... whose schedule ran to its end, rather than a cut-off run
 

@@ -1,13 +1,14 @@
-"""`--time-budget`: fit the number of epochs so that a whole run, report included, ends in time.
+"""`--time-budget`: fit the number of steps so that a whole run, report included, ends in time.
 
 The plan is made after the first few steps (the step rate, with evaluation costs estimated
 from it), and made again after the first and the second epoch (measured epoch, validation and
 between-epoch times; when fine-tuning, the first two that trained every layer that will train).
 After that it is made again, shorter, whenever the last epochs' times say the plan would end past
-its margin: a machine slower than its first epochs showed, or slowing down. The schedule follows
-the plan, so a shorter budget means a shorter, complete schedule (the learning rate still decays
-to its end), not a run cut off midway; where not even one epoch fits, the plan is the part of the
-first epoch that does. A last guard at every epoch end stops the run if the next epoch would overrun.
+`REPLAN_PAST` of the budget: a machine slower than its first epochs showed, or slowing down. A plan
+is a number of steps: whole epochs and the part of one more that fits (or of the first, where not
+even one epoch fits). The schedule follows the plan, so a shorter budget means a shorter, complete
+schedule (the learning rate still decays to its end), not a run cut off midway. A last guard at
+every epoch end stops the run if the next (part of an) epoch would overrun.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ EVAL_SPEEDUP = 3.0
 # Plots, Grad-CAM and HTML of the report, beyond its model evaluations (seconds; measured ~4-6 s).
 REPORT_FIXED_S = 8.0
 MARGIN = 0.95  # plan to end 5% early: epoch times vary between epochs
+# Re-plan, shorter, only when a plan's end drifts past this: a plan fills its margin to the step,
+# and epoch-to-epoch noise should not shorten it after every epoch.
+REPLAN_PAST = (1 + MARGIN) / 2
 
 
 def parse_duration(text: str) -> float:
@@ -77,16 +81,6 @@ def calibration_window(steps_per_epoch: int, settled_step: int) -> tuple[int, in
     return first, min(steps_per_epoch, first + window)
 
 
-def fit_first_epoch_steps(budget_s: float, elapsed_s: float, steps_done: int, steps_per_epoch: int,
-                          costs: Costs) -> int:
-    """When not even the first epoch fits: how many of its steps do, with the validation, test and
-    report after them; at least one more than `steps_done`, at most the whole epoch. A slow machine
-    (or a large data set) then still gets a complete, shorter schedule that ends in time."""
-    step_s = costs.epoch_s / steps_per_epoch
-    left = MARGIN * budget_s - elapsed_s - costs.val_s - costs.final_s
-    return max(steps_done + 1, min(steps_per_epoch, steps_done + math.floor(left / step_s)))
-
-
 def first_settled_epoch(steps_per_epoch: int, settled_step: int) -> int:
     """The first epoch (1-based) that trains throughout as the rest of the run will."""
     return math.ceil(settled_step / steps_per_epoch) + 1
@@ -112,10 +106,36 @@ def replan_after_epoch(epoch: int, steps_per_epoch: int, settled_step: int) -> b
     return calibration_window(steps_per_epoch, settled_step)[0] != settled_step
 
 
-def fit_epochs(budget_s: float, elapsed_s: float, epochs_done: int, fraction: float, costs: Costs) -> int:
-    """How many epochs in all fit in the budget, given `epochs_done` finished (validated) epochs
-    and `fraction` of the next one trained, `elapsed_s` seconds into the run. At least the
-    epoch in progress is finished, and at least one epoch is run."""
-    left = MARGIN * budget_s - elapsed_s - costs.final_s
-    more = math.floor((left + fraction * costs.epoch_s) / (costs.epoch_s + costs.val_s))
-    return max(1, epochs_done + (1 if fraction > 0 else 0), epochs_done + more)
+def run_end_s(elapsed_s: float, step: int, total_steps: int, steps_per_epoch: int, costs: Costs) -> float:
+    """When a run `elapsed_s` seconds and `step` steps in ends if it trains to step `total_steps`:
+    the steps left, a validation at the end of every epoch they end (a last, partial epoch too),
+    then the test and report."""
+    validations = -(-total_steps // steps_per_epoch) - step // steps_per_epoch
+    return (elapsed_s + (total_steps - step) * costs.epoch_s / steps_per_epoch + validations * costs.val_s
+            + costs.final_s)
+
+
+def fit_steps(budget_s: float, elapsed_s: float, step: int, steps_per_epoch: int, costs: Costs) -> int:
+    """How many steps in all fit in the budget, `step` steps and `elapsed_s` seconds into the run:
+    the most that end (see `run_end_s`) within its margin, so whole epochs and the part of one more
+    that fits, not a whole epoch's worth of the budget left unused. At least one step more when
+    the run is within an epoch (or has not begun), else the run may end here."""
+    least = step + 1 if step % steps_per_epoch or step == 0 else step
+    step_s = costs.epoch_s / steps_per_epoch
+    lo, hi = least, least + max(0, math.ceil((MARGIN * budget_s - elapsed_s) / step_s))
+    while lo < hi:  # the end time grows with the steps: the last that fits, by bisection
+        mid = (lo + hi + 1) // 2
+        if run_end_s(elapsed_s, step, mid, steps_per_epoch, costs) <= MARGIN * budget_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def describe_plan(steps: int, steps_per_epoch: int) -> str:
+    """'3 epochs of 268 steps and 120 more', '150 of the first epoch's 268 steps' and the like."""
+    epochs, part = divmod(steps, steps_per_epoch)
+    if not epochs:
+        return f"{part} of the first epoch's {steps_per_epoch} steps"
+    whole = f"{epochs} epoch{'s' * (epochs > 1)} of {steps_per_epoch} steps"
+    return f"{whole} and {part} more" if part else whole

@@ -35,8 +35,9 @@ from torch import nn
 import cnnkit
 from cnnkit import distributed, progress
 from cnnkit.augment import build_augment, tta_views
-from cnnkit.budget import (Costs, calibration_window, estimate_costs, final_seconds, first_settled_epoch, fit_epochs,
-                           fit_first_epoch_steps, parse_duration, recent_epoch_s, replan_after_epoch)
+from cnnkit.budget import (REPLAN_PAST, Costs, calibration_window, describe_plan, estimate_costs, final_seconds,
+                           first_settled_epoch, fit_steps, parse_duration, recent_epoch_s, replan_after_epoch,
+                           run_end_s)
 from cnnkit.checkpoint import load_checkpoint, save_checkpoint
 from cnnkit.config import Config
 from cnnkit.data import canonical_name, imbalance_ratio, load_dataset, make_splits
@@ -87,7 +88,7 @@ class TrainState:
     lr_scale: float = 1.0  # halved each time a non-finite step is skipped (on_nonfinite = skip)
     skipped_steps: int = 0
     planned_time_s: float = 0.0  # --time-budget: when the plan expects the run (report included) to end
-    planned_steps: int = 0  # --time-budget: the steps of a run shorter than one epoch (0: all of cfg.epochs)
+    planned_steps: int = 0  # --time-budget: the steps planned, the last epoch maybe in part (0: all of cfg.epochs)
 
 
 @dataclass
@@ -548,7 +549,7 @@ class Trainer:
         step_s = (time.perf_counter() - start) / timed
         costs = estimate_costs(step_s, n, self.cfg.batch_size, len(self.splits.val), self._final_images(),
                                self.cfg.report)
-        self._plan(costs, self.state.epoch, batch / n, f"{timed} timed steps of {step_s:.2f} s")
+        self._plan(costs, f"{timed} timed steps of {step_s:.2f} s")
         return True
 
     def _final_images(self) -> int:
@@ -558,39 +559,29 @@ class Trainer:
         views = len(tta_views(torch.zeros(1, 1, 2, 2), cfg.tta))
         return test * views + (21 * min(cfg.report_robustness_samples, test) if cfg.report else 0)
 
-    def _plan(self, costs: Costs, done: int, fraction: float, basis: str) -> None:
-        """Fit the epochs (and so the schedule) to the budget, `done` epochs and `fraction` of the
-        next one into the run; every rank follows rank 0's plan."""
+    def _plan(self, costs: Costs, basis: str) -> None:
+        """Fit the steps (and so the schedule) to the budget from here; every rank follows rank 0's plan."""
         cfg, state = self.cfg, self.state
         elapsed = time.perf_counter() - self.wall_start
         n = len(self.loader)
-        epochs = distributed.broadcast(fit_epochs(self.budget_s, elapsed, done, fraction, costs), self.dist)
-        state.planned_time_s = (elapsed + (epochs - done - fraction) * costs.epoch_s
-                                + (epochs - done) * costs.val_s + costs.final_s)
-        if epochs != cfg.epochs:
-            self._set_epochs(epochs)
-        what = f"{epochs} epochs"
-        if done == 0 and epochs == 1 and state.planned_time_s > self.budget_s:  # not even one epoch fits
-            steps = distributed.broadcast(fit_first_epoch_steps(self.budget_s, elapsed, state.step, n, costs), self.dist)
-            if steps < n:
-                state.planned_steps = steps
-                self._set_total_steps(steps)
-                state.planned_time_s = elapsed + (steps - state.step) * costs.epoch_s / n + costs.val_s + costs.final_s
-                what = f"{steps} of the first epoch's {n} steps"
-        log.info("time budget %s: %s planned from %s (epoch %.1f s, validation %.1f s, test and report "
-                 "%.0f s); the run should end after %.0f s", cfg.time_budget, what, basis, costs.epoch_s,
-                 costs.val_s, costs.final_s, state.planned_time_s)
+        steps = distributed.broadcast(fit_steps(self.budget_s, elapsed, state.step, n, costs), self.dist)
+        self._set_plan(steps)
+        state.planned_time_s = run_end_s(elapsed, state.step, steps, n, costs)
+        log.info("time budget %s: %d steps planned (%s) from %s (epoch %.1f s, validation %.1f s, test and "
+                 "report %.0f s); the run should end after %.0f s", cfg.time_budget, steps, describe_plan(steps, n),
+                 basis, costs.epoch_s, costs.val_s, costs.final_s, state.planned_time_s)
         if state.planned_time_s > self.budget_s and not self._warned_over_budget:
             self._warned_over_budget = True
             log.warning("time budget %s: the run cannot end in time: it will end after about %.0f s here. A larger "
                         "budget, a smaller recipe or --max-train-samples N fits.", cfg.time_budget, state.planned_time_s)
 
-    def _set_epochs(self, epochs: int) -> None:
-        """A new length for the run: its schedule follows, and so does a later --resume."""
+    def _set_plan(self, steps: int) -> None:
+        """A new length for the run, in steps: its epochs (the last maybe in part) and schedule follow,
+        and so does a later --resume."""
         cfg = self.cfg
-        cfg.epochs = epochs
-        self.state.planned_steps = 0
-        self._set_total_steps(epochs * len(self.loader))
+        cfg.epochs = -(-steps // len(self.loader))
+        self.state.planned_steps = steps
+        self._set_total_steps(steps)
         self.meta["config"] = cfg.to_dict()
         if self.dist.is_main:
             write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
@@ -603,7 +594,7 @@ class Trainer:
 
     def _budget_after_epoch(self, epoch: int, val_s: float) -> None:
         """Re-plan from the measured times (see `budget.replan_after_epoch`); after every epoch,
-        stop if the next one would overrun."""
+        stop if the next (part of an) epoch would overrun."""
         cfg, state = self.cfg, self.state
         if epoch >= first_settled_epoch(len(self.loader), self._settled_step):
             self._settled_epoch_times.append(state.epoch_time_s)
@@ -612,15 +603,17 @@ class Trainer:
         costs = Costs(epoch_s, max(val_s, self._between_epochs_s),
                       final_seconds(self._final_images(), eval_image_s, cfg.report))
         elapsed = time.perf_counter() - self.wall_start
-        # Re-plan after the first epochs, and later whenever the plan no longer fits its margin
-        # (fewer epochs fit than planned): caught while epochs remain, the shorter plan still ends its schedule.
-        if cfg.epochs > epoch and (replan_after_epoch(epoch, len(self.loader), self._settled_step)
-                                   or fit_epochs(self.budget_s, elapsed, epoch, 0.0, costs) < cfg.epochs):
-            self._plan(costs, epoch, 0.0, f"epoch {epoch}")
-        if epoch < cfg.epochs and elapsed + costs.epoch_s + costs.val_s + costs.final_s > self.budget_s:
+        n = len(self.loader)
+        # Re-plan after the first epochs, and later whenever the plan would end late: caught while
+        # epochs remain, the shorter plan still ends its schedule.
+        if cfg.epochs > epoch and (replan_after_epoch(epoch, n, self._settled_step) or run_end_s(
+                elapsed, state.step, self.total_steps, n, costs) > REPLAN_PAST * self.budget_s):
+            self._plan(costs, f"epoch {epoch}")
+        next_steps = min(n, self.total_steps - state.step)
+        if next_steps > 0 and run_end_s(elapsed, state.step, state.step + next_steps, n, costs) > self.budget_s:
             log.warning("time budget %s: stopping after epoch %d of %d planned (the next would overrun)",
                         cfg.time_budget, epoch, cfg.epochs)
-            self._set_epochs(epoch)
+            self._set_plan(state.step)
         if epoch == cfg.epochs and self.lookahead is not None:  # the plan ends here, maybe sooner than its steps
             self.lookahead.finish(self.model)
 

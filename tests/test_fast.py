@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cnnkit.augment import tta_views
-from cnnkit.budget import Costs, describe_plan, fit_steps, parse_duration, recent_epoch_s, run_end_s
+from cnnkit.budget import Costs, describe_plan, fit_extras, fit_steps, parse_duration, recent_epoch_s, run_end_s
 from cnnkit.checkpoint import load_checkpoint
 from cnnkit.cli import main
 from cnnkit.config import apply_overrides, load_recipe
@@ -127,6 +127,16 @@ def test_fit_steps_arithmetic():
     assert recent_epoch_s([12.0]) == 12.0
 
 
+def test_fit_extras_gives_test_views_and_robustness_samples_a_share_of_the_budget():
+    views = {"none": 1, "flip": 2, "shift": 3, "flip-shift": 6}.get
+    # 400 images/s, a tenth of the budget: 12 000 evaluations in 5 minutes, 36 000 in 15, 120 000 in 50
+    assert fit_extras(300, 1 / 400, 10_000, "flip-shift", views, 500, 22) == ("flip", 100)  # 2000 left: the floor
+    assert fit_extras(900, 1 / 400, 10_000, "flip-shift", views, 500, 22) == ("flip", 500)
+    assert fit_extras(3000, 1 / 400, 10_000, "flip-shift", views, 500, 22) == ("flip-shift", 500)
+    assert fit_extras(60, 1 / 400, 10_000, "shift", views, 2000, 22) == ("none", 2400 // 22)
+    assert fit_extras(60, 1 / 400, 10_000, "none", views, 0, 22) == ("none", 0)  # no report
+
+
 def small(tmp_path, name, **kw):
     base = {"max_train_samples": 3000, "max_eval_samples": 1000, "output": str(tmp_path), "name": name,
             "model_args": {"widths": [16, 32, 64]}, "batch_size": 128, "lr": 0.4, "report": False}
@@ -226,6 +236,7 @@ def test_time_budget_shorter_than_one_epoch_trains_part_of_it_to_a_complete_sche
     s = json.loads((result.run_dir / "summary.json").read_text())
     config = json.loads((result.run_dir / "config.json").read_text())
     assert s["epochs_run"] == config["epochs"] == 1 and 3 < s["steps_run"] < 23
+    assert config["tta"] == "none"  # test-time views would have taken more than their share of the budget
     assert s["total_time_s"] <= budget
     last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == s["steps_run"] and last["lr"] < 0.5 * config["lr"]  # the shortened schedule decayed

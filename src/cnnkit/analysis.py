@@ -96,6 +96,9 @@ CORRUPTIONS: dict[str, tuple[Callable[[torch.Tensor, float], torch.Tensor], list
     "jpeg": (_jpeg, [75, 40, 15], "quality"),
 }
 
+# Model evaluations of each image in the robustness section: as it is, and each corruption's severities.
+ROBUSTNESS_PASSES = 1 + sum(len(severities) for _, severities, _ in CORRUPTIONS.values())
+
 
 @torch.no_grad()
 def robustness(model: nn.Module, preprocess: Preprocess, images: np.ndarray, labels: np.ndarray, classes: list[str],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cnnkit.errors import ConfigError
@@ -25,6 +26,13 @@ UNITS = {"s": 1, "m": 60, "h": 3600}
 EVAL_SPEEDUP = 3.0
 # Plots, Grad-CAM and HTML of the report, beyond its model evaluations (seconds; measured ~4-6 s).
 REPORT_FIXED_S = 8.0
+# Test-time augmentation's extra views and the report's robustness section improve what a run
+# reports, not the model: under a budget they get at most this share of it (fewer views, then fewer
+# robustness samples), and the rest trains. On a CPU without bf16, cifar10-fast's six test views and
+# 500 robustness samples take 160 s, over half of a 5-minute budget.
+EXTRAS_SHARE = 0.1
+ROBUSTNESS_FLOOR = 100  # fewer samples than this make the report's robustness curves noise
+TTA_FALLBACK = {"flip-shift": "flip", "flip": "none", "shift": "none"}
 MARGIN = 0.95  # plan to end 5% early: epoch times vary between epochs
 # Re-plan, shorter, only when a plan's end drifts past this: a plan fills its margin to the step,
 # and epoch-to-epoch noise should not shorten it after every epoch.
@@ -59,11 +67,29 @@ class Costs:
     final_s: float
 
 
+def eval_image_seconds(step_s: float, batch_size: int) -> float:
+    """Seconds to evaluate one image, from the time of one training step (see EVAL_SPEEDUP)."""
+    return step_s / batch_size / EVAL_SPEEDUP
+
+
+def fit_extras(budget_s: float, eval_image_s: float, test_images: int, tta: str, views: Callable[[str], int],
+               robustness_samples: int, robustness_passes: int) -> tuple[str, int]:
+    """The test-time augmentation (`views` counts its views) and the number of robustness samples
+    (0: no report) whose extra evaluations fit in EXTRAS_SHARE of the budget: fewer views first, then
+    fewer samples, though not below ROBUSTNESS_FLOOR."""
+    allowed = EXTRAS_SHARE * budget_s / eval_image_s  # images
+    while test_images * (views(tta) - 1) > allowed and tta in TTA_FALLBACK:
+        tta = TTA_FALLBACK[tta]
+    left = allowed - test_images * (views(tta) - 1)
+    samples = min(robustness_samples, max(ROBUSTNESS_FLOOR, math.floor(left / robustness_passes)))
+    return tta, samples
+
+
 def estimate_costs(step_s: float, steps_per_epoch: int, batch_size: int, val_images: int,
                    final_images: int, report: bool) -> Costs:
     """From the time of one training step, with evaluation at EVAL_SPEEDUP times the training
     rate; `final_images` counts every image the test evaluation and the report run through the model."""
-    eval_image_s = step_s / batch_size / EVAL_SPEEDUP
+    eval_image_s = eval_image_seconds(step_s, batch_size)
     return Costs(step_s * steps_per_epoch, val_images * eval_image_s, final_seconds(final_images, eval_image_s, report))
 
 

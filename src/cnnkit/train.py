@@ -34,10 +34,11 @@ from torch import nn
 
 import cnnkit
 from cnnkit import distributed, progress
+from cnnkit.analysis import ROBUSTNESS_PASSES
 from cnnkit.augment import build_augment, tta_views
-from cnnkit.budget import (REPLAN_PAST, Costs, calibration_window, describe_plan, estimate_costs, final_seconds,
-                           first_settled_epoch, fit_steps, parse_duration, recent_epoch_s, replan_after_epoch,
-                           run_end_s)
+from cnnkit.budget import (EXTRAS_SHARE, REPLAN_PAST, Costs, calibration_window, describe_plan, estimate_costs,
+                           eval_image_seconds, final_seconds, first_settled_epoch, fit_extras, fit_steps,
+                           parse_duration, recent_epoch_s, replan_after_epoch, run_end_s)
 from cnnkit.checkpoint import load_checkpoint, save_checkpoint
 from cnnkit.config import Config
 from cnnkit.data import canonical_name, imbalance_ratio, load_dataset, make_splits
@@ -163,6 +164,10 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     # Adam's own weight_decay is L2 in the gradient, AdamW's is decoupled: both per group.
     return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def _tta_view_count(mode: str) -> int:
+    return len(tta_views(torch.zeros(1, 1, 2, 2), mode))
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -547,6 +552,7 @@ class Trainer:
             return False
         start, timed = (self._calibration_start, k - first - 1) if k - first > 1 else (self._epoch_started, 1)
         step_s = (time.perf_counter() - start) / timed
+        self._fit_extras(eval_image_seconds(step_s, self.cfg.batch_size))
         costs = estimate_costs(step_s, n, self.cfg.batch_size, len(self.splits.val), self._final_images(),
                                self.cfg.report)
         self._plan(costs, f"{timed} timed steps of {step_s:.2f} s")
@@ -554,10 +560,25 @@ class Trainer:
 
     def _final_images(self) -> int:
         """Images the model sees after training: the test split (each test-time view) and the
-        report's robustness section (21 corrupted copies of its sample)."""
-        cfg, test = self.cfg, len(self.splits.test)
-        views = len(tta_views(torch.zeros(1, 1, 2, 2), cfg.tta))
-        return test * views + (21 * min(cfg.report_robustness_samples, test) if cfg.report else 0)
+        report's robustness section (its sample, clean and corrupted)."""
+        return len(self.splits.test) * _tta_view_count(self.cfg.tta) + ROBUSTNESS_PASSES * self._robustness_samples()
+
+    def _robustness_samples(self) -> int:
+        return min(self.cfg.report_robustness_samples, len(self.splits.test)) if self.cfg.report else 0
+
+    def _fit_extras(self, eval_image_s: float) -> None:
+        """Fewer test-time views and robustness samples where they would take more than their share
+        of the budget (see `budget.fit_extras`); the test evaluation and report use what is chosen."""
+        cfg, samples = self.cfg, self._robustness_samples()
+        tta, kept = distributed.broadcast(fit_extras(self.budget_s, eval_image_s, len(self.splits.test), cfg.tta,
+                                                     _tta_view_count, samples, ROBUSTNESS_PASSES), self.dist)
+        if (tta, kept) != (cfg.tta, samples):
+            log.info("time budget %s: test-time augmentation %s (recipe: %s), %d robustness samples (recipe: %d), "
+                     "so that they take at most %.0f%% of the budget and the rest trains", cfg.time_budget, tta,
+                     cfg.tta, kept, samples, 100 * EXTRAS_SHARE)
+            cfg.tta = tta
+            if cfg.report:
+                cfg.report_robustness_samples = kept
 
     def _plan(self, costs: Costs, basis: str) -> None:
         """Fit the steps (and so the schedule) to the budget from here; every rank follows rank 0's plan."""

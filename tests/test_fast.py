@@ -7,6 +7,7 @@ import re
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from cnnkit.config import apply_overrides, load_recipe
 from cnnkit.errors import ConfigError
 from cnnkit.lookahead import Lookahead
 from cnnkit.models import create_model
+from cnnkit.report import lr_curve
 from cnnkit.train import Trainer, TrainingInterrupted, lr_factor, make_optimizer, train
 
 
@@ -137,6 +139,15 @@ def test_fit_extras_gives_test_views_and_robustness_samples_a_share_of_the_budge
     assert fit_extras(60, 1 / 400, 10_000, "none", views, 0, 22) == ("none", 0)  # no report
 
 
+def test_the_report_draws_the_schedule_the_run_had():
+    cfg = {"epochs": 2, "warmup_epochs": 1.0, "lr": 2.0, "schedule": "linear"}
+    x, lr = lr_curve(cfg, 100, 150)  # a budget planned 1.5 epochs: warm-up is half of them, then decay
+    assert 1.45 <= x[-1] < 1.5 and x[np.argmax(lr)] == pytest.approx(0.75, abs=0.02) and lr.max() == 2.0
+    assert lr[-1] < 0.05
+    x, lr = lr_curve(cfg, 100)  # without a plan: the config's epochs
+    assert 1.95 <= x[-1] < 2 and x[np.argmax(lr)] == pytest.approx(1.0, abs=0.02)
+
+
 def small(tmp_path, name, **kw):
     base = {"max_train_samples": 3000, "max_eval_samples": 1000, "output": str(tmp_path), "name": name,
             "model_args": {"widths": [16, 32, 64]}, "batch_size": 128, "lr": 0.4, "report": False}
@@ -205,6 +216,9 @@ def test_time_budget_fits_the_epochs_and_ends_in_time(tmp_path, monkeypatch, cap
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "_step", slowing)
+    # an evaluation that seems slow when the first plan is made: at 1.5 ms an image, a tenth of the budget
+    # (2.5 s: 1667 images) holds neither the 2 extra test views of 1000 images nor 200 x 22 robustness ones
+    monkeypatch.setattr(Trainer, "_time_evaluation", lambda self: 0.0015)
     with caplog.at_level(logging.INFO, logger="cnnkit"):
         result = train(small(tmp_path, "budget", epochs=1, time_budget=f"{budget}s", report=True,
                              report_robustness_samples=200))
@@ -220,6 +234,9 @@ def test_time_budget_fits_the_epochs_and_ends_in_time(tmp_path, monkeypatch, cap
     assert s["planned_time_s"] > 0.9 * budget  # ... which fills the budget to the step, not to whole epochs
     last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["lr"] < 0.1 * config["lr"]  # ... whose schedule ran to its end, rather than a cut-off run
+    assert (config["tta"], config["report_robustness_samples"]) == ("none", 100)  # fewer views, then fewer samples
+    evaluation = json.loads((result.run_dir / "evaluation.json").read_text())
+    assert evaluation["robustness"]["samples"] == 100  # and the report used them
 
 
 @pytest.mark.slow
@@ -236,7 +253,6 @@ def test_time_budget_shorter_than_one_epoch_trains_part_of_it_to_a_complete_sche
     s = json.loads((result.run_dir / "summary.json").read_text())
     config = json.loads((result.run_dir / "config.json").read_text())
     assert s["epochs_run"] == config["epochs"] == 1 and 3 < s["steps_run"] < 23
-    assert config["tta"] == "none"  # test-time views would have taken more than their share of the budget
     assert s["total_time_s"] <= budget
     last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == s["steps_run"] and last["lr"] < 0.5 * config["lr"]  # the shortened schedule decayed

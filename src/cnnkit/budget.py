@@ -1,7 +1,6 @@
 """`--time-budget`: fit the number of steps so that a whole run, report included, ends in time.
 
-The plan is made after the first few steps (the step rate, with evaluation costs estimated
-from it), and made again after the first and the second epoch (measured epoch, validation and
+The plan is made after the first few steps (their rate, and that of evaluating a batch), and made again after the first and the second epoch (measured epoch, validation and
 between-epoch times; when fine-tuning, the first two that trained every layer that will train).
 After that it is made again, shorter, whenever the last epochs' times say the plan would end past
 `REPLAN_PAST` of the budget: a machine slower than its first epochs showed, or slowing down. A plan
@@ -21,10 +20,9 @@ from dataclasses import dataclass
 from cnnkit.errors import ConfigError
 
 UNITS = {"s": 1, "m": 60, "h": 3600}
-# Inference costs about a third of a training step per image (forward only, no optimiser):
-# measured 3.3-3.6x on fastnet shapes on the 2-core CPU, bf16 and fp32.
-EVAL_SPEEDUP = 3.0
-# Plots, Grad-CAM and HTML of the report, beyond its model evaluations (seconds; measured ~4-6 s).
+# After training, beyond the model evaluations (seconds): the test's confusion-matrix plot, with
+# matplotlib's import (measured 1.2 s on the Zen 3), and the report's plots, Grad-CAM and HTML (4-8 s).
+TEST_FIXED_S = 2.0
 REPORT_FIXED_S = 8.0
 # Test-time augmentation's extra views and the report's robustness section improve what a run
 # reports, not the model: under a budget they get at most this share of it (fewer views, then fewer
@@ -67,11 +65,6 @@ class Costs:
     final_s: float
 
 
-def eval_image_seconds(step_s: float, batch_size: int) -> float:
-    """Seconds to evaluate one image, from the time of one training step (see EVAL_SPEEDUP)."""
-    return step_s / batch_size / EVAL_SPEEDUP
-
-
 def fit_extras(budget_s: float, eval_image_s: float, test_images: int, tta: str, views: Callable[[str], int],
                robustness_samples: int, robustness_passes: int) -> tuple[str, int]:
     """The test-time augmentation (`views` counts its views) and the number of robustness samples
@@ -85,17 +78,16 @@ def fit_extras(budget_s: float, eval_image_s: float, test_images: int, tta: str,
     return tta, samples
 
 
-def estimate_costs(step_s: float, steps_per_epoch: int, batch_size: int, val_images: int,
+def estimate_costs(step_s: float, steps_per_epoch: int, eval_image_s: float, val_images: int,
                    final_images: int, report: bool) -> Costs:
-    """From the time of one training step, with evaluation at EVAL_SPEEDUP times the training
-    rate; `final_images` counts every image the test evaluation and the report run through the model."""
-    eval_image_s = eval_image_seconds(step_s, batch_size)
+    """From the time of one training step and of evaluating one image; `final_images` counts every
+    image the test evaluation and the report run through the model."""
     return Costs(step_s * steps_per_epoch, val_images * eval_image_s, final_seconds(final_images, eval_image_s, report))
 
 
 def final_seconds(final_images: int, eval_image_s: float, report: bool) -> float:
-    """The test evaluation and the report: their model evaluations, and the report's own work."""
-    return final_images * eval_image_s + REPORT_FIXED_S * report
+    """The test evaluation and the report: their model evaluations, and their own work."""
+    return final_images * eval_image_s + TEST_FIXED_S + REPORT_FIXED_S * report
 
 
 def calibration_window(steps_per_epoch: int, settled_step: int) -> tuple[int, int]:

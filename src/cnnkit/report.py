@@ -146,11 +146,13 @@ def plot_filters(filters: np.ndarray, path: Path) -> None:
 # -- the numbers and the page
 
 
-def lr_curve(cfg: dict[str, Any], steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    from cnnkit.train import lr_factor
+def lr_curve(cfg: dict[str, Any], steps_per_epoch: int, total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The planned learning rate against epochs: `total` steps (a time budget may plan the last
+    epoch in part), else the config's epochs."""
+    from cnnkit.train import lr_factor, warmup_steps
 
-    total = cfg["epochs"] * steps_per_epoch
-    warmup = int(round(cfg["warmup_epochs"] * steps_per_epoch))
+    total = total or cfg["epochs"] * steps_per_epoch
+    warmup = warmup_steps(cfg["warmup_epochs"], steps_per_epoch, total)
     steps = np.arange(0, total, max(1, total // 400))
     return steps / steps_per_epoch, np.array([cfg["lr"] * lr_factor(int(s), total, warmup, cfg["schedule"]) for s in steps])
 
@@ -177,8 +179,11 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
 
     pred = logits.argmax(1).numpy()
     metrics_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps_per_epoch = max(1, metrics_rows[0]["step"]) if metrics_rows else 1
-    plot_learning_curves(metrics_rows, lr_curve(cfg, steps_per_epoch) if metrics_rows else None, plots / "learning_curves.png")
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    # Runs before steps_per_epoch was in the summary: the first epoch's steps
+    steps_per_epoch = summary.get("steps_per_epoch") or (max(1, metrics_rows[0]["step"]) if metrics_rows else 1)
+    plot_learning_curves(metrics_rows, lr_curve(cfg, steps_per_epoch, summary.get("schedule_steps")) if metrics_rows
+                         else None, plots / "learning_curves.png")
     plot_confusion_matrix(metrics["confusion_matrix"], classes, plots / "confusion_matrix.png")
     worst = metrics["worst_mistakes"]
     plot_image_grid(test_images[[w["index"] for w in worst]],

@@ -37,8 +37,8 @@ from cnnkit import distributed, progress
 from cnnkit.analysis import ROBUSTNESS_PASSES
 from cnnkit.augment import build_augment, tta_views
 from cnnkit.budget import (EXTRAS_SHARE, REPLAN_PAST, Costs, calibration_window, describe_plan, estimate_costs,
-                           eval_image_seconds, final_seconds, first_settled_epoch, fit_extras, fit_steps,
-                           parse_duration, recent_epoch_s, replan_after_epoch, run_end_s)
+                           final_seconds, first_settled_epoch, fit_extras, fit_steps, parse_duration, recent_epoch_s,
+                           replan_after_epoch, run_end_s)
 from cnnkit.checkpoint import load_checkpoint, save_checkpoint
 from cnnkit.config import Config
 from cnnkit.data import canonical_name, imbalance_ratio, load_dataset, make_splits
@@ -168,6 +168,12 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 def _tta_view_count(mode: str) -> int:
     return len(tta_views(torch.zeros(1, 1, 2, 2), mode))
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
+    """The schedule's warm-up: at most half of it, so that a run shortened (by a budget, or
+    --epochs) still decays."""
+    return min(int(round(warmup_epochs * steps_per_epoch)), total_steps // 2)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -552,11 +558,22 @@ class Trainer:
             return False
         start, timed = (self._calibration_start, k - first - 1) if k - first > 1 else (self._epoch_started, 1)
         step_s = (time.perf_counter() - start) / timed
-        self._fit_extras(eval_image_seconds(step_s, self.cfg.batch_size))
-        costs = estimate_costs(step_s, n, self.cfg.batch_size, len(self.splits.val), self._final_images(),
-                               self.cfg.report)
+        eval_image_s = self._time_evaluation()
+        self._fit_extras(eval_image_s)
+        costs = estimate_costs(step_s, n, eval_image_s, len(self.splits.val), self._final_images(), self.cfg.report)
         self._plan(costs, f"{timed} timed steps of {step_s:.2f} s")
         return True
+
+    def _time_evaluation(self) -> float:
+        """Seconds to evaluate an image, timed on a batch of validation images as validation and
+        the test run them: its ratio to a training step's time varies with the network and the CPU,
+        and a plan within the first epoch has no validation to correct it."""
+        images = self.splits.val.images[: self.inference["batch_size"]]
+        t0 = time.perf_counter()
+        predict_logits(self.model, self.preprocess, images, device=self.device, **self.inference)
+        seconds = (time.perf_counter() - t0) / max(len(images), 1)
+        self._train_mode()
+        return seconds
 
     def _final_images(self) -> int:
         """Images the model sees after training: the test split (each test-time view) and the
@@ -608,10 +625,8 @@ class Trainer:
             write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
 
     def _set_total_steps(self, steps: int) -> None:
-        """The schedule's length; its warm-up takes at most half of it, so that a run shortened (by a
-        budget, or --epochs) still decays."""
         self.total_steps = steps
-        self.warmup_steps = min(int(round(self.cfg.warmup_epochs * len(self.loader))), steps // 2)
+        self.warmup_steps = warmup_steps(self.cfg.warmup_epochs, len(self.loader), steps)
 
     def _budget_after_epoch(self, epoch: int, val_s: float) -> None:
         """Re-plan from the measured times (see `budget.replan_after_epoch`); after every epoch,
@@ -768,8 +783,8 @@ class Trainer:
             "train_samples": len(splits.train), "val_samples": len(splits.val), "test_samples": len(splits.test),
             "train_time_s": round(state.train_time_s, 2), "skipped_steps": state.skipped_steps,
             "wall_time_s": round(time.perf_counter() - self.wall_start, 2),  # this invocation, data loading included
-            **({"time_budget_s": self.budget_s, "planned_time_s": round(state.planned_time_s, 1), "steps_run": state.step}
-               if self.budget_s else {}),
+            "steps_run": state.step, "steps_per_epoch": len(self.loader), "schedule_steps": self.total_steps,
+            **({"time_budget_s": self.budget_s, "planned_time_s": round(state.planned_time_s, 1)} if self.budget_s else {}),
             "device": describe_device(self.device), "precision": self.precision, "finished_at": datetime.now().isoformat(timespec="seconds"),
             "versions": versions(), "notes": splits.notes,
         }

@@ -14,7 +14,7 @@ import torch
 from cnnkit.augment import tta_views
 from cnnkit.budget import Costs, describe_plan, fit_extras, fit_steps, parse_duration, recent_epoch_s, run_end_s
 from cnnkit.checkpoint import load_checkpoint
-from cnnkit.cli import main
+from cnnkit.cli import _part_epoch, main
 from cnnkit.config import apply_overrides, load_recipe
 from cnnkit.errors import ConfigError
 from cnnkit.lookahead import Lookahead
@@ -125,6 +125,9 @@ def test_fit_steps_arithmetic():
     assert fit_steps(200, 179.9, 0, 100, costs) == 1  # the run is at least one step
     assert describe_plan(1450, 100) == "14 epochs of 100 steps and 50 more"
     assert describe_plan(100, 100) == "1 epoch of 100 steps" and describe_plan(25, 100) == "25 of the first epoch's 100 steps"
+    summary = {"steps_run": 145, "steps_per_epoch": 100, "status": "finished"}
+    assert _part_epoch(summary) == ", 145 steps: the last epoch in part"  # in the table `cnnkit train` prints
+    assert _part_epoch({**summary, "steps_run": 200}) == _part_epoch({**summary, "status": "stopped early"}) == ""
     assert recent_epoch_s([9.0, 30.0, 10.0, 11.0, 12.0]) == 11.0  # the last three only
     assert recent_epoch_s([12.0]) == 12.0
 

@@ -203,6 +203,14 @@ def launch_torchrun(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def _part_epoch(s: dict) -> str:
+    """', 164 steps: the last epoch in part' where a time budget planned part of the last epoch."""
+    steps, per_epoch = s.get("steps_run"), s.get("steps_per_epoch")
+    if steps and per_epoch and steps % per_epoch and s["status"] == "finished":
+        return f", {steps} steps: the last epoch in part"
+    return ""
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
@@ -227,7 +235,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     table = Table(title=f"run {result.run_dir}", show_header=False)
     for key, value in [
         ("recipe / model", f"{s['recipe']} / {s['model']} ({s['parameters']:,} parameters)"),
-        ("epochs", f"{s['epochs_run']} ({s['status']}), best epoch {s['best_epoch']}"),
+        ("epochs", f"{s['epochs_run']} ({s['status']}{_part_epoch(s)}), best epoch {s['best_epoch']}"),
         ("best validation accuracy", f"{100 * s['best_val_accuracy']:.2f}%"),
         ("test accuracy", f"{100 * s['test_accuracy']:.2f}%  ({s['test_samples']} images)"),
         ("time", f"{s.get('total_time_s', s['wall_time_s']):.0f} s in all, {s['train_time_s']:.0f} s training, "

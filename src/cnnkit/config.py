@@ -89,7 +89,7 @@ class Config:
     precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA) | auto (bf16 where the CPU or GPU has it natively, else fp32 on CPUs, fp16 on GPUs)
     channels_last: bool = False  # memory format; often faster for convolutions
     compile: bool = False  # torch.compile the training model (compile time counts; needs a C++ compiler on the CPU)
-    time_budget: str | None = None  # e.g. 5m, 90s, 1h: fit the epochs (and so the schedule) to end the whole run within it
+    time_budget: str | None = None  # e.g. 5m, 90s, 1h: fit the steps (and so the schedule) to end the whole run, test and report included, within it
     sync_batchnorm: bool = False  # distributed runs: BatchNorm statistics over the global batch, not each process's share
     # -- robustness
     deterministic: bool = False  # torch deterministic algorithms (an interrupted + resumed run equals an uninterrupted one)

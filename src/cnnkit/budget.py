@@ -6,8 +6,9 @@ After that it is made again, shorter, whenever the last epochs' times say the pl
 `REPLAN_PAST` of the budget: a machine slower than its first epochs showed, or slowing down. A plan
 is a number of steps: whole epochs and the part of one more that fits (or of the first, where not
 even one epoch fits). The schedule follows the plan, so a shorter budget means a shorter, complete
-schedule (the learning rate still decays to its end), not a run cut off midway. A last guard at
-every epoch end stops the run if the next (part of an) epoch would overrun.
+schedule (the learning rate still decays to its end), not a run cut off midway. A run whose next
+(part of an) epoch would overrun its budget would end past `REPLAN_PAST` too, so it is re-planned,
+and the new plan may end it at that epoch.
 """
 
 from __future__ import annotations

@@ -629,27 +629,22 @@ class Trainer:
         self.warmup_steps = warmup_steps(self.cfg.warmup_epochs, len(self.loader), steps)
 
     def _budget_after_epoch(self, epoch: int, val_s: float) -> None:
-        """Re-plan from the measured times (see `budget.replan_after_epoch`); after every epoch,
-        stop if the next (part of an) epoch would overrun."""
-        cfg, state = self.cfg, self.state
-        if epoch >= first_settled_epoch(len(self.loader), self._settled_step):
+        """Re-plan from the measured times: after the first epochs (see `budget.replan_after_epoch`),
+        and after any epoch whose times say the plan would end late. A run whose next (part of an)
+        epoch would overrun is such a run, and its shorter plan may end it here."""
+        cfg, state, n = self.cfg, self.state, len(self.loader)
+        if epoch >= first_settled_epoch(n, self._settled_step):
             self._settled_epoch_times.append(state.epoch_time_s)
         eval_image_s = val_s / max(len(self.splits.val), 1)
         epoch_s = recent_epoch_s(self._settled_epoch_times or [state.epoch_time_s])
         costs = Costs(epoch_s, max(val_s, self._between_epochs_s),
                       final_seconds(self._final_images(), eval_image_s, cfg.report))
         elapsed = time.perf_counter() - self.wall_start
-        n = len(self.loader)
         # Re-plan after the first epochs, and later whenever the plan would end late: caught while
         # epochs remain, the shorter plan still ends its schedule.
         if cfg.epochs > epoch and (replan_after_epoch(epoch, n, self._settled_step) or run_end_s(
                 elapsed, state.step, self.total_steps, n, costs) > REPLAN_PAST * self.budget_s):
             self._plan(costs, f"epoch {epoch}")
-        next_steps = min(n, self.total_steps - state.step)
-        if next_steps > 0 and run_end_s(elapsed, state.step, state.step + next_steps, n, costs) > self.budget_s:
-            log.warning("time budget %s: stopping after epoch %d of %d planned (the next would overrun)",
-                        cfg.time_budget, epoch, cfg.epochs)
-            self._set_plan(state.step)
         if epoch == cfg.epochs and self.lookahead is not None:  # the plan ends here, maybe sooner than its steps
             self.lookahead.finish(self.model)
 

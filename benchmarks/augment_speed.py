@@ -24,7 +24,7 @@ from run_recipes import commit, machine, write_block  # noqa: E402
 from cnnkit.augment import build_augment  # noqa: E402
 from cnnkit.data import load_dataset  # noqa: E402
 from cnnkit.models import create_model  # noqa: E402
-from cnnkit.train import make_preprocess  # noqa: E402
+from cnnkit.training import make_preprocess  # noqa: E402
 
 CIFAR = HERE.parent.parent / "shared" / "datasets" / "cifar10-png.tar.gz"
 CASES = [  # dataset, model, batch size, presets

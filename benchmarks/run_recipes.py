@@ -29,7 +29,7 @@ ROOT = HERE.parent
 def machine(gpu: bool = False) -> str:
     """The CPU (model, cores, widest vector instructions, native bf16), and the GPU's name first
     when the runs train on one. The model name alone may not tell CPU generations apart ("AMD EPYC")."""
-    from cnnkit.evaluate import cpu_has_native_bf16  # the same test as --precision auto
+    from cnnkit.runtime import cpu_has_native_bf16  # the same test as --precision auto
 
     cpu, flags = "unknown CPU", set()
     try:

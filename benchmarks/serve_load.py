@@ -95,17 +95,16 @@ def engines(run: Path) -> list[dict]:
     import torch
 
     from cnnkit.onnx_engine import OnnxModel
-    from cnnkit.predict import predict_images
-    from cnnkit.runs import load_run
+    from cnnkit.predict import TorchEngine
 
     onnx = OnnxModel(run / "export" / "model.onnx")
-    loaded = load_run(run)
+    loaded = TorchEngine(run)
     pre = onnx.preprocess
     rng = np.random.default_rng(0)
     one = rng.integers(0, 256, (1, pre["data_channels"], pre["data_size"], pre["data_size"]), dtype=np.uint8)
     batch = rng.integers(0, 256, (256, pre["data_channels"], pre["data_size"], pre["data_size"]), dtype=np.uint8)
     rows = []
-    for name, fn in (("onnxruntime", lambda x: onnx.top_k(x, 5)), ("torch eager", lambda x: predict_images(loaded, x, 5))):
+    for name, fn in (("onnxruntime", lambda x: onnx.top_k(x, 5)), ("torch eager", lambda x: loaded.top_k(x, 5))):
         def med(x, n):
             for _ in range(5):
                 fn(x)

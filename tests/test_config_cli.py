@@ -48,7 +48,7 @@ def test_cli_errors_are_one_line_without_traceback(argv, message, capsys):
 
 
 def test_recipes_and_datasets_commands(capsys, monkeypatch):
-    import cnnkit.evaluate as ev
+    import cnnkit.runtime as ev
 
     for native in (True, False):
         monkeypatch.setattr(ev, "cpu_has_native_bf16", lambda: native)

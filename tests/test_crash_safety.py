@@ -21,7 +21,7 @@ from cnnkit.data import load_dataset
 from cnnkit.data.images import decode_image
 from cnnkit.errors import DataError, ImageDecodeError
 from cnnkit.fileio import StorageError
-from cnnkit.train import Trainer, TrainingError, train
+from cnnkit.training import Hook, TrainingError, prepare, run_training, train
 
 pytestmark = pytest.mark.slow
 
@@ -101,31 +101,30 @@ def small_config(tmp_path, **kw):
         "max_train_samples": 1000, "max_eval_samples": 200, "epochs": 2, "output": str(tmp_path), "name": "nan", **kw})
 
 
-def inject_nan_at(trainer: Trainer, step: int) -> None:
-    original = trainer.loss_fn
+class NanAt(Hook):
+    """The loss of optimiser step `step` (1-based) becomes NaN."""
 
-    def loss_fn(logits, targets):
-        loss = original(logits, targets)
-        return loss * float("nan") if trainer.state.step + 1 == step else loss
+    def __init__(self, setup, step: int):
+        self.setup, self.step, self.loss_fn = setup, step, setup.step.loss_fn
 
-    trainer.loss_fn = loss_fn
+    def before_step(self, loop):
+        nan = loop.state.step + 1 == self.step
+        self.setup.step.loss_fn = (lambda *a: self.loss_fn(*a) * float("nan")) if nan else self.loss_fn
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    trainer = Trainer(small_config(tmp_path))
+    trainer, _ = prepare(small_config(tmp_path))
     steps_per_epoch = len(trainer.loader)
-    inject_nan_at(trainer, steps_per_epoch + 5)
     with pytest.raises(TrainingError, match=f"loss became nan at step {steps_per_epoch + 5} \\(epoch 2, batch 5\\)"):
-        trainer.run()
+        run_training(trainer, extra_hooks=[NanAt(trainer, steps_per_epoch + 5)])
     last = load_checkpoint(tmp_path / "nan" / "checkpoints" / "last")
     assert last.meta["state"]["epoch"] == 1  # the good epoch-1 checkpoint, untouched
     assert all(torch.isfinite(v).all() for v in last.model.values())
 
 
 def test_nan_loss_can_be_skipped_with_a_lower_learning_rate(tmp_path):
-    trainer = Trainer(small_config(tmp_path, on_nonfinite="skip"))
-    inject_nan_at(trainer, 7)
-    result = trainer.run()
+    trainer, _ = prepare(small_config(tmp_path, on_nonfinite="skip"))
+    result = run_training(trainer, extra_hooks=[NanAt(trainer, 7)])
     assert result.summary["skipped_steps"] == 1 and result.state.lr_scale == 0.5
     assert all(torch.isfinite(v).all() for v in load_checkpoint(result.run_dir / "checkpoints" / "last").model.values())
 
@@ -141,9 +140,8 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
-    trainer = Trainer(None, resume=result.run_dir, overrides={"epochs": 2})
     with pytest.raises(StorageError, match="no space left.*previous version of the file is intact"):
-        trainer.run()
+        train(None, resume=result.run_dir, overrides={"epochs": 2})
     assert stem.with_suffix(".safetensors").read_bytes() == before
     assert not list(stem.parent.glob(".*.tmp"))
     load_checkpoint(stem)

@@ -20,7 +20,9 @@ from cnnkit.errors import ConfigError
 from cnnkit.lookahead import Lookahead
 from cnnkit.models import create_model
 from cnnkit.report import lr_curve
-from cnnkit.train import Trainer, TrainingInterrupted, lr_factor, make_optimizer, train
+from cnnkit.runs import RunRecord, run_settings
+from cnnkit.training import Hook, TrainingInterrupted, lr_factor, make_optimizer, train
+from cnnkit.training.budget_hook import TimeBudget
 
 
 def test_fastnet_shapes_and_frozen_parameters():
@@ -157,6 +159,31 @@ def small(tmp_path, name, **kw):
     return apply_overrides(load_recipe("fmnist-quick"), {**base, **kw})
 
 
+class SignalAt(Hook):
+    """A SIGTERM arrives during optimiser step `step`, as the signal handler would report it."""
+
+    def __init__(self, step: int, delay_s: float = 0.0):
+        self.step, self.delay_s = step, delay_s
+
+    def before_step(self, loop):
+        time.sleep(self.delay_s)
+
+    def after_step(self, loop):
+        if loop.state.step == self.step:
+            loop.interrupt(signal.SIGTERM)
+
+
+class Slow(Hook):
+    """A slower machine: every step (from epoch `from_epoch` + 1 on) takes `seconds` longer."""
+
+    def __init__(self, seconds: float, from_epoch: int = 0):
+        self.seconds, self.from_epoch = seconds, from_epoch
+
+    def before_step(self, loop):
+        if loop.state.epoch >= self.from_epoch:
+            time.sleep(self.seconds)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", [{}, {"optimizer": "muon", "lookahead": False}], ids=["sgd-lookahead", "muon"])
 def test_fast_recipe_learns_and_resumes_exactly(tmp_path, monkeypatch, capsys, optimizer):
@@ -167,18 +194,8 @@ def test_fast_recipe_learns_and_resumes_exactly(tmp_path, monkeypatch, capsys, o
     assert main(["--quiet", "evaluate", str(full.run_dir), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["accuracy"] == full.test["accuracy"] and again["loss"] == pytest.approx(full.test["loss"], rel=1e-6)
-    step = Trainer._step
-
-    def interrupted(self, *args, **kwargs):  # SIGTERM in the middle of epoch 2
-        out = step(self, *args, **kwargs)
-        if self.state.step == 30:  # of 2 x 23
-            self.stop_signal = signal.SIGTERM
-        return out
-
-    monkeypatch.setattr(Trainer, "_step", interrupted)
-    with pytest.raises(TrainingInterrupted):
-        train(small(tmp_path, "part", epochs=2, **optimizer))
-    monkeypatch.setattr(Trainer, "_step", step)
+    with pytest.raises(TrainingInterrupted):  # SIGTERM in the middle of epoch 2, at step 30 of 2 x 23
+        train(small(tmp_path, "part", epochs=2, **optimizer), hooks=[SignalAt(30)])
     train(None, resume=tmp_path / "part")
     a = load_checkpoint(full.run_dir / "checkpoints" / "last")
     b = load_checkpoint(tmp_path / "part" / "checkpoints" / "last")
@@ -189,18 +206,15 @@ def test_fast_recipe_learns_and_resumes_exactly(tmp_path, monkeypatch, capsys, o
 @pytest.mark.slow
 def test_frozen_after_lets_a_parameter_stop_training_on_time(tmp_path, monkeypatch):
     seen = []  # (learning rate of the stem bias's group, the stem bias) after each step
-    step = Trainer._step
 
-    def watched(self, *args, **kwargs):
-        out = step(self, *args, **kwargs)
-        group = next(g for g in self.optimizer.param_groups if any(p is self.model.stem.bias for p in g["params"]))
-        seen.append((group["lr"], self.model.stem.bias.detach().clone()))
-        return out
+    class Watch(Hook):
+        def after_step(self, loop):
+            group = next(g for g in loop.optimizer.param_groups if any(p is loop.model.stem.bias for p in g["params"]))
+            seen.append((group["lr"], loop.model.stem.bias.detach().clone()))
 
-    monkeypatch.setattr(Trainer, "_step", watched)
     cfg = small(tmp_path, "frozen", epochs=2, max_train_samples=1000, optimizer="muon", lookahead=False,
                 frozen_after={"stem.bias": 1}, bias_decay=True)
-    train(cfg)
+    train(cfg, hooks=[Watch()])
     n = len(seen) // 2  # steps per epoch
     peak = cfg.lr * cfg.bias_lr_scale
     assert seen[0][0] == pytest.approx(peak) and seen[n // 2][0] == pytest.approx(peak * (1 - (n // 2) / n))
@@ -211,22 +225,16 @@ def test_frozen_after_lets_a_parameter_stop_training_on_time(tmp_path, monkeypat
 @pytest.mark.slow
 def test_time_budget_fits_the_epochs_and_ends_in_time(tmp_path, monkeypatch, caplog):
     budget = 25
-    step = Trainer._step
-
-    def slowing(self, *args, **kwargs):  # a machine that slows down after the plan of epoch 2
-        if self.state.epoch >= 2:
-            time.sleep(0.03)  # about 0.7 s more an epoch of 23 steps
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "_step", slowing)
     # an evaluation that seems slow when the first plan is made: at 1.5 ms an image, a tenth of the budget
     # (2.5 s: 1667 images) holds neither the 2 extra test views of 1000 images nor 200 x 22 robustness ones
-    monkeypatch.setattr(Trainer, "_time_evaluation", lambda self: 0.0015)
-    with caplog.at_level(logging.INFO, logger="cnnkit"):
+    monkeypatch.setattr(TimeBudget, "time_evaluation", lambda self, loop: 0.0015)
+    with caplog.at_level(logging.INFO, logger="cnnkit"):  # a machine that slows down after the plan of epoch 2
         result = train(small(tmp_path, "budget", epochs=1, time_budget=f"{budget}s", report=True,
-                             report_robustness_samples=200))
+                             report_robustness_samples=200), hooks=[Slow(0.03, from_epoch=2)])
     s = json.loads((result.run_dir / "summary.json").read_text())
-    config = json.loads((result.run_dir / "config.json").read_text())
+    asked = json.loads((result.run_dir / "config.json").read_text())
+    assert (asked["epochs"], asked["tta"]) == (1, "shift")  # what the run was asked is kept as it was ...
+    config = run_settings(result.run_dir)  # ... and what it decided is recorded beside it
     # 3000 images take a second or two an epoch: the budget fits many more than the 1 asked for
     assert s["epochs_run"] == config["epochs"] > 3
     assert s["time_budget_s"] == budget and 0 < s["planned_time_s"] <= budget
@@ -244,34 +252,20 @@ def test_time_budget_fits_the_epochs_and_ends_in_time(tmp_path, monkeypatch, cap
 
 @pytest.mark.slow
 def test_time_budget_shorter_than_one_epoch_trains_part_of_it_to_a_complete_schedule(tmp_path, monkeypatch):
-    step = Trainer._step
-
-    def slow(self, *args, **kwargs):  # a machine (or data set) on which one epoch takes longer than the budget
-        time.sleep(0.5)
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "_step", slow)
-    budget = 12
-    result = train(small(tmp_path, "part-epoch", epochs=3, time_budget=f"{budget}s"))  # 23 steps: over 11 s
+    budget = 12  # a machine (or data set) on which one epoch takes longer than the budget: 23 steps, over 11 s
+    result = train(small(tmp_path, "part-epoch", epochs=3, time_budget=f"{budget}s"), hooks=[Slow(0.5)])
     s = json.loads((result.run_dir / "summary.json").read_text())
-    config = json.loads((result.run_dir / "config.json").read_text())
+    config = run_settings(result.run_dir)
     assert s["epochs_run"] == config["epochs"] == 1 and 3 < s["steps_run"] < 23
     assert s["total_time_s"] <= budget
     last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == s["steps_run"] and last["lr"] < 0.5 * config["lr"]  # the shortened schedule decayed
     assert last["train_images_per_s"] == pytest.approx(s["steps_run"] * 128 / last["epoch_time_s"], rel=0.01)
 
-    def interrupted(self, *args, **kwargs):  # SIGTERM after the plan (made at step 3), before its end
-        out = slow(self, *args, **kwargs)
-        if self.state.step == 5:
-            self.stop_signal = signal.SIGTERM
-        return out
-
-    monkeypatch.setattr(Trainer, "_step", interrupted)
-    with pytest.raises(TrainingInterrupted):
-        train(small(tmp_path, "resumed", epochs=3, time_budget=f"{budget}s"))
-    planned = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last").meta["state"]["planned_steps"]
-    monkeypatch.setattr(Trainer, "_step", step)
+    with pytest.raises(TrainingInterrupted):  # SIGTERM after the plan (made at step 3), before its end
+        train(small(tmp_path, "resumed", epochs=3, time_budget=f"{budget}s"), hooks=[SignalAt(5, delay_s=0.5)])
+    planned = RunRecord.load(tmp_path / "resumed").planned_steps
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last").meta["record"]["planned_steps"] == planned
     train(None, resume=tmp_path / "resumed")  # a resumed run keeps the plan: it ends at the planned step
     last = json.loads((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()[-1])
     assert 5 < planned < 23 and last["step"] == planned
@@ -300,7 +294,7 @@ def test_lr_find_writes_a_plot_and_suggests_a_rate(tmp_path, capsys):
 
 
 def test_auto_precision_follows_the_cpu(monkeypatch):
-    import cnnkit.evaluate as ev
+    import cnnkit.runtime as ev
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(ev, "cpu_has_native_bf16", lambda: True)

@@ -11,7 +11,7 @@ from cnnkit.errors import ConfigError
 from cnnkit.finetune import Unfreezer, layer_ids, lr_scales
 from cnnkit.models import create_model, replace_head, sum_input_channels
 from cnnkit.models.pretrained import offline_weights_path
-from cnnkit.train import param_groups
+from cnnkit.training import param_groups
 
 LITE0 = "tf_efficientnet_lite0"
 
@@ -171,9 +171,9 @@ def test_finetune_run_keeps_the_backbone_until_the_head_is_trained(tmp_path):
     epoch 2 the whole network; the grey input goes through a summed first convolution; the run
     reloads with its hidden-layer head and one input channel, predicts the same, and exports."""
     from cnnkit.checkpoint import load_checkpoint
-    from cnnkit.evaluate import predict_logits
+    from cnnkit.inference import predict_logits
     from cnnkit.runs import load_run
-    from cnnkit.train import Trainer
+    from cnnkit.training import Hook, prepare, run_training
 
     needs_lite0()
     cfg = apply_overrides(load_recipe("fmnist-baseline"), {
@@ -181,18 +181,16 @@ def test_finetune_run_keeps_the_backbone_until_the_head_is_trained(tmp_path):
         "layer_lr_decay": 0.7, "grey_input": "sum", "model_args": {"head_hidden": 16}, "input_size": 32,
         "max_train_samples": 256, "max_eval_samples": 64, "batch_size": 32, "report": False,
         "checkpoint_every_epochs": 1, "output": str(tmp_path), "name": "ft"})
-    trainer = Trainer(cfg)
+    trainer, _ = prepare(cfg)
     assert trainer.model.conv_stem.in_channels == 1 and trainer.preprocess.mean == (0.5,)
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     epochs = []
-    original_end = trainer._end_epoch
 
-    def record(epoch, loss, acc):
-        epochs.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
-        return original_end(epoch, loss, acc)
+    class Record(Hook):  # the weights at each epoch's end
+        def on_epoch_end(self, loop, end):
+            epochs.append({k: v.clone() for k, v in loop.model.state_dict().items()})
 
-    trainer._end_epoch = record
-    result = trainer.run()
+    result = run_training(trainer, extra_hooks=[Record()])
     after_head, after_all = epochs
     changed = {k for k in start if not torch.equal(start[k], after_head[k])}
     assert changed and all(k.startswith("classifier.") for k in changed)
@@ -227,7 +225,7 @@ def test_a_recipe_whose_weights_cannot_be_had_offline_stops_before_loading_data(
     once with the clear error, writes no run folder, and does not touch the dataset."""
     import timm
 
-    import cnnkit.train as train_module
+    import cnnkit.training.build as build_module
 
     real_create = timm.create_model
 
@@ -240,10 +238,10 @@ def test_a_recipe_whose_weights_cannot_be_had_offline_stops_before_loading_data(
         raise AssertionError("the dataset was loaded before the weights were found")
 
     monkeypatch.setattr(timm, "create_model", offline_create)
-    monkeypatch.setattr(train_module, "load_dataset", no_data)
+    monkeypatch.setattr(build_module, "run_splits", no_data)
     cfg = apply_overrides(load_recipe("seed-cifar10-transfer"), {"output": str(tmp_path)})
     with pytest.raises(ConfigError, match="no pretrained weights for mobilenetv2_100.*--weights"):
-        train_module.train(cfg)
+        build_module.build(cfg, None)
     assert not any(tmp_path.iterdir())
 
 

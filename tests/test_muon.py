@@ -6,7 +6,7 @@ import torch
 from cnnkit.config import apply_overrides, load_recipe
 from cnnkit.models import create_model
 from cnnkit.muon import MuonSGD, orthogonalize
-from cnnkit.train import make_optimizer
+from cnnkit.training import make_optimizer
 
 
 def test_orthogonalize_brings_every_singular_value_near_one():

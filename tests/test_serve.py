@@ -18,7 +18,7 @@ from PIL import Image
 
 from cnnkit.cli import main
 from cnnkit.config import apply_overrides, load_recipe
-from cnnkit.train import train
+from cnnkit.training import train
 
 pytestmark = pytest.mark.slow
 
@@ -120,23 +120,37 @@ def test_batch_reports_each_file(client, images):
     assert results[0]["top"][0]["class"] == "Trouser" and results[1]["status"] == 415 and "top" in results[2]
 
 
+@pytest.mark.parametrize("endpoint", ["/predict", "/explain"])
 @pytest.mark.parametrize("case,status", [
     ("empty", 400), ("text", 415), ("truncated", 415), ("bomb", 413), ("huge", 413), ("no_file", 422), ("bad_k", 422),
 ])
-def test_hostile_input_gets_4xx_and_server_keeps_answering(client, images, case, status):
+def test_hostile_input_gets_4xx_and_server_keeps_answering(client, images, case, status, endpoint):
     jpeg = images["jpeg"]
     if case == "no_file":
-        r = client.post("/predict")
-    elif case == "bad_k":
-        r = client.post("/predict", files={"file": ("a.png", images["png"])}, params={"top_k": 0})
+        r = client.post(endpoint)
+    elif case == "bad_k":  # no top 0, and no more feature maps than the server's limit
+        params = {"top_k": 0} if endpoint == "/predict" else {"maps": 17}
+        r = client.post(endpoint, files={"file": ("a.png", images["png"])}, params=params)
     else:
         data = {"empty": b"", "text": b"hello, I am text", "truncated": jpeg[: len(jpeg) // 2], "bomb": png_bomb(),
                 "huge": b"\0" * (11 * 1024 * 1024)}[case]
-        r = client.post("/predict", files={"file": ("x.png", data)})
+        r = client.post(endpoint, files={"file": ("x.png", data)})
     assert r.status_code == status, r.text
     if case not in ("no_file", "bad_k"):
         assert "error" in r.json()
     assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_explain_endpoint_shows_the_maps_of_each_stage_and_the_softmax(client, images):
+    r = client.post("/explain", files={"file": ("t.png", images["png"])}, params={"maps": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [s["name"] for s in body["stages"]] and all(len(s["maps"]) == 4 for s in body["stages"])
+    assert all(m.startswith("data:image/png;base64,") for s in body["stages"] for m in s["maps"])
+    probs = [row["probability"] for row in body["softmax"]]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+    top = client.post("/predict", files={"file": ("t.png", images["png"])}).json()["top"][0]["class"]
+    assert max(body["softmax"], key=lambda row: row["probability"])["class"] == top
 
 
 def test_model_info_and_openapi(client):
@@ -184,6 +198,10 @@ def test_web_page_in_chromium(run, images, tmp_path):
         top = browser.find_elements("css selector", ".bar .class-name")
         assert top[0].text == "Trouser" and len(top) == 5
         assert "Trouser" in browser.find_element("id", "status").text
+        # ... and inside the network: each stage's feature maps, and the softmax with its numbers
+        WebDriverWait(browser, 20).until(lambda b: b.find_elements("css selector", "#stages .stage img"))
+        assert len(browser.find_elements("css selector", "#stages .stage")) >= 3
+        assert browser.find_elements("css selector", "#softmax tr")[0].text.startswith("Trouser")
     finally:
         browser.quit()
         server.should_exit = True

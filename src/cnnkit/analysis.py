@@ -14,7 +14,8 @@ from PIL import Image
 from torch import nn
 
 from cnnkit import augment
-from cnnkit.evaluate import classification_metrics, predict_logits
+from cnnkit.evaluate import classification_metrics
+from cnnkit.inference import predict_logits
 from cnnkit.preprocess import Preprocess
 
 
@@ -60,13 +61,13 @@ def worst_mistakes(logits: torch.Tensor, labels: np.ndarray, top: int = 16) -> l
 
 
 def _rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
-    p = augment._identity_params(len(x))
+    p = augment.identity_params(len(x))
     p["angle"] = torch.full((len(x),), np.deg2rad(degrees), dtype=torch.float64)
     return augment.warp(x, augment.affine_matrix(**p), "zero")
 
 
 def _shift(x: torch.Tensor, pixels: float) -> torch.Tensor:
-    p = augment._identity_params(len(x))
+    p = augment.identity_params(len(x))
     p["tx"] = p["ty"] = torch.full((len(x),), float(pixels), dtype=torch.float64)
     return augment.warp(x, augment.affine_matrix(**p), "zero")
 

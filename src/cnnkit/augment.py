@@ -90,7 +90,7 @@ def affine_matrix(angle: Tensor, shear_x: Tensor, shear_y: Tensor, zx: Tensor, z
     return m
 
 
-def _identity_params(n: int) -> dict[str, Tensor]:
+def identity_params(n: int) -> dict[str, Tensor]:
     z = torch.zeros(n, dtype=torch.float64)
     return {"angle": z, "shear_x": z, "shear_y": z, "zx": z + 1, "zy": z + 1, "tx": z, "ty": z}
 
@@ -182,7 +182,7 @@ def random_resized_crop(
     area = _uniform(b, scale[0], scale[1], g)
     r = torch.exp(_uniform(b, math.log(ratio[0]), math.log(ratio[1]), g))
     cw, ch = torch.sqrt(area * r).clamp(max=1.0), torch.sqrt(area / r).clamp(max=1.0)
-    params = _identity_params(b)
+    params = identity_params(b)
     params.update(zx=cw, zy=ch, tx=_uniform(b, -1, 1, g) * (1 - cw) * w / 2, ty=_uniform(b, -1, 1, g) * (1 - ch) * h / 2)
     return warp(x, affine_matrix(**params), "reflect")
 
@@ -315,7 +315,7 @@ def _policy_warp(kind: str) -> Callable[[Tensor, Tensor, torch.Generator], Tenso
     def op(x: Tensor, mag: Tensor, g: torch.Generator) -> Tensor:
         b, _, h, w = x.shape
         signed = mag * _sign(b, g)
-        p = _identity_params(b)
+        p = identity_params(b)
         if kind == "rotate":
             p["angle"] = torch.deg2rad(30 * signed)
         elif kind == "shear_x":

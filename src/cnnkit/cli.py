@@ -7,7 +7,6 @@ import dataclasses
 import inspect
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,12 @@ log = logging.getLogger("cnnkit")
 DEFAULT_RECIPE = "fmnist-quick"
 
 
-def _field_help() -> dict[str, str]:
-    """Help for each configuration field, taken from its comment in config.py (one source of truth)."""
-    source = inspect.getsource(config.Config)
-    # argparse %-formats help strings: a literal % (as in "30% of training") must be doubled.
-    return {m.group(1): m.group(2).replace("%", "%%") for m in re.finditer(r"^\s+(\w+): [^#\n]+#\s*(.+)$", source, re.M)}
-
-
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     from cnnkit.config import Config
 
     group = parser.add_argument_group("recipe fields (override the recipe; see `cnnkit recipes`)")
-    helps = _field_help()
+    # argparse %-formats help strings: a literal % (as in "30% of training") must be doubled.
+    helps = {name: text.replace("%", "%%") for name, text in config.field_help().items()}
     for f in dataclasses.fields(Config):
         if f.name in ("recipe", "description"):
             continue
@@ -108,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default 10 MB)")
     p.add_argument("--workers", type=int, default=2, help="inference threads (requests beyond wait)")
 
+    _add_inside_commands(sub)
+
     p = sub.add_parser("report", help="write RUN/report.html: curves, confusions, mistakes, Grad-CAM, robustness")
     p.add_argument("run", type=Path, metavar="RUN", help="run folder")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -133,6 +128,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("datasets", help="which datasets are available here, and where they were found")
     sub.add_parser("recipes", help="list the recipes, one line each")
     return parser
+
+
+def _add_inside_commands(sub: Any) -> None:
+    """`summary` and `explain`: the course's concepts shown on the user's own network."""
+    p = sub.add_parser("summary", help="every layer: shapes, parameters, multiply-adds, receptive field", description=(
+        "A table of every layer of a run's network (or a recipe's or a model's, untrained): kernel, stride, "
+        "padding, input and output shape, parameters, multiply-adds and receptive field; the output size "
+        "computed with floor((in + 2*padding - kernel) / stride) + 1 and checked against PyTorch's."))
+    p.add_argument("run", type=Path, nargs="?", metavar="RUN", help="run folder (or give --recipe or --model)")
+    p.add_argument("--recipe", help="an untrained network of this recipe, at its dataset's image size")
+    p.add_argument("--model", help="an untrained model by name (seed-cnn, fastnet or a timm name)")
+    p.add_argument("--input-size", type=int, help="input height and width for --model (default 28, or 224 for timm)")
+    p.add_argument("--channels", type=int, default=None, help="input channels for --model (default 1 for cnnkit's, 3 for timm)")
+    p.add_argument("--classes", type=int, default=10, help="classes for --recipe and --model (default 10)")
+    p.add_argument("--depth", type=int, help="show modules this many levels down instead of every leaf layer")
+    p.add_argument("--batch-size", type=int, help="batch for the training-memory estimate (default: the recipe's, or 64)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+    p = sub.add_parser("explain", help="follow one image through a run's network: RUN/explain/IMAGE.html",
+                       description="Write a self-contained page that follows IMAGE through the run's network: the "
+                       "preprocessed input, feature maps per stage, pooling, a receptive field, the dense layers, "
+                       "softmax with its numbers, the loss for --label, and Grad-CAM for the top classes.")
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder")
+    p.add_argument("image", type=Path, metavar="IMAGE", help="an image file (PNG, JPEG, BMP, WebP, GIF)")
+    p.add_argument("--label", help="the image's true class: the page shows the cross-entropy loss for it")
+    p.add_argument("--out", type=Path, help="HTML file to write (default RUN/explain/<image name>.html)")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +238,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import cnnkit
     from cnnkit.config import apply_overrides, load_recipe
-    from cnnkit.train import train
+    from cnnkit.training import train
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_torchrun(args)
@@ -267,18 +289,19 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cnnkit.evaluate import classification_metrics, predict_logits, run_inference_settings
-    from cnnkit.runs import load_run, read_config, run_splits, save_evaluation
-    from cnnkit.train import resolve_device
+    from cnnkit.evaluate import classification_metrics
+    from cnnkit.inference import InferenceSettings, predict_logits
+    from cnnkit.runs import load_run, run_settings, run_splits, save_evaluation
+    from cnnkit.runtime import resolve_device
 
-    cfg = read_config(args.run)
+    cfg = run_settings(args.run)  # with the run's own decisions (a budget's test views)
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
     _, splits = run_splits(cfg, args.data_dir)
     run_tta = cfg.get("tta", "none")
     tta = args.tta or run_tta
     logits = predict_logits(run.model, run.preprocess, splits.test.images, device=device, tta=tta,
-                            **run_inference_settings(cfg, device))
+                            **InferenceSettings.for_run(cfg, device).kwargs())
     metrics = classification_metrics(logits, splits.test.labels, run.classes)
     if tta == run_tta:
         save_evaluation(args.run, metrics, run.classes, split="test", checkpoint=args.checkpoint)
@@ -303,20 +326,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from cnnkit.data.images import find_images
+    from cnnkit.predict import load_engine, predict_files
 
     paths = find_images(args.inputs)
-    if args.engine == "onnx" or args.run.suffix == ".onnx":
-        from cnnkit.onnx_engine import OnnxModel, predict_files as onnx_predict
+    device = "cpu"
+    if args.engine != "onnx" and args.run.suffix != ".onnx":  # torch is imported only for its engine
+        from cnnkit.runtime import resolve_device
 
-        model = OnnxModel(args.run if args.run.suffix == ".onnx" else args.run / "export" / "model.onnx")
-        results, engine = onnx_predict(model, paths, top_k=args.top_k), "onnxruntime"
-    else:
-        from cnnkit.predict import predict_files
-        from cnnkit.runs import load_run
-        from cnnkit.train import resolve_device
-
-        device = resolve_device(args.device)
-        results, engine = predict_files(load_run(args.run, args.checkpoint, device), paths, args.top_k, device), "torch"
+        device = str(resolve_device(args.device))
+    model = load_engine(args.run, "onnx" if args.engine == "onnx" else "torch", checkpoint=args.checkpoint,
+                        device=device)
+    results, engine = predict_files(model, paths, top_k=args.top_k), model.name
     if args.json:
         print(json.dumps({"engine": engine, "run": str(args.run), "results": results}, indent=2))
     else:
@@ -391,9 +411,58 @@ def cmd_augment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_summary(args: argparse.Namespace) -> int:
+    from cnnkit.summary import format_shape, human, network_to_summarise, summarize
+
+    model, shape, batch, what = network_to_summarise(args.run, args.recipe, args.model, args.input_size,
+                                                  args.channels, args.classes)
+    s = summarize(model, shape, args.depth, args.batch_size or batch)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0 if not s["formula_mismatches"] else 1
+    from rich.table import Table
+
+    table = Table(title=f"{what}: input {format_shape(list(shape))}")
+    for col in ("layer", "type", "kernel / stride / padding", "input", "output", "params", "MACs", "activations",
+                "receptive field", "output size by the formula"):
+        table.add_column(col, justify="right" if col in ("params", "MACs", "activations") else "left", overflow="fold")
+    for r in s["layers"]:
+        geom = (f"{r['kernel'][0]} / {r['stride'][0]} / {r['padding'] if isinstance(r['padding'], str) else r['padding'][0]}"
+                if r["kernel"] else "")
+        rf = r["receptive_field"]
+        field = f"{rf['size']:g} px, jump {rf['jump']:g}, start {rf['start']:g}" if rf else ""
+        check = "" if r["formula"] is None else r["formula"] + ("" if r["formula_ok"] else "  [red]≠ PyTorch[/]")
+        table.add_row(r["name"], r["type"], geom, format_shape(r["input_shape"]), format_shape(r["output_shape"]),
+                      f"{r['params']:,}", human(r["macs"]), human(r["activation_bytes"], "B"), field, check)
+    from rich.console import Console
+
+    out = out_console()
+    if not out.is_terminal:  # piped: wide enough for the formula column whole
+        out = Console(width=240)
+    out.print(table)
+    out.print(f"{s['total_params']:,} parameters ({s['trainable_params']:,} trainable), {human(s['total_macs'], 'MAC')} "
+              f"per image; training memory for a batch of {s['batch_size']}: about "
+              f"{human(s['training_memory_bytes'], 'B')} (weights, gradients, 2 optimiser buffers, activations)")
+    if s["formula_mismatches"]:
+        out.print(f"[red]the formula disagrees with PyTorch at {', '.join(s['formula_mismatches'])}[/]: a bug in cnnkit")
+        return 1
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from cnnkit.explain import explain_run
+    from cnnkit.runtime import resolve_device
+
+    path, ex = explain_run(args.run, args.image, args.label, str(resolve_device(args.device)), args.out)
+    top = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in ex["top"])
+    print(f"{args.image}: {top}")
+    print(f"Page: {path}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from cnnkit.report import report_run
-    from cnnkit.train import resolve_device
+    from cnnkit.runtime import resolve_device
 
     path = report_run(args.run, str(resolve_device(args.device)))
     print(f"Report: {path}")
@@ -437,7 +506,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     for name, r in recipes.items():
         length = "linear probe" if r.strategy == "linear-probe" else f"{r.epochs:3d} epochs"
         print(f"{name:{width}}  {r.dataset:13}  {r.model:{model_width}}  {length:12}  {r.description}")
-    from cnnkit.evaluate import cpu_has_native_bf16
+    from cnnkit.runtime import cpu_has_native_bf16
 
     if not cpu_has_native_bf16():
         print("\nThe times are for a 2-core CPU with bf16 instructions (AVX512-BF16 or AMX). This CPU has none: the "
@@ -446,8 +515,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "augment": cmd_augment,
-            "report": cmd_report, "compare": cmd_compare, "lr-find": cmd_lr_find, "export": cmd_export, "serve": cmd_serve,
+COMMANDS = {"summary": cmd_summary, "explain": cmd_explain, "train": cmd_train, "evaluate": cmd_evaluate,
+            "predict": cmd_predict, "augment": cmd_augment, "report": cmd_report, "compare": cmd_compare, "lr-find": cmd_lr_find, "export": cmd_export, "serve": cmd_serve,
             "datasets": cmd_datasets, "recipes": cmd_recipes}
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 from cnnkit.errors import RunError
 from cnnkit.fileio import write_bytes_atomic
+from cnnkit.plotting import png_bytes, pyplot
+from cnnkit.runs import read_summary, run_settings
 
 
 def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
@@ -20,8 +21,7 @@ def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
             raise RunError(f"{d}: not a finished cnnkit run (summary.json and metrics.jsonl are needed)")
         runs.append({
             "name": d.name, "path": str(d),
-            "summary": json.loads((d / "summary.json").read_text()),
-            "config": json.loads((d / "config.json").read_text()),
+            "summary": read_summary(d), "config": run_settings(d),
             "metrics": [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()],
         })
     return runs
@@ -41,12 +41,7 @@ def table_rows(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def curves_png(runs: list[dict[str, Any]]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(12, 4))
     for r in runs:
         epochs = [m["epoch"] for m in r["metrics"]]
         line, = axes[0].plot(epochs, [100 * m["val_accuracy"] for m in r["metrics"]], "o-", label=f"{r['name']} (val)")
@@ -61,10 +56,7 @@ def curves_png(runs: list[dict[str, Any]]) -> bytes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_html(runs: list[dict[str, Any]], path: Path) -> None:

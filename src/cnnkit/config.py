@@ -6,6 +6,7 @@ configuration is saved in the run folder and in every checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -32,76 +33,92 @@ CHOICES = {
 }
 
 
-@dataclass
+def opt(default: Any, doc: str) -> Any:
+    """A Config field and its help text, which `cnnkit train --help` shows for its flag. Lists and
+    dicts get a fresh copy for each Config."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": doc})
+    return field(default=default, metadata={"help": doc})
+
+
+def field_help() -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(Config)}
+
+
+@dataclass(frozen=True)
 class Config:
+    """Every setting of a run. Frozen: a run never changes what it was asked to do (its own
+    decisions go to the run record, runs.RunRecord); `dataclasses.replace` makes a changed copy."""
+
     # -- the run
-    recipe: str = ""  # the recipe this configuration came from
-    description: str = ""  # one line for `cnnkit recipes`
-    seed: int = 0
-    device: str = "auto"  # auto: CUDA when available, else CPU
-    threads: int | None = None  # CPU threads for torch; default: torch's choice (all cores)
+    recipe: str = opt("", "the recipe this configuration came from")
+    description: str = opt("", "one line for `cnnkit recipes`")
+    seed: int = opt(0, "seeds the splits, the initialisation, the data order and augmentation")
+    device: str = opt("auto", "auto: CUDA when available, else CPU")
+    threads: int | None = opt(None, "CPU threads for torch; default: torch's choice (all cores)")
     # -- data
-    dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | folder
-    data_dir: str | None = None  # where the data is; see `cnnkit datasets`
-    image_size: int | None = None  # folder datasets: images are decoded to this square size (default 64)
-    channels: int | None = None  # folder datasets: 1 (grey) or 3 (RGB, default)
-    skip_bad_images: bool = False  # skip and count undecodable files instead of stopping
-    val_fraction: float = 0.1  # validation carved from train (seeded, stratified) when the source has none
-    test_fraction: float = 0.2  # test carved from train, only when the source has no test split
-    max_train_samples: int | None = None  # stratified subset of train, for quick tries
-    max_eval_samples: int | None = None  # stratified subsets of validation and test
-    class_balance: str = "none"  # none | weights (loss weights) | sampler (balanced batches)
+    dataset: str = opt("fashion-mnist", "fashion-mnist | cifar10 | folder")
+    data_dir: str | None = opt(None, "where the data is; see `cnnkit datasets`")
+    image_size: int | None = opt(None, "folder datasets: images are decoded to this square size (default 64)")
+    channels: int | None = opt(None, "folder datasets: 1 (grey) or 3 (RGB, default)")
+    skip_bad_images: bool = opt(False, "skip and count undecodable files instead of stopping")
+    val_fraction: float = opt(0.1, "validation carved from train (seeded, stratified) when the source has none")
+    test_fraction: float = opt(0.2, "test carved from train, only when the source has no test split")
+    max_train_samples: int | None = opt(None, "stratified subset of train, for quick tries")
+    max_eval_samples: int | None = opt(None, "stratified subsets of validation and test")
+    class_balance: str = opt("none", "none | weights (loss weights) | sampler (balanced batches)")
     # -- model
-    model: str = "seed-cnn"  # seed-cnn, or any timm model name
-    model_args: dict[str, Any] = field(default_factory=dict)  # passed to the model's constructor
-    input_size: int | None = None  # model input size; images are resized on the device (default: data size, or the weights' size)
-    pretrained: bool = False  # start from ImageNet weights (timm models): --weights, else the offline registry, else timm's download
-    weights: str | None = None  # a weights file (safetensors, or a state dict) for --pretrained
-    strategy: str = "full"  # full: every layer | linear-probe: frozen backbone, cached features, fitted linear head | frozen: backbone frozen, head trained with augmentation | finetune: head_epochs of head only, then every layer | gradual: head first, then one more block every unfreeze_epochs
-    head_epochs: float = 1.0  # finetune, gradual: epochs that train only the new head (backbone frozen, its BatchNorm in inference mode)
-    unfreeze_epochs: float = 1.0  # gradual: epochs between unfreezing one more block, from the top down
-    keep_frozen: int = 0  # finetune, gradual: this many layer groups nearest the input never train (faster; Lite0 has 9)
-    layer_lr_decay: float = 1.0  # discriminative learning rates: each layer group below the head learns this many times slower than the one above
-    grey_input: str = "repeat"  # grey images into an RGB-pretrained model: repeat the channel, or sum the first convolution's weights to one input channel
+    model: str = opt("seed-cnn", "seed-cnn, or any timm model name")
+    model_args: dict[str, Any] = opt({}, "passed to the model's constructor")
+    input_size: int | None = opt(None, "model input size; images are resized on the device (default: data size, or the weights' size)")
+    pretrained: bool = opt(False, "start from ImageNet weights (timm models): --weights, else the offline registry, else timm's download")
+    weights: str | None = opt(None, "a weights file (safetensors, or a state dict) for --pretrained")
+    strategy: str = opt("full", "full: every layer | linear-probe: frozen backbone, cached features, fitted linear head | frozen: backbone frozen, head trained with augmentation | finetune: head_epochs of head only, then every layer | gradual: head first, then one more block every unfreeze_epochs")
+    head_epochs: float = opt(1.0, "finetune, gradual: epochs that train only the new head (backbone frozen, its BatchNorm in inference mode)")
+    unfreeze_epochs: float = opt(1.0, "gradual: epochs between unfreezing one more block, from the top down")
+    keep_frozen: int = opt(0, "finetune, gradual: this many layer groups nearest the input never train (faster; Lite0 has 9)")
+    layer_lr_decay: float = opt(1.0, "discriminative learning rates: each layer group below the head learns this many times slower than the one above")
+    grey_input: str = opt("repeat", "grey images into an RGB-pretrained model: repeat the channel, or sum the first convolution's weights to one input channel")
     # -- optimisation
     epochs: int = 10
     batch_size: int = 64
     eval_batch_size: int = 1024
-    optimizer: str = "adam"  # adam | adamw | sgd | muon (Muon on convolution filters, SGD on the rest)
-    lr: float = 1e-3  # peak learning rate
-    momentum: float = 0.9  # SGD momentum
-    nesterov: bool = False  # SGD Nesterov momentum (muon: for both parts)
-    muon_lr: float = 0.24  # muon: peak learning rate of the orthogonalised filter updates (airbench94_muon)
-    muon_momentum: float = 0.6  # muon: momentum of the filter updates
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam/AdamW
-    weight_decay: float = 0.0  # applied to weights; to biases and norm parameters only with bias_decay
-    bias_decay: bool = False  # biases and norm parameters decay too, as much per step as the weights (airbench): weight_decay / bias_lr_scale
-    schedule: str = "constant"  # constant | onecycle | cosine | linear (decay to 0); all but onecycle after warmup_epochs
-    warmup_epochs: float = 0.0  # linear warmup from 0 (onecycle: default 30% of training)
-    bias_lr_scale: float = 1.0  # learning-rate multiplier for biases and normalisation parameters
-    frozen_after: dict[str, float] = field(default_factory=dict)  # parameter name -> epochs, e.g. '{"stem.bias": 3}' (airbench's whitening stem): its learning rate falls linearly to 0 over these epochs from the start, then it no longer trains
-    lookahead: bool = False  # Lookahead of weights as airbench: every 5 steps, slow weights follow and reset the fast ones
+    optimizer: str = opt("adam", "adam | adamw | sgd | muon (Muon on convolution filters, SGD on the rest)")
+    lr: float = opt(1e-3, "peak learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(False, "SGD Nesterov momentum (muon: for both parts)")
+    muon_lr: float = opt(0.24, "muon: peak learning rate of the orthogonalised filter updates (airbench94_muon)")
+    muon_momentum: float = opt(0.6, "muon: momentum of the filter updates")
+    betas: list[float] = opt([0.9, 0.999], "Adam/AdamW")
+    weight_decay: float = opt(0.0, "applied to weights; to biases and norm parameters only with bias_decay")
+    bias_decay: bool = opt(False, "biases and norm parameters decay too, as much per step as the weights (airbench): weight_decay / bias_lr_scale")
+    schedule: str = opt("constant", "constant | onecycle | cosine | linear (decay to 0); all but onecycle after warmup_epochs")
+    warmup_epochs: float = opt(0.0, "linear warmup from 0 (onecycle: default 30% of training)")
+    bias_lr_scale: float = opt(1.0, "learning-rate multiplier for biases and normalisation parameters")
+    frozen_after: dict[str, float] = opt({}, "parameter name -> epochs, e.g. '{\"stem.bias\": 3}' (airbench's whitening stem): its learning rate falls linearly to 0 over these epochs from the start, then it no longer trains")
+    lookahead: bool = opt(False, "Lookahead of weights as airbench: every 5 steps, slow weights follow and reset the fast ones")
     label_smoothing: float = 0.0
-    grad_clip: float | None = None  # clip the gradient norm to this value
-    early_stopping_patience: int | None = None  # stop after this many epochs without a better validation accuracy
-    augment: str | list[dict[str, Any]] = "none"  # preset (none, seed, light, strong) or list of ops; see `cnnkit augment ops`
-    tta: str = "none"  # test-time augmentation for the test evaluation: none | flip | shift | flip-shift (validation during training goes without)
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA) | auto (bf16 where the CPU or GPU has it natively, else fp32 on CPUs, fp16 on GPUs)
-    channels_last: bool = False  # memory format; often faster for convolutions
-    compile: bool = False  # torch.compile the training model (compile time counts; needs a C++ compiler on the CPU)
-    time_budget: str | None = None  # e.g. 5m, 90s, 1h: fit the steps (and so the schedule) to end the whole run, test and report included, within it
-    sync_batchnorm: bool = False  # distributed runs: BatchNorm statistics over the global batch, not each process's share
+    grad_clip: float | None = opt(None, "clip the gradient norm to this value")
+    early_stopping_patience: int | None = opt(None, "stop after this many epochs without a better validation accuracy")
+    augment: str | list[dict[str, Any]] = opt("none", "preset (none, seed, light, strong) or list of ops; see `cnnkit augment ops`")
+    tta: str = opt("none", "test-time augmentation for the test evaluation: none | flip | shift | flip-shift (validation during training goes without)")
+    precision: str = opt("fp32", "fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA) | auto (bf16 where the CPU or GPU has it natively, else fp32 on CPUs, fp16 on GPUs)")
+    channels_last: bool = opt(False, "memory format; often faster for convolutions")
+    compile: bool = opt(False, "torch.compile the training model (compile time counts; needs a C++ compiler on the CPU)")
+    time_budget: str | None = opt(None, "e.g. 5m, 90s, 1h: fit the steps (and so the schedule) to end the whole run, test and report included, within it")
+    sync_batchnorm: bool = opt(False, "distributed runs: BatchNorm statistics over the global batch, not each process's share")
     # -- robustness
-    deterministic: bool = False  # torch deterministic algorithms (an interrupted + resumed run equals an uninterrupted one)
-    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keep the last good checkpoint) | skip (the step; halve the LR)
-    checkpoint_every_epochs: int = 1  # save the resumable `last` checkpoint every N epochs
-    checkpoint_every_minutes: float | None = None  # also save it mid-epoch when this many minutes have passed
+    deterministic: bool = opt(False, "torch deterministic algorithms (an interrupted + resumed run equals an uninterrupted one)")
+    on_nonfinite: str = opt("stop", "a NaN/inf loss or gradient: stop (keep the last good checkpoint) | skip (the step; halve the LR)")
+    checkpoint_every_epochs: int = opt(1, "save the resumable `last` checkpoint every N epochs")
+    checkpoint_every_minutes: float | None = opt(None, "also save it mid-epoch when this many minutes have passed")
     # -- output
-    report: bool = True  # write report.html (plots, confusions, Grad-CAM, robustness) at the end
-    report_robustness_samples: int = 2000  # test images for the report's robustness section (21 corrupted copies each)
-    tensorboard: bool = False  # also log metrics per epoch to RUN/tensorboard (needs the tensorboard package)
-    output: str = "runs"  # parent folder of run folders
-    name: str | None = None  # run folder name (default: recipe-date-time)
+    report: bool = opt(True, "write report.html (plots, confusions, Grad-CAM, robustness) at the end")
+    report_robustness_samples: int = opt(2000, "test images for the report's robustness section (21 corrupted copies each)")
+    tensorboard: bool = opt(False, "also log metrics per epoch to RUN/tensorboard (needs the tensorboard package)")
+    output: str = opt("runs", "parent folder of run folders")
+    name: str | None = opt(None, "run folder name (default: recipe-date-time)")
+
 
     def validate(self) -> Config:
         for key, options in CHOICES.items():

@@ -25,3 +25,15 @@ class ImageDecodeError(DataError):
 
 class RunError(CnnkitError):
     """A run folder or checkpoint is missing or unusable."""
+
+
+class TrainingError(CnnkitError):
+    """Training cannot go on (for example the loss became NaN)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGINT or SIGTERM: a checkpoint was saved; exit with 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

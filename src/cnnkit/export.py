@@ -20,7 +20,7 @@ from torch import nn
 
 import cnnkit
 from cnnkit.errors import CnnkitError
-from cnnkit.evaluate import predict_logits
+from cnnkit.inference import predict_logits
 from cnnkit.fileio import atomic_path
 from cnnkit.preprocess import Preprocess
 from cnnkit.runs import LoadedRun

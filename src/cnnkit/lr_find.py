@@ -17,8 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from cnnkit.config import Config
-from cnnkit.errors import ConfigError
-from cnnkit.fileio import write_bytes_atomic, write_json_atomic
+from cnnkit.errors import ConfigError, TrainingError
+from cnnkit.fileio import write_json_atomic
+from cnnkit.plotting import pyplot, save_figure
+from cnnkit.training.build import build
+from cnnkit.training.hooks import Unfreeze
+from cnnkit.training.loop import Hook, Loop
+from cnnkit.training.schedule import set_rates
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +37,37 @@ class LrFindResult:
     min_loss_lr: float  # the rate at the smoothed loss's minimum
 
 
+class RangeTest(Hook):
+    """Before each step the rate of the range test (overriding the schedule); after it the smoothed
+    loss, and a stop once the loss has clearly diverged."""
+
+    def __init__(self, start_lr: float, end_lr: float, steps: int, recipe_lr: float, smoothing: float):
+        self.start_lr, self.end_lr, self.steps, self.recipe_lr, self.smoothing = start_lr, end_lr, steps, recipe_lr, smoothing
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.avg, self.best = 0.0, math.inf
+
+    def rate(self, i: int) -> float:
+        return self.start_lr * (self.end_lr / self.start_lr) ** (i / (self.steps - 1))
+
+    def before_step(self, loop: Loop) -> None:
+        set_rates(loop.optimizer.param_groups, loop.state.step, 0, 0, "constant", len(loop.loader),
+                  factor=self.rate(loop.state.step) / self.recipe_lr)
+
+    def after_step(self, loop: Loop) -> None:
+        i = loop.state.step - 1
+        self.avg = self.smoothing * self.avg + (1 - self.smoothing) * loop.last_loss.item()
+        smoothed = self.avg / (1 - self.smoothing ** (i + 1))  # bias-corrected, as fastai
+        self.lrs.append(self.rate(i))
+        self.losses.append(smoothed)
+        self.best = min(self.best, smoothed)
+        if smoothed > 4 * self.best and i > self.steps // 10:
+            loop.request_stop("the loss diverged", now=True)
+
+
 def lr_find(cfg: Config, start_lr: float = 1e-5, end_lr: float = 10.0, steps: int = 100,
             smoothing: float = 0.9) -> LrFindResult:
     """Run the range test with `cfg`'s data, model and optimiser; write RUN/lr_find.{json,png}."""
-    from cnnkit.train import Trainer, TrainingError
-
     if not 0 < start_lr < end_lr:
         raise ConfigError(f"lr-find needs 0 < start < end; got {start_lr} and {end_lr}")
     if steps < 10:
@@ -44,42 +75,23 @@ def lr_find(cfg: Config, start_lr: float = 1e-5, end_lr: float = 10.0, steps: in
     # No averaging of weights, no skipped steps: the test is about the raw optimiser's stability.
     cfg = Config.from_dict({**cfg.to_dict(), "lookahead": False, "on_nonfinite": "stop", "time_budget": None,
                             "report": False, "tensorboard": False})
-    trainer = Trainer(cfg)
-    trainer.net.train()
-    lrs, losses = [], []
-    avg, best = 0.0, math.inf
-    batches = _endless(trainer)
-    for i in range(steps):
-        lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
-        images, labels = next(batches)
-        try:
-            loss, _, _ = trainer._step(images, labels, 1, factor=lr / cfg.lr)
-        except TrainingError:  # non-finite: diverged
-            break
-        avg = smoothing * avg + (1 - smoothing) * loss.item()
-        smoothed = avg / (1 - smoothing ** (i + 1))  # bias-corrected, as fastai
-        lrs.append(lr)
-        losses.append(smoothed)
-        best = min(best, smoothed)
-        if smoothed > 4 * best and i > steps // 10:
-            break
+    setup = build(cfg, None)
+    test = RangeTest(start_lr, end_lr, steps, cfg.lr, smoothing)
+    hooks: list[Hook] = [Unfreeze(setup.unfreezer, cfg.strategy)] if setup.unfreezer is not None else []
+    try:  # no validation, metrics or checkpoints: the range test's own hook (and fine-tuning's unfreezing)
+        Loop(setup, [*hooks, test], steps, validate=False).fit()
+    except TrainingError:  # non-finite: diverged
+        pass
+    lrs, losses = test.lrs, test.losses
     if len(lrs) < 5:
         raise ConfigError(f"the loss diverged within {len(lrs)} steps from {start_lr:g}; try a lower --start")
     suggested, min_loss_lr = _suggest(np.array(lrs), np.array(losses))
-    result = LrFindResult(trainer.run_dir, lrs, losses, suggested, min_loss_lr)
-    write_json_atomic(trainer.run_dir / "lr_find.json", {
+    result = LrFindResult(setup.run_dir, lrs, losses, suggested, min_loss_lr)
+    write_json_atomic(setup.run_dir / "lr_find.json", {
         "recipe": cfg.recipe, "optimizer": cfg.optimizer, "batch_size": cfg.batch_size, "recipe_lr": cfg.lr,
         "suggested_lr": suggested, "min_loss_lr_div10": min_loss_lr / 10, "lrs": lrs, "smoothed_losses": losses})
-    _plot(result, cfg.lr, trainer.run_dir / "lr_find.png")
+    _plot(result, cfg.lr, setup.run_dir / "lr_find.png")
     return result
-
-
-def _endless(trainer):
-    epoch = 1
-    while True:
-        trainer.loader.set_epoch(epoch)
-        yield from trainer.loader.batches()
-        epoch += 1
 
 
 def _suggest(lrs: np.ndarray, losses: np.ndarray) -> tuple[float, float]:
@@ -90,14 +102,7 @@ def _suggest(lrs: np.ndarray, losses: np.ndarray) -> tuple[float, float]:
 
 
 def _plot(result: LrFindResult, recipe_lr: float, path: Path) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(6, 4), dpi=100)
     ax.plot(result.lrs, result.losses, color="#1f77b4")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
@@ -109,7 +114,4 @@ def _plot(result: LrFindResult, recipe_lr: float, path: Path) -> None:
     ax.legend()
     ax.set_title("learning-rate range test")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    save_figure(fig, path)

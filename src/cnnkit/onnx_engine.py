@@ -12,11 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from cnnkit.data.images import decode_image
-from cnnkit.errors import ImageDecodeError, RunError
+from cnnkit.errors import RunError
 
 
 class OnnxModel:
+    """An exported model under onnxruntime: the `predict.Engine` interface without torch."""
+
+    name = "onnxruntime"
+
     def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime as ort
 
@@ -44,22 +47,3 @@ class OnnxModel:
         p /= p.sum(1, keepdims=True)
         order = np.argsort(-p, axis=1)[:, :k]
         return [[(self.classes[j], float(p[i, j])) for j in row] for i, row in enumerate(order)]
-
-    def decode(self, source: bytes | str | Path, **limits: Any) -> np.ndarray:
-        return decode_image(source, self.preprocess["data_size"], self.preprocess["data_channels"], **limits)
-
-
-def predict_files(model: OnnxModel, paths: list[Path], top_k: int = 5) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    good, arrays = [], []
-    for path in paths:
-        try:
-            arrays.append(model.decode(path))
-            good.append(len(results))
-            results.append({"path": str(path)})
-        except ImageDecodeError as e:
-            results.append({"path": str(path), "error": e.reason})
-    if arrays:
-        for i, top in zip(good, model.top_k(np.stack(arrays), top_k)):
-            results[i]["top"] = [{"class": c, "probability": p} for c, p in top]
-    return results

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from cnnkit.augment import Augment
-from cnnkit.fileio import save_with
+from cnnkit.plotting import pyplot, save_figure
 
 
 def pick_examples(labels: np.ndarray, num_classes: int, rows: int, seed: int) -> np.ndarray:
@@ -27,11 +27,6 @@ def augment_grid(
     columns: int = 6, seed: int = 0, title: str = "",
 ) -> None:
     """Save a PNG grid: each row one image (class name on the left), first column the original."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     g = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(images).float() / 255
     versions = [x]
@@ -42,7 +37,7 @@ def augment_grid(
         versions.append(out)
     rows = len(images)
     cell = 1.25 if images.shape[-1] <= 64 else 1.8
-    fig, axes = plt.subplots(rows, columns + 1, figsize=(cell * (columns + 1) + 1.2, cell * rows + 0.7), dpi=100,
+    fig, axes = pyplot().subplots(rows, columns + 1, figsize=(cell * (columns + 1) + 1.2, cell * rows + 0.7), dpi=100,
                              squeeze=False)
     grey = images.shape[1] == 1
     for r in range(rows):
@@ -63,5 +58,4 @@ def augment_grid(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    save_with(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)

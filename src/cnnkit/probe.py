@@ -15,39 +15,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkit.augment import tta_views
 from cnnkit.data.cache import cache_key, cached_arrays
 from cnnkit.errors import ConfigError
-from cnnkit.evaluate import autocast
+from cnnkit.inference import predict_logits
 from cnnkit.preprocess import Preprocess
-from cnnkit.progress import track
 
 log = logging.getLogger(__name__)
 
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)  # chosen on the validation split
 
 
-@torch.no_grad()
 def features(model: nn.Module, preprocess: Preprocess, images: np.ndarray, *, device: torch.device,
              batch_size: int = 256, precision: str = "fp32", tta: str = "none", channels_last: bool = False,
              what: str = "") -> np.ndarray:
     """The backbone's pooled features (before the classifier), averaged over TTA views."""
-    model.eval()
-    out = []
-    for start in track(range(0, len(images), batch_size), description=f"features {what}".strip(),
-                       total=-(-len(images) // batch_size)):
-        x = preprocess.to_float(torch.from_numpy(images[start:start + batch_size]).to(device))
-        total = None
-        views = tta_views(x, tta)
-        for view in views:
-            view = preprocess.finish(view)
-            if channels_last:  # 1.7x faster on the 2-core CPU (benchmarks/RESULTS.md, transfer-speed)
-                view = view.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                f = model.forward_head(model.forward_features(view), pre_logits=True).float()
-            total = f if total is None else total + f
-        out.append((total / len(views)).cpu().numpy())
-    return np.concatenate(out)
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+
+    return predict_logits(model, preprocess, images, batch_size=batch_size, device=device, precision=precision,
+                          channels_last=channels_last, tta=tta, outputs=pooled,
+                          description=f"features {what}".strip()).numpy()
 
 
 def cached_features(model: nn.Module, preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device,

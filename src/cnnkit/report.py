@@ -19,27 +19,19 @@ import torch
 
 from cnnkit import analysis
 from cnnkit.augment import build_augment
-from cnnkit.evaluate import classification_metrics, plot_confusion_matrix, predict_logits, run_inference_settings
-from cnnkit.fileio import save_with, write_bytes_atomic, write_json_atomic
+from cnnkit.evaluate import classification_metrics, plot_confusion_matrix
+from cnnkit.fileio import write_bytes_atomic, write_json_atomic
+from cnnkit.inference import InferenceSettings, predict_logits
+from cnnkit.plotting import pyplot, save_figure
 from cnnkit.preprocess import Preprocess
+from cnnkit.preview import augment_grid, pick_examples
+from cnnkit.runs import load_run, read_summary, run_settings, run_splits
+from cnnkit.summary import format_shape, human, summarize
+from cnnkit.training.schedule import lr_factor, warmup_steps
 
 log = logging.getLogger(__name__)
 
 ROBUSTNESS_SAMPLES = 2000  # default; a prefix of the test split keeps this to seconds for small networks
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    save_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    _plt().close(fig)
 
 
 def _show(ax, img: np.ndarray) -> None:
@@ -55,7 +47,7 @@ def _show(ax, img: np.ndarray) -> None:
 
 
 def plot_learning_curves(metrics: list[dict[str, Any]], lr_steps: tuple[np.ndarray, np.ndarray] | None, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     epochs = [m["epoch"] for m in metrics]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
@@ -71,12 +63,12 @@ def plot_learning_curves(metrics: list[dict[str, Any]], lr_steps: tuple[np.ndarr
     axes[2].set_title("learning rate")
     axes[2].grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_image_grid(images: np.ndarray, captions: list[str], path: Path, columns: int = 8,
                     overlays: np.ndarray | None = None) -> None:
-    plt = _plt()
+    plt = pyplot()
     n = len(images)
     rows = max(1, -(-n // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
@@ -90,11 +82,11 @@ def plot_image_grid(images: np.ndarray, captions: list[str], path: Path, columns
             ax.imshow(overlays[i], cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
         ax.set_title(captions[i], fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_reliability(cal: dict[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 4))
     bins = [b for b in cal["bins"] if b["count"]]
     ax.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["accuracy"] for b in bins],
@@ -105,11 +97,11 @@ def plot_reliability(cal: dict[str, Any], path: Path) -> None:
     ax.set_title(f"reliability (ECE {100 * cal['ece']:.2f}%)")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_robustness(rob: dict[str, Any], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     names = list(dict.fromkeys(c["name"] for c in rob["corruptions"]))
     fig, ax = plt.subplots(figsize=(9, 3.6))
     width = 0.25
@@ -123,11 +115,11 @@ def plot_robustness(rob: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8, ncol=4, loc="lower left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_filters(filters: np.ndarray, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     n = len(filters)
     columns = min(16, n)
     rows = -(-n // columns)
@@ -140,7 +132,7 @@ def plot_filters(filters: np.ndarray, path: Path) -> None:
                             interpolation="nearest")
     fig.suptitle(f"first-layer filters ({n})", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # -- the numbers and the page
@@ -149,8 +141,6 @@ def plot_filters(filters: np.ndarray, path: Path) -> None:
 def lr_curve(cfg: dict[str, Any], steps_per_epoch: int, total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The planned learning rate against epochs: `total` steps (a time budget may plan the last
     epoch in part), else the config's epochs."""
-    from cnnkit.train import lr_factor, warmup_steps
-
     total = total or cfg["epochs"] * steps_per_epoch
     warmup = warmup_steps(cfg["warmup_epochs"], steps_per_epoch, total)
     steps = np.arange(0, total, max(1, total // 400))
@@ -165,7 +155,7 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
     plots/*.png and report.html; return the numbers."""
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
-    inference = run_inference_settings(cfg, device)
+    inference = InferenceSettings.for_run(cfg, device).kwargs()
     if logits is None:
         logits = predict_logits(model, preprocess, test_images, device=device, tta=cfg.get("tta", "none"), **inference)
     metrics = classification_metrics(logits, test_labels, classes)
@@ -179,7 +169,7 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
 
     pred = logits.argmax(1).numpy()
     metrics_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    summary = read_summary(run_dir)
     # Runs before steps_per_epoch was in the summary: the first epoch's steps
     steps_per_epoch = summary.get("steps_per_epoch") or (max(1, metrics_rows[0]["step"]) if metrics_rows else 1)
     plot_learning_curves(metrics_rows, lr_curve(cfg, steps_per_epoch, summary.get("schedule_steps")) if metrics_rows
@@ -205,21 +195,19 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
         plot_image_grid(test_images[idx], [f"{'✓' if pred[i] == test_labels[i] else '✗'} {classes[pred[i]]}" for i in idx],
                         plots / "grad_cam.png", columns=6, overlays=cams)
         plot_filters(analysis.first_layer_filters(model), plots / "filters.png")
-    from cnnkit.preview import augment_grid, pick_examples
-
     pick = pick_examples(train_labels, len(classes), min(4, len(classes)), 0)
     augment_grid(train_images[pick], train_labels[pick], classes, build_augment(cfg.get("augment")),
                  plots / "augmentation.png", columns=5,
                  title=f"augmentation: {cfg.get('augment') if isinstance(cfg.get('augment'), str) else 'custom ops'}")
-    write_page(run_dir, metrics, classes, pair_files, has_conv)
+    layers = summarize(model, (preprocess.model_channels, preprocess.input_size, preprocess.input_size),
+                       batch_size=cfg.get("batch_size", 64))
+    write_page(run_dir, metrics, classes, pair_files, has_conv, cfg, layer_table(layers))
     return metrics
 
 
 def report_run(run_dir: Path, device: str = "cpu") -> Path:
     """`cnnkit report RUN`: rebuild everything from the run folder."""
-    from cnnkit.runs import load_run, read_config, run_splits
-
-    cfg = read_config(run_dir)
+    cfg = run_settings(run_dir)
     run = load_run(run_dir, "best", device)
     _, splits = run_splits(cfg)
     build_report(run_dir, run.model, run.preprocess, run.classes, splits.test.images, splits.test.labels,
@@ -249,11 +237,29 @@ th:first-child,td:first-child{text-align:left}img{max-width:100%;height:auto}.no
 """
 
 
-def write_page(run_dir: Path, metrics: dict[str, Any], classes: list[str], pair_files: list[str], has_conv: bool) -> None:
+def layer_table(s: dict[str, Any]) -> str:
+    """The network's layers (`cnnkit summary`) as a folded table for the report."""
+    e = html.escape
+
+    def row(r: dict[str, Any]) -> str:
+        rf = f"{r['receptive_field']['size']:g} px" if r["receptive_field"] else ""
+        return (f"<tr><td>{e(r['name'])}</td><td>{e(r['type'])}</td><td>{format_shape(r['output_shape'])}</td>"
+                f"<td>{r['params']:,}</td><td>{human(r['macs'])}</td><td>{rf}</td>"
+                f"<td style='text-align:left'>{e(r['formula'] or '')}</td></tr>")
+
+    return (f"<details><summary>{len(s['layers'])} layers, {s['total_params']:,} parameters, "
+            f"{human(s['total_macs'], 'MAC')} per image (the same table: <code>cnnkit summary RUN</code>)</summary>"
+            "<table><tr><th>layer</th><th>type</th><th>output</th><th>params</th><th>MACs</th>"
+            f"<th>receptive field</th><th>output size by the formula</th></tr>{''.join(map(row, s['layers']))}"
+            "</table></details>")
+
+
+def write_page(run_dir: Path, metrics: dict[str, Any], classes: list[str], pair_files: list[str], has_conv: bool,
+               cfg: dict[str, Any], layers_html: str = "") -> None:
+    """report.html; `cfg` is the run's configuration with its decisions (run_settings)."""
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    cfg = json.loads((run_dir / "config.json").read_text())
+    summary = read_summary(run_dir)
     e = html.escape
     cards = [
         ("test accuracy", _num("accuracy", f"{100 * metrics['accuracy']:.2f}%"), f"{metrics['samples']} test images"),
@@ -309,6 +315,7 @@ probability the model gave its prediction.</p>{_img(plots / 'worst_mistakes.png'
 <section><h2>Robustness</h2><p class="note">Accuracy on the first {rob['samples']} test images, clean:
 {pct('robustness.clean', rob['clean'])}, and under each corruption.</p>
 {_img(plots / 'robustness.png', 'robustness')}<table><tr><th>corruption</th><th>severity</th><th>accuracy</th></tr>{rob_rows}</table></section>
+<section><h2>Layers</h2>{layers_html or '<p>Not computed.</p>'}</section>
 <section><h2>Calibration</h2><p class="note">How far the model's confidence is from its accuracy.</p>
 {_img(plots / 'reliability.png', 'reliability diagram')}</section>
 <p class="note">All numbers: evaluation.json · all plots: plots/ · made by cnnkit</p>

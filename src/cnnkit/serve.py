@@ -7,7 +7,7 @@ Inference runs in a bounded thread pool, off the event loop. Every upload goes t
 from __future__ import annotations
 
 import asyncio
-import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -19,54 +19,13 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from cnnkit.data.images import MAX_PIXELS, decode_image
-from cnnkit.errors import ImageDecodeError, RunError
+from cnnkit.errors import ImageDecodeError
+from cnnkit.predict import load_engine
+from cnnkit.runs import read_summary
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_BATCH_FILES = 64
-
-
-class TorchEngine:
-    """The run's PyTorch model, for runs without an ONNX export."""
-
-    name = "torch"
-
-    def __init__(self, run_dir: Path, threads: int | None):
-        import torch
-
-        from cnnkit.predict import predict_images
-        from cnnkit.runs import load_run
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.run = load_run(run_dir)
-        self.classes = self.run.classes
-        self.preprocess = self.run.preprocess.to_dict()
-        self._predict = predict_images
-
-    def top_k(self, images: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        return self._predict(self.run, images, k)
-
-
-class OnnxEngine:
-    name = "onnxruntime"
-
-    def __init__(self, path: Path, threads: int | None):
-        from cnnkit.onnx_engine import OnnxModel
-
-        self.model = OnnxModel(path, threads)
-        self.classes, self.preprocess = self.model.classes, self.model.preprocess
-
-    def top_k(self, images: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        return self.model.top_k(images, k)
-
-
-def load_engine(run_dir: Path, engine: str = "auto", threads: int | None = None):
-    onnx_path = Path(run_dir) / "export" / "model.onnx"
-    if engine == "onnx" or (engine == "auto" and onnx_path.is_file()):
-        return OnnxEngine(onnx_path, threads)
-    if engine not in ("auto", "torch"):
-        raise RunError(f"engine must be auto, onnx or torch; got {engine!r}")
-    return TorchEngine(run_dir, threads)
+MAX_EXPLAIN_MAPS = 16  # feature maps per stage in one /explain answer
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -109,9 +68,8 @@ class _TooLarge(Exception):
 def create_app(run_dir: Path, *, engine: str = "auto", max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_pixels: int = MAX_PIXELS, workers: int = 2, threads: int | None = None) -> FastAPI:
     run_dir = Path(run_dir)
-    model = load_engine(run_dir, engine, threads)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    model = load_engine(run_dir, engine, threads=threads)
+    summary = read_summary(run_dir)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnnkit-infer")
     app = FastAPI(title="cnnkit", description=f"Image classification with the run {run_dir.name}",
                   version=__import__("cnnkit").__version__)
@@ -186,12 +144,47 @@ def create_app(run_dir: Path, *, engine: str = "auto", max_upload_bytes: int = M
         return {"model": model_id, "engine": model.name, "results": results,
                 "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
 
+    inside = _Inside(run_dir, model)
+
+    @app.post("/explain")
+    async def explain(file: UploadFile = File(..., description="an image: PNG, JPEG, BMP, WebP or GIF"),
+                      maps: int = Query(8, ge=1, le=MAX_EXPLAIN_MAPS)) -> dict[str, Any]:
+        """Inside the network: the most active feature maps of each stage (PNG) and the softmax."""
+        t0 = time.perf_counter()
+        image = await decode(file)
+        result = await asyncio.get_running_loop().run_in_executor(pool, inside, image, maps)
+        return {"model": model_id, **result, "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
         return (resources.files("cnnkit") / "static" / "index.html").read_text().replace("{{MODEL}}", model_id)
 
     app.state.engine = model
     return app
+
+
+class _Inside:
+    """POST /explain's work: the run's PyTorch model (loaded on first use where the server predicts
+    with onnxruntime), one request at a time, since it hooks the model's layers for the pass."""
+
+    def __init__(self, run_dir: Path, engine: Any):
+        self.run_dir, self.run = run_dir, getattr(engine, "run", None)
+        self.lock = threading.Lock()
+
+    def __call__(self, image: np.ndarray, maps: int) -> dict[str, Any]:
+        from cnnkit.explain import colour, look_inside, png, to_pil
+
+        with self.lock:
+            if self.run is None:
+                from cnnkit.runs import load_run
+
+                self.run = load_run(self.run_dir)
+            ex, _ = look_inside(self.run.model, self.run.preprocess, self.run.classes, image, max_maps=maps)
+        return {"input_shape": ex["input_shape"],
+                "stages": [{"name": st["name"], "type": st["type"], "shape": st["shape"], "channels": st["channels"],
+                            "maps": [png(to_pil(colour(m), 64)) for m in st["maps"]]} for st in ex["stages"]],
+                "softmax": [{"class": c, "logit": z, "probability": p}
+                            for c, z, p in zip(ex["classes"], ex["logits"], ex["probabilities"])]}
 
 
 class _HttpError(Exception):

@@ -1,0 +1,230 @@
+"""A whole training run: prepare it (a new run, or the resumption of one), fit it with the standard
+hooks (or fit a linear probe), then, after `fit` returns, test the best weights once and write the
+summary and the report.
+
+    setup, checkpoint = prepare(cfg)             # or prepare(None, resume=RUN)
+    result = run_training(setup, checkpoint)     # fit -> test -> summary.json -> report.html
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cnnkit import distributed
+from cnnkit.budget import parse_duration
+from cnnkit.checkpoint import Checkpoint, load_checkpoint
+from cnnkit.config import Config
+from cnnkit.distributed import DistInfo
+from cnnkit.errors import ConfigError, RunError
+from cnnkit.evaluate import classification_metrics
+from cnnkit.fileio import write_bytes_atomic, write_json_atomic
+from cnnkit.inference import predict_logits
+from cnnkit.models import count_parameters
+from cnnkit.runs import RunRecord, save_evaluation
+from cnnkit.runtime import describe_device, versions
+from cnnkit.training.budget_hook import TimeBudget
+from cnnkit.training.build import Setup, build
+from cnnkit.training.hooks import (BestEpoch, Checkpointer, LookaheadHook, LrSchedule, MetricsLog, Unfreeze,
+                                   append_metrics, saved_loop_state)
+from cnnkit.training.loop import Hook, Loop, TrainState
+
+log = logging.getLogger(__name__)
+
+# Fields that may change when a run is resumed; anything else would make it another run.
+RESUMABLE_OVERRIDES = {"epochs", "device", "threads", "early_stopping_patience", "eval_batch_size",
+                       "checkpoint_every_epochs", "checkpoint_every_minutes"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    state: TrainState
+    test: dict[str, Any]
+    summary: dict[str, Any]
+
+
+def train(cfg: Config | None, resume: Path | None = None, overrides: dict[str, Any] | None = None,
+          started_at: float | None = None, hooks: Sequence[Hook] = ()) -> TrainResult:
+    """Train a model as `cfg` says (or resume the run in `resume`) and evaluate it on the test split.
+    `started_at` (a time.perf_counter() value) is when the time budget's clock started; `hooks`
+    join the standard ones, first at every point."""
+    started_at = started_at if started_at is not None else time.perf_counter()
+    setup, checkpoint = prepare(cfg, resume, overrides)
+    return run_training(setup, checkpoint, hooks, started_at)
+
+
+def prepare(cfg: Config | None, resume: Path | None = None,
+            overrides: dict[str, Any] | None = None) -> tuple[Setup, Checkpoint | None]:
+    """The built run, and the checkpoint it resumes from (None for a new run)."""
+    if resume is None:
+        assert cfg is not None
+        return build(cfg, None), None
+    cfg, checkpoint, record = _prepare_resume(Path(resume), overrides or {})
+    return build(cfg, Path(resume), checkpoint, record), checkpoint
+
+
+def standard_hooks(setup: Setup, started_at: float, resuming: bool) -> list[Hook]:
+    """The hooks of an ordinary run, in the order they must see each point (training/hooks.py)."""
+    cfg = setup.cfg
+    hooks: list[Hook] = [LrSchedule()]
+    if setup.unfreezer is not None:
+        hooks.append(Unfreeze(setup.unfreezer, cfg.strategy))
+    if cfg.time_budget and not resuming:  # a resumed run keeps its plan (run.json)
+        settled = setup.unfreezer.settled_step() if setup.unfreezer is not None else 0
+        hooks.append(TimeBudget(setup, parse_duration(cfg.time_budget), started_at, settled))
+    if cfg.lookahead:
+        hooks.append(LookaheadHook(setup.model))
+    return hooks + [BestEpoch(cfg.early_stopping_patience),
+                    MetricsLog(setup.run_dir, setup.dist.is_main, cfg.tensorboard), Checkpointer(setup)]
+
+
+def run_training(setup: Setup, checkpoint: Checkpoint | None = None, extra_hooks: Sequence[Hook] = (),
+                 started_at: float | None = None) -> TrainResult:
+    started_at = started_at if started_at is not None else time.perf_counter()
+    cfg = setup.cfg
+    hooks = [*extra_hooks, *standard_hooks(setup, started_at, checkpoint is not None)]
+    steps = setup.record.planned_steps or cfg.epochs * len(setup.loader)
+    loop = Loop(setup, hooks, steps)
+    if checkpoint is not None:
+        loop.load_state_dict(saved_loop_state(checkpoint.meta, checkpoint.extra))
+        where = f"epoch {loop.state.epoch + 1}, batch {loop.state.batch}" if loop.state.batch else f"epoch {loop.state.epoch}"
+        log.info("resuming %s at %s of %d", setup.run_dir, where, loop.epochs)
+    log.info("model %s: %s parameters; device %s, %s; run folder %s", cfg.model,
+             f"{count_parameters(setup.model):,}", describe_device(setup.device), setup.precision, setup.run_dir)
+    if cfg.strategy == "linear-probe":  # minutes of feature extraction, nothing to checkpoint midway
+        _fit_probe(setup, loop)
+    else:
+        loop.fit()
+    if loop.stop_reason:
+        log.info("%s", loop.stop_reason)
+    return _test_and_report(setup, loop, started_at)
+
+
+def _find(loop: Loop, kind: type) -> Any:
+    return next((h for h in loop.hooks if isinstance(h, kind)), None)
+
+
+def _fit_probe(setup: Setup, loop: Loop) -> None:
+    """Frozen backbone: cached features, a linear head fitted by L-BFGS, chosen on validation."""
+    from cnnkit import probe
+
+    cfg, state, splits = setup.cfg, loop.state, setup.splits
+    probe.check(cfg, setup.model)
+    t0 = time.perf_counter()
+    feats = {name: probe.cached_features(setup.model, setup.preprocess, split.images, cfg, setup.device,
+                                         setup.weights_source, name, setup.precision)
+             for name, split in (("train", splits.train), ("validation", splits.val))}
+    fit = probe.fit_head(setup.model.get_classifier(), feats["train"], splits.train.labels,
+                         feats["validation"], splits.val.labels, cfg.label_smoothing)
+    state.epoch = 1
+    state.train_time_s = state.epoch_time_s = time.perf_counter() - t0
+    val = loop.validate()
+    best = _find(loop, BestEpoch)
+    best.best_val_accuracy, best.best_epoch = val["accuracy"], 1
+    append_metrics(setup.run_dir, {
+        "epoch": 1, "step": 0, "lr": 0.0, "train_loss": float("nan"), "train_accuracy": float("nan"),
+        "val_loss": val["loss"], "val_accuracy": val["accuracy"], "epoch_time_s": round(state.epoch_time_s, 3),
+        "train_images_per_s": round(len(splits.train) / max(state.epoch_time_s, 1e-9), 1),
+        "weight_decay": fit["weight_decay"]})
+    checkpointer = _find(loop, Checkpointer)
+    checkpointer.save(loop, "best")
+    checkpointer.save(loop, "last")
+    log.info("linear probe: validation accuracy %.2f%% (weight decay %g), %.0f s",
+             100 * val["accuracy"], fit["weight_decay"], state.epoch_time_s)
+
+
+def _release_ddp(setup: Setup, loop: Loop) -> None:
+    """DDP's reducer holds the process group: let go of the wrapper before the group goes."""
+    if setup.dist.enabled:
+        setup.net = setup.step.net = loop.net = setup.model
+        gc.collect()
+    distributed.cleanup(setup.dist)
+
+
+def _test_and_report(setup: Setup, loop: Loop, started_at: float) -> TrainResult:
+    cfg, state, splits = setup.cfg, loop.state, setup.splits
+    _release_ddp(setup, loop)
+    if not setup.dist.is_main:
+        return TrainResult(setup.run_dir, state, {}, {})
+    setup.dist = DistInfo()  # from here on, rank 0 alone
+    setup.model.load_state_dict(load_checkpoint(setup.run_dir / "checkpoints" / "best").model)
+    settings = setup.record.settings(cfg.to_dict())  # the views a budget chose, not only the recipe's
+    logits = predict_logits(setup.model, setup.preprocess, splits.test.images, device=setup.device,
+                            tta=settings["tta"], **setup.inference.kwargs())
+    test = classification_metrics(logits, splits.test.labels, setup.ds.classes)
+    save_evaluation(setup.run_dir, test, setup.ds.classes, split="test", checkpoint="best")
+    summary = _summary(setup, loop, test, started_at)
+    write_json_atomic(setup.run_dir / "summary.json", summary)
+    if cfg.report:
+        from cnnkit.report import build_report
+
+        t0 = time.perf_counter()
+        build_report(setup.run_dir, setup.model, setup.preprocess, setup.ds.classes, splits.test.images,
+                     splits.test.labels, splits.train.images, splits.train.labels, settings, setup.device,
+                     logits=logits)
+        log.info("report: %s (%.1f s)", setup.run_dir / "report.html", time.perf_counter() - t0)
+    summary["total_time_s"] = round(time.perf_counter() - started_at, 2)  # with the report
+    write_json_atomic(setup.run_dir / "summary.json", summary)
+    budget = _find(loop, TimeBudget)
+    if budget is not None:
+        log.info("time budget %s: planned %.0f s, took %.0f s", cfg.time_budget, budget.planned_time_s,
+                 summary["total_time_s"])
+    return TrainResult(setup.run_dir, state, test, summary)
+
+
+def _summary(setup: Setup, loop: Loop, test: dict[str, Any], started_at: float) -> dict[str, Any]:
+    cfg, state, splits, best = setup.cfg, loop.state, setup.splits, _find(loop, BestEpoch)
+    budget = _find(loop, TimeBudget)
+    return {
+        "status": "stopped early" if loop.stop_reason else "finished",
+        "recipe": cfg.recipe, "dataset": setup.ds.name, "data_source": setup.ds.source, "model": cfg.model,
+        "parameters": count_parameters(setup.model), "epochs_run": state.epoch, "best_epoch": best.best_epoch,
+        "best_val_accuracy": best.best_val_accuracy, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+        "train_samples": len(splits.train), "val_samples": len(splits.val), "test_samples": len(splits.test),
+        "train_time_s": round(state.train_time_s, 2), "skipped_steps": state.skipped_steps,
+        "wall_time_s": round(time.perf_counter() - started_at, 2),  # this invocation, data loading included
+        "steps_run": state.step, "steps_per_epoch": len(setup.loader), "schedule_steps": loop.total_steps,
+        **({"time_budget_s": budget.budget_s, "planned_time_s": round(budget.planned_time_s, 1)} if budget else {}),
+        "device": describe_device(setup.device), "precision": setup.precision,
+        "finished_at": datetime.now().isoformat(timespec="seconds"), "versions": versions(), "notes": splits.notes,
+    }
+
+
+def _prepare_resume(run_dir: Path, overrides: dict[str, Any]) -> tuple[Config, Checkpoint, RunRecord]:
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise RunError(f"{run_dir} is not a cnnkit run folder (no config.json)")
+    not_allowed = set(overrides) - RESUMABLE_OVERRIDES
+    if not_allowed:
+        raise ConfigError(f"--resume continues a run as it was configured; only {sorted(RESUMABLE_OVERRIDES)} "
+                          f"may change, not {sorted(not_allowed)}")
+    cfg = Config.from_dict({**json.loads(config_path.read_text()), **overrides}, str(config_path))
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last")
+    if checkpoint.optimizer is None:
+        raise RunError(f"{run_dir}/checkpoints/last has no optimizer state; it cannot be resumed")
+    record = RunRecord.load(run_dir)
+    if "epochs" in overrides:  # asked again: the new length replaces a time budget's plan
+        record = replace(record, planned_steps=None, epochs=None)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone writes
+        if overrides:
+            write_json_atomic(config_path, cfg.to_dict())
+        _truncate_metrics(run_dir, checkpoint.meta["state"]["epoch"])
+    return cfg, checkpoint, record
+
+
+def _truncate_metrics(run_dir: Path, last_epoch: int) -> None:
+    """Drop metric lines of epochs after the checkpoint (they will be trained again)."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= last_epoch]
+        write_bytes_atomic(path, ("\n".join(lines) + "\n").encode() if lines else b"")
+

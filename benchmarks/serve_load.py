@@ -50,7 +50,10 @@ def test_pngs(run: Path, n: int = 200) -> list[bytes]:
     return out
 
 
-def load_test(run: Path, engine: str, requests: int, concurrency: int, pngs: list[bytes]) -> dict:
+def load_test(run: Path, engine: str, requests: int, concurrency: int, pngs: list[bytes],
+              endpoint: str = "/predict", warmup: int = 0) -> dict:
+    """`warmup` requests go first, before the server's memory is read: its first answers allocate
+    buffers that later ones reuse."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -65,6 +68,8 @@ def load_test(run: Path, engine: str, requests: int, concurrency: int, pngs: lis
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
+        for i in range(warmup):
+            httpx.post(f"{url}{endpoint}", files={"file": ("x.png", pngs[i % len(pngs)])}, timeout=30)
         rss_before = rss_mb(server.pid)
 
         def worker(k: int) -> list[tuple[float, int]]:
@@ -72,7 +77,7 @@ def load_test(run: Path, engine: str, requests: int, concurrency: int, pngs: lis
             with httpx.Client(base_url=url, timeout=30) as client:
                 for i in range(k, requests, concurrency):
                     t0 = time.perf_counter()
-                    r = client.post("/predict", files={"file": ("x.png", pngs[i % len(pngs)])})
+                    r = client.post(endpoint, files={"file": ("x.png", pngs[i % len(pngs)])})
                     out.append((time.perf_counter() - t0, r.status_code))
             return out
 
@@ -81,7 +86,7 @@ def load_test(run: Path, engine: str, requests: int, concurrency: int, pngs: lis
             results = [x for part in pool.map(worker, range(concurrency)) for x in part]
         wall = time.perf_counter() - t0
         lat = sorted(1000 * t for t, _ in results)
-        return {"engine": engine, "requests": len(results), "concurrency": concurrency,
+        return {"engine": engine, "endpoint": endpoint, "requests": len(results), "concurrency": concurrency,
                 "errors": sum(code != 200 for _, code in results), "throughput_rps": round(len(results) / wall, 1),
                 "p50_ms": round(lat[len(lat) // 2], 2), "p99_ms": round(lat[int(len(lat) * 0.99)], 2),
                 "rss_before_mb": round(rss_before), "rss_after_mb": round(rss_mb(server.pid))}

@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="test accuracy, per-class metrics and confusion matrix of a run")
     p.add_argument("run", type=Path, metavar="RUN", help="run folder")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--data-dir", help="where the dataset is now, if it moved since training")
+    p.add_argument("--data-dir", help="where the run's dataset is now, if it moved; or any folder of class folders "
+                   "named as the run's classes (new photos): evaluated whole, saved to RUN/evaluations/")
+    p.add_argument("--skip-unknown-classes", action="store_true",
+                   help="with a folder: leave out images of classes the run does not know, instead of stopping")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--tta", choices=config.CHOICES["tta"],
                    help="test-time augmentation (default: the run's own). Another mode shows what TTA buys; "
@@ -289,38 +292,32 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cnnkit.evaluate import classification_metrics
-    from cnnkit.inference import InferenceSettings, predict_logits
-    from cnnkit.runs import load_run, run_settings, run_splits, save_evaluation
+    from cnnkit.evaluation import evaluate_run
     from cnnkit.runtime import resolve_device
 
-    cfg = run_settings(args.run)  # with the run's own decisions (a budget's test views)
-    device = resolve_device(args.device)
-    run = load_run(args.run, args.checkpoint, device)
-    _, splits = run_splits(cfg, args.data_dir)
-    run_tta = cfg.get("tta", "none")
-    tta = args.tta or run_tta
-    logits = predict_logits(run.model, run.preprocess, splits.test.images, device=device, tta=tta,
-                            **InferenceSettings.for_run(cfg, device).kwargs())
-    metrics = classification_metrics(logits, splits.test.labels, run.classes)
-    if tta == run_tta:
-        save_evaluation(args.run, metrics, run.classes, split="test", checkpoint=args.checkpoint)
+    result = evaluate_run(args.run, checkpoint=args.checkpoint, tta=args.tta, data_dir=args.data_dir,
+                          skip_unknown_classes=args.skip_unknown_classes, device=resolve_device(args.device))
+    metrics, tta = result.metrics, result.tta
     if args.json:
-        print(json.dumps({"split": "test", "checkpoint": args.checkpoint, "tta": tta, **metrics}, indent=2))
+        print(json.dumps({"split": result.split, "checkpoint": args.checkpoint, "tta": tta, "notes": result.notes,
+                          **metrics}, indent=2))
         return 0
     from rich.table import Table
 
-    table = Table(title=f"{args.run}: test accuracy {100 * metrics['accuracy']:.2f}% on {metrics['samples']} images"
+    table = Table(title=f"{args.run}: {result.split} accuracy {100 * metrics['accuracy']:.2f}% on {metrics['samples']} images"
                         f" (test-time augmentation: {tta})")
     for col in ("class", "precision", "recall", "F1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for row in metrics["per_class"]:
         table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
     out_console().print(table)
-    if tta != run_tta:
-        print(f"Not saved: {args.run / 'evaluation.json'} keeps the evaluation with the run's own TTA ({run_tta}).")
+    for note in result.notes:
+        print(note)
+    if result.saved_to is None:
+        print(f"Not saved: {args.run / 'evaluation.json'} keeps the evaluation with the run's own TTA.")
     else:
-        print(f"Confusion matrix: {args.run / 'plots' / 'confusion_matrix.png'}; all numbers: {args.run / 'evaluation.json'}")
+        print(f"All numbers: {result.saved_to}; confusion matrix: {result.saved_to.parent / 'plots'}"
+              if result.saved_to.name == "evaluation.json" else f"All numbers: {result.saved_to} (and .png)")
     return 0
 
 

@@ -1,0 +1,104 @@
+"""Evaluating a trained run: on its own test split (`cnnkit evaluate RUN`), or on any labelled
+folder of images whose class folders carry the run's class names (`--data-dir FOLDER`), which is
+how a user checks a model on new photos. A folder's result goes beside the run's own evaluation
+(RUN/evaluations/NAME.json), never over it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnnkit.data import load_dataset
+from cnnkit.data.dataset import Split
+from cnnkit.errors import DataError
+from cnnkit.evaluate import classification_metrics, plot_confusion_matrix
+from cnnkit.fileio import write_json_atomic
+from cnnkit.inference import InferenceSettings, predict_logits
+from cnnkit.runs import load_run, run_settings, run_splits, save_evaluation
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, Any]
+    split: str  # "test", or the folder evaluated
+    tta: str
+    saved_to: Path | None  # None: printed only (another TTA than the run's own)
+    notes: list[str]
+
+
+def evaluate_run(run_dir: Path, *, checkpoint: str = "best", tta: str | None = None, data_dir: str | None = None,
+                 skip_unknown_classes: bool = False, device: torch.device | str = "cpu") -> Evaluation:
+    """The run's test split (where its dataset is now: `data_dir`), or a labelled folder: a folder
+    of class folders (no train/ or test/ inside) is evaluated whole, against the run's classes."""
+    cfg = run_settings(run_dir)  # with the run's own decisions (a budget's test views)
+    run = load_run(run_dir, checkpoint, device)
+    run_tta = cfg.get("tta", "none")
+    folder = Path(data_dir) if data_dir else None
+    notes: list[str] = []
+    if folder is not None and is_class_folder_tree(folder):
+        split, notes = _folder_split(folder, run.classes, run.preprocess.data_size, run.preprocess.data_channels,
+                                     cfg["skip_bad_images"], skip_unknown_classes)
+        out = Path(run_dir) / "evaluations" / f"{_name(folder)}.json"
+    else:
+        _, splits = run_splits(cfg, data_dir)
+        split, out = splits.test, None
+    name = "test" if out is None else str(folder)
+    used = tta or run_tta
+    logits = predict_logits(run.model, run.preprocess, split.images, device=device, tta=used,
+                            **InferenceSettings.for_run(cfg, device).kwargs())
+    metrics = classification_metrics(logits, split.labels, run.classes)
+    if used != run_tta:
+        return Evaluation(metrics, name, used, None, notes)
+    if out is None:
+        save_evaluation(Path(run_dir), metrics, run.classes, split="test", checkpoint=checkpoint)
+        return Evaluation(metrics, name, used, Path(run_dir) / "evaluation.json", notes)
+    write_json_atomic(out, {"split": str(folder), "checkpoint": checkpoint, "classes": run.classes, "notes": notes,
+                            **metrics})
+    plot_confusion_matrix(metrics["confusion_matrix"], run.classes, out.with_suffix(".png"),
+                          title=f"{folder}: accuracy {100 * metrics['accuracy']:.2f}%")
+    return Evaluation(metrics, name, used, out, notes)
+
+
+def is_class_folder_tree(folder: Path) -> bool:
+    """A directory of class folders, without train/ val/ test/ of its own."""
+    from cnnkit.data.folder import SPLIT_ALIASES
+
+    if not folder.is_dir():
+        return False
+    subdirs = [p.name.lower() for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return bool(subdirs) and not any(name in SPLIT_ALIASES for name in subdirs)
+
+
+def _folder_split(folder: Path, classes: list[str], size: int, channels: int, skip_bad: bool,
+                  skip_unknown: bool) -> tuple[Split, list[str]]:
+    """The folder's images, decoded to the run's data size and channels, with labels in the run's
+    class order."""
+    ds = load_dataset("folder", str(folder), image_size=size, channels=channels, skip_bad_images=skip_bad)
+    split = ds.splits["train"]  # a folder without train/ test/: every image is in "train"
+    unknown = [c for c in ds.classes if c not in classes]
+    missing = [c for c in classes if c not in ds.classes]
+    notes = [f"no images of {', '.join(missing)} in {folder}"] if missing else []
+    if unknown and not skip_unknown:
+        raise DataError(f"{folder} has class folders the run does not know: {', '.join(unknown)}"
+                        + (f" (and none of the run's {', '.join(missing)})" if missing else "")
+                        + f". The run's classes: {', '.join(classes)}. Rename the folders, or pass "
+                        "--skip-unknown-classes to leave their images out.")
+    index = {c: classes.index(c) for c in ds.classes if c in classes}
+    keep = np.array([ds.classes[y] in index for y in split.labels], dtype=bool)
+    if unknown:
+        notes.append(f"left out {int((~keep).sum())} images of classes the run does not know: {', '.join(unknown)}")
+    if not keep.any():
+        raise DataError(f"{folder}: no images of the run's classes ({', '.join(classes)})")
+    labels = np.array([index[ds.classes[y]] for y in split.labels[keep]], dtype=np.int64)
+    return Split(split.images[keep], labels), notes
+
+
+def _name(folder: Path) -> str:
+    """flowers12/test -> flowers12-test: the folder and its parent, readable and rarely ambiguous."""
+    parts = folder.resolve().parts[-2:]
+    return "-".join(p for p in parts if p not in ("/", ""))

@@ -131,3 +131,48 @@ def test_decode_limits_and_errors(tmp_path):
     rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     rgba.save(tmp_path / "clear.png")
     assert (decode_image(tmp_path / "clear.png", None, 3) == 255).all()  # transparent -> white
+
+
+@pytest.mark.slow
+def test_evaluate_a_run_on_a_new_folder_of_photos(tmp_path, fmnist_images, capsys):
+    """`cnnkit evaluate RUN --data-dir FOLDER`: the run's own test folder gives the run's own
+    accuracy; a folder with a class the run does not know is refused, naming it, unless its images
+    are skipped; results go to RUN/evaluations/, never over evaluation.json."""
+    import json
+
+    from cnnkit.cli import main
+
+    x, y = fmnist_images
+    root = tmp_path / "photos"
+    names = {"bag": 8, "sandal": 5, "trouser": 1, "hat": 0}
+    for split, start, count in (("train", 0, 30), ("test", 30, 10)):
+        for name, label in names.items():
+            if name == "hat":
+                continue
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in np.flatnonzero(y == label)[start:start + count]:
+                Image.fromarray(x[i]).save(d / f"{i}.png")
+    assert main(["--quiet", "train", "--dataset", "folder", "--data-dir", str(root), "--image-size", "28",
+                 "--channels", "1", "--recipe", "fmnist-baseline", "--epochs", "1", "--report", "false",
+                 "--output", str(tmp_path), "--name", "r"]) == 0
+    run = tmp_path / "r"
+    own = json.loads((run / "evaluation.json").read_text())
+    capsys.readouterr()
+    assert main(["--quiet", "evaluate", str(run), "--data-dir", str(root / "test"), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["accuracy"] == own["accuracy"] and again["samples"] == own["samples"] >= 29  # (files alike: one)
+    assert (run / "evaluations" / "photos-test.json").is_file()
+    new = tmp_path / "new"
+    for name, label in names.items():  # new photos, and a class the run never saw
+        (new / name).mkdir(parents=True)
+        for i in np.flatnonzero(y == label)[:5]:
+            Image.fromarray(x[i]).save(new / name / f"{i}.png")
+    assert main(["--quiet", "evaluate", str(run), "--data-dir", str(new)]) == 2
+    err = capsys.readouterr().err
+    assert "does not know: hat" in err and "--skip-unknown-classes" in err
+    assert main(["--quiet", "evaluate", str(run), "--data-dir", str(new), "--skip-unknown-classes", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 14 <= out["samples"] <= 15 and out["split"] == str(new)
+    assert "images of classes the run does not know: hat" in out["notes"][0]
+    assert json.loads((run / "evaluation.json").read_text()) == own  # the run's own evaluation, untouched

@@ -18,6 +18,8 @@ from cnnkit.errors import CnnkitError
 
 log = logging.getLogger("cnnkit")
 DEFAULT_RECIPE = "fmnist-quick"
+PHOTO_RECIPE, FOLDER_FINETUNE = "photos", "folder-transfer"
+PHOTO_PROBE_MAX = 5000  # images: beyond, fine-tuning has the data to beat a probe, and a probe of 3 backbones is slow
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a recipe", description=(
         "Train a model from a recipe; any recipe field can be overridden, e.g. --epochs 3 --lr 0.01. "
         "Writes a run folder (config, metrics per epoch, best and last checkpoints, test evaluation)."))
-    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe name or path to a .toml file (default {DEFAULT_RECIPE})")
+    p.add_argument("--recipe", help=f"recipe name or path to a .toml file (default {DEFAULT_RECIPE}; with "
+                   f"--dataset folder, {PHOTO_RECIPE} or, for more than {PHOTO_PROBE_MAX} images, {FOLDER_FINETUNE})")
     p.add_argument("--resume", metavar="RUN", type=Path, help="continue an interrupted run from its last checkpoint")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel training in N processes on this machine (runs torchrun for you; "
@@ -250,7 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         result = train(None, resume=args.resume, overrides=overrides)  # type: ignore[arg-type]
     else:
-        cfg = apply_overrides(load_recipe(args.recipe), overrides)
+        cfg = apply_overrides(load_recipe(args.recipe or default_recipe(overrides)), overrides)
         result = train(cfg, started_at=cnnkit.STARTED)
     s = result.summary
     if not s:  # a distributed worker other than rank 0: rank 0 reports
@@ -261,8 +264,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     for key, value in [
         ("recipe / model", f"{s['recipe']} / {s['model']} ({s['parameters']:,} parameters)"),
         ("epochs", f"{s['epochs_run']} ({s['status']}{_part_epoch(s)}), best epoch {s['best_epoch']}"),
-        ("best validation accuracy", f"{100 * s['best_val_accuracy']:.2f}%"),
-        ("test accuracy", f"{100 * s['test_accuracy']:.2f}%  ({s['test_samples']} images)"),
+        *([("cross-validated accuracy", f"{100 * s['cv_accuracy']:.2f}% ± {100 * s['cv_sd']:.2f} ({s['cv_folds']} folds "
+                                         f"of {s['cv_images']} images), the best of "
+                                         f"{', '.join(c['model'] for c in s['candidates'])}")]
+          if "cv_accuracy" in s else [("best validation accuracy", f"{100 * s['best_val_accuracy']:.2f}%")]),
+        ("test accuracy", f"{100 * s['test_accuracy']:.2f}%  ({s['test_samples']} images; 95% interval "
+                          f"{100 * s['test_accuracy_ci95'][0]:.1f}-{100 * s['test_accuracy_ci95'][1]:.1f}%)"),
         ("time", f"{s.get('total_time_s', s['wall_time_s']):.0f} s in all, {s['train_time_s']:.0f} s training, "
                  f"on {s['device']}"),
         *([("time budget", f"{s['time_budget_s']:.0f} s; planned {s['planned_time_s']:.0f} s")] if "time_budget_s" in s else []),
@@ -272,6 +279,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     out_console().print(table)
     print(f"Run folder: {result.run_dir}")
     return 0
+
+
+def default_recipe(overrides: dict[str, Any]) -> str:
+    """The recipe when none is named: fmnist-quick, or, for a folder of the user's own photos, a
+    transfer recipe that suits how many there are (said in the log, with why)."""
+    if overrides.get("dataset") != "folder":
+        return DEFAULT_RECIPE
+    from cnnkit.data.images import count_image_files
+
+    n = count_image_files(Path(overrides["data_dir"])) if overrides.get("data_dir") else 0
+    name = PHOTO_RECIPE if n <= PHOTO_PROBE_MAX else FOLDER_FINETUNE
+    why = ("a linear probe on pretrained features, the backbone chosen by cross-validation on your images: "
+           "strong and quick on small sets" if name == PHOTO_RECIPE else
+           "fine-tuning a pretrained EfficientNet-Lite0, which has the images to beat a probe")
+    log.info("no --recipe for a folder of %d images: using %s (%s); name another with --recipe", n, name, why)
+    return name
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:

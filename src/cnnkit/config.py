@@ -78,6 +78,9 @@ class Config:
     unfreeze_epochs: float = opt(1.0, "gradual: epochs between unfreezing one more block, from the top down")
     keep_frozen: int = opt(0, "finetune, gradual: this many layer groups nearest the input never train (faster; Lite0 has 9)")
     layer_lr_decay: float = opt(1.0, "discriminative learning rates: each layer group below the head learns this many times slower than the one above")
+    probe_candidates: list[str] = opt([], "linear-probe: pretrained backbones to choose from by k-fold cross-validation on the training images, e.g. '[\"tf_efficientnet_lite0\", \"tf_efficientnet_lite2\"]' (empty: only --model)")
+    probe_flip: bool = opt(False, "linear-probe: mirrored training images as extra rows of features (use with --tta flip)")
+    cv_folds: int = opt(5, "linear-probe with candidates: folds of the cross-validation that chooses backbone and weight decay")
     grey_input: str = opt("repeat", "grey images into an RGB-pretrained model: repeat the channel, or sum the first convolution's weights to one input channel")
     # -- optimisation
     epochs: int = 10
@@ -147,6 +150,11 @@ class Config:
                               "for a while); train a from-scratch model with --strategy full")
         if not 0 < self.layer_lr_decay <= 1:
             raise ConfigError(f"layer_lr_decay must be in (0, 1]; got {self.layer_lr_decay}")
+        if self.cv_folds < 2:
+            raise ConfigError(f"cv_folds must be at least 2; got {self.cv_folds}")
+        if self.probe_candidates and self.strategy != "linear-probe":
+            raise ConfigError("probe_candidates chooses a backbone for --strategy linear-probe; set that strategy, "
+                              "or leave probe_candidates empty")
         if self.keep_frozen < 0:
             raise ConfigError(f"keep_frozen must not be negative; got {self.keep_frozen}")
         if self.head_epochs < 0 or self.unfreeze_epochs <= 0:

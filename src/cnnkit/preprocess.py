@@ -8,9 +8,14 @@ The parameters are saved in every checkpoint so later commands reproduce them ex
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from cnnkit.config import Config
 
 
 @dataclass(frozen=True)
@@ -58,3 +63,22 @@ def channel_stats(images, max_images: int = 20000) -> tuple[tuple[float, ...], t
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3))
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+def make_preprocess(cfg: Config, train_images: np.ndarray) -> Preprocess:
+    """From-scratch models: normalise with the training images' statistics. Pretrained ones: with
+    the statistics, resampling and (by default) input size their weights were trained with."""
+    _, channels, height, width = train_images.shape
+    if cfg.pretrained:
+        from cnnkit.models.pretrained import preprocessing  # torch-free callers of Preprocess skip timm
+
+        w = preprocessing(cfg.model)
+        mean, std = tuple(w["mean"]), tuple(w["std"])
+        model_channels = 3
+        if channels == 1 and cfg.grey_input == "sum":  # one grey channel in, the RGB statistics averaged
+            model_channels, mean, std = 1, (sum(mean) / 3,), (sum(std) / 3,)
+        return Preprocess(data_size=height, data_channels=channels, input_size=cfg.input_size or int(w["input_size"]),
+                          model_channels=model_channels, mean=mean, std=std, interpolation=str(w["interpolation"]))
+    mean, std = channel_stats(train_images)
+    return Preprocess(data_size=height, data_channels=channels, input_size=cfg.input_size or height,
+                      model_channels=channels, mean=mean, std=std)

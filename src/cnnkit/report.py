@@ -19,7 +19,7 @@ import torch
 
 from cnnkit import analysis
 from cnnkit.augment import build_augment
-from cnnkit.evaluate import classification_metrics, plot_confusion_matrix
+from cnnkit.evaluate import accuracy_interval, classification_metrics, plot_confusion_matrix
 from cnnkit.fileio import write_bytes_atomic, write_json_atomic
 from cnnkit.inference import InferenceSettings, predict_logits
 from cnnkit.plotting import pyplot, save_figure
@@ -234,6 +234,7 @@ h2{margin-top:0;font-size:18px;color:#2c5282}.cards{display:flex;flex-wrap:wrap;
 .card{background:#ebf4ff;border-radius:6px;padding:10px 14px;min-width:140px}.card b{display:block;font-size:22px}
 .card small{color:#4a5568}table{border-collapse:collapse;font-size:14px}td,th{padding:4px 10px;border-bottom:1px solid #e2e8f0;text-align:right}
 th:first-child,td:first-child{text-align:left}img{max-width:100%;height:auto}.note{color:#4a5568;font-size:13px}
+.warning{background:#fffbea;border-left:4px solid #d69e2e;padding:8px 12px;margin:12px 0}
 """
 
 
@@ -261,9 +262,16 @@ def write_page(run_dir: Path, metrics: dict[str, Any], classes: list[str], pair_
     plots = run_dir / "plots"
     summary = read_summary(run_dir)
     e = html.escape
+    lo, hi = accuracy_interval(metrics["accuracy"], metrics["samples"])
+    validation = (("cross-validated accuracy", f"{100 * summary['cv_accuracy']:.2f}%",
+                   f"± {100 * summary['cv_sd']:.2f}, {summary['cv_folds']} folds of {summary['cv_images']} images")
+                  if "cv_accuracy" in summary else
+                  ("best validation accuracy", f"{100 * summary.get('best_val_accuracy', float('nan')):.2f}%",
+                   f"epoch {summary.get('best_epoch', '?')}"))
     cards = [
-        ("test accuracy", _num("accuracy", f"{100 * metrics['accuracy']:.2f}%"), f"{metrics['samples']} test images"),
-        ("best validation accuracy", f"{100 * summary.get('best_val_accuracy', float('nan')):.2f}%", f"epoch {summary.get('best_epoch', '?')}"),
+        ("test accuracy", _num("accuracy", f"{100 * metrics['accuracy']:.2f}%"),
+         f"{metrics['samples']} test images; 95%: {100 * lo:.1f}-{100 * hi:.1f}%"),
+        validation,
         ("macro F1", _num("macro_f1", f"{metrics['macro_f1']:.3f}"), "mean over classes"),
         ("calibration error", _num("calibration.ece", f"{100 * metrics['calibration']['ece']:.2f}%"), "ECE, 15 bins"),
         ("wall time", f"{summary.get('wall_time_s', 0) / 60:.1f} min", e(str(summary.get("device", "")))),
@@ -302,6 +310,7 @@ def write_page(run_dir: Path, metrics: dict[str, Any], classes: list[str], pair_
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
 <body><header><h1>{e(run_dir.name)}</h1><p>{e(str(summary.get('dataset', cfg['dataset'])))} · {e(cfg['model'])} ·
 finished {e(str(summary.get('finished_at', '')))}</p></header><main>
+{''.join(f'<p class="warning">{e(w)}</p>' for w in summary.get('warnings', []))}
 <section><h2>Summary</h2><div class="cards">{''.join(f'<div class="card"><small>{t}</small><b>{v}</b><small>{s}</small></div>' for t, v, s in cards)}</div>
 <table style="margin-top:12px">{''.join(f'<tr><td>{e(k)}</td><td style="text-align:left">{e(str(v))}</td></tr>' for k, v in facts)}</table></section>
 <section><h2>Learning curves</h2>{_img(plots / 'learning_curves.png', 'learning curves')}</section>

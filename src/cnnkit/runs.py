@@ -41,6 +41,8 @@ class RunRecord:
     planned_time_s: float | None = None
     tta: str | None = None
     report_robustness_samples: int | None = None
+    model: str | None = None  # a linear probe's backbone, chosen by cross-validation (training/choose.py)
+    selection: dict[str, Any] | None = None  # ... its estimate and every candidate's
 
     def planned(self, steps: int, epochs: int, planned_time_s: float) -> None:
         self.planned_steps, self.epochs, self.planned_time_s = steps, epochs, round(planned_time_s, 1)

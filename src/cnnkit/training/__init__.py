@@ -2,7 +2,8 @@
 (hooks.py, budget_hook.py), then tested and reported (run.py). `train` does all of it."""
 
 from cnnkit.errors import TrainingError, TrainingInterrupted
-from cnnkit.training.build import Setup, make_preprocess
+from cnnkit.preprocess import make_preprocess
+from cnnkit.training.build import Setup
 from cnnkit.training.loop import EpochEnd, Hook, Loop, TrainState
 from cnnkit.training.optim import make_optimizer, param_groups
 from cnnkit.training.run import TrainResult, prepare, run_training, train

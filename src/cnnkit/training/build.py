@@ -28,8 +28,8 @@ from cnnkit.errors import ConfigError
 from cnnkit.finetune import Unfreezer, make_unfreezer
 from cnnkit.inference import InferenceSettings
 from cnnkit.models import OWN_MODELS, check_model_name, create_model, replace_head, sum_input_channels
-from cnnkit.models.pretrained import load_pretrained, preprocessing
-from cnnkit.preprocess import Preprocess, channel_stats
+from cnnkit.models.pretrained import load_pretrained
+from cnnkit.preprocess import Preprocess, make_preprocess
 from cnnkit.runs import RunRecord, run_splits
 from cnnkit.runtime import configure_threads_and_determinism, resolve_device, training_precision, versions
 from cnnkit.training.optim import make_optimizer
@@ -64,9 +64,10 @@ class Setup:
 
 
 def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = None,
-          record: RunRecord | None = None) -> Setup:
+          record: RunRecord | None = None, asked: Config | None = None) -> Setup:
     """Build the run of `cfg`; with a `checkpoint` (resuming `run_dir`) its weights and optimiser
-    state are loaded before DDP wraps the model. A new run gets a new folder (rank 0 makes it)."""
+    state are loaded before DDP wraps the model. A new run gets a new folder (rank 0 makes it) with
+    the configuration it was `asked` (where `cfg` applies decisions made before, a chosen backbone)."""
     check_model_name(cfg.model)
     canonical_name(cfg.dataset)
     dist, device = distributed.setup(resolve_device(cfg.device))
@@ -104,7 +105,11 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
     net = _wrap(model, cfg, dist, device)
     step = TrainStep(net, preprocess, build_augment(cfg.augment), _loss(cfg, splits, len(ds.classes), device),
                      len(ds.classes), device, precision, cfg.channels_last, cfg.seed)
-    run_dir = run_dir or distributed.broadcast(_new_run_dir(cfg) if dist.is_main else None, dist)
+    record = record or RunRecord()
+    if run_dir is None:
+        run_dir = distributed.broadcast(_new_run_dir(asked or cfg) if dist.is_main else None, dist)
+        if dist.is_main and record != RunRecord():
+            record.save(run_dir)
     meta = {"format": "cnnkit-checkpoint/1", "model": cfg.model, "model_args": cfg.model_args,
             "num_classes": len(ds.classes), "classes": ds.classes, "dataset": ds.name,
             "preprocess": preprocess.to_dict(), "recipe": cfg.recipe, "seed": cfg.seed,
@@ -112,24 +117,7 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
     return Setup(cfg, dist, device, precision, InferenceSettings.for_run(cfg.to_dict(), device), ds, splits,
                  preprocess, model, net, optimizer, loader, step,
                  torch.amp.GradScaler("cuda") if precision == "fp16" else None, unfreezer, weights_source,
-                 run_dir, meta, record or RunRecord())
-
-
-def make_preprocess(cfg: Config, train_images: np.ndarray) -> Preprocess:
-    """From-scratch models: normalise with the training images' statistics. Pretrained ones: with
-    the statistics, resampling and (by default) input size their weights were trained with."""
-    _, channels, height, width = train_images.shape
-    if cfg.pretrained:
-        w = preprocessing(cfg.model)
-        mean, std = tuple(w["mean"]), tuple(w["std"])
-        model_channels = 3
-        if channels == 1 and cfg.grey_input == "sum":  # one grey channel in, the RGB statistics averaged
-            model_channels, mean, std = 1, (sum(mean) / 3,), (sum(std) / 3,)
-        return Preprocess(data_size=height, data_channels=channels, input_size=cfg.input_size or int(w["input_size"]),
-                          model_channels=model_channels, mean=mean, std=std, interpolation=str(w["interpolation"]))
-    mean, std = channel_stats(train_images)
-    return Preprocess(data_size=height, data_channels=channels, input_size=cfg.input_size or height,
-                      model_channels=channels, mean=mean, std=std)
+                 run_dir, meta, record)
 
 
 def _make_model(cfg: Config, imagenet: nn.Module | None, k: int, preprocess: Preprocess, train_images: np.ndarray,

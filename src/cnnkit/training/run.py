@@ -19,13 +19,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cnnkit import distributed
 from cnnkit.budget import parse_duration
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.config import Config
 from cnnkit.distributed import DistInfo
 from cnnkit.errors import ConfigError, RunError
-from cnnkit.evaluate import classification_metrics
+from cnnkit.evaluate import accuracy_interval, classification_metrics, small_split_warnings
 from cnnkit.fileio import write_bytes_atomic, write_json_atomic
 from cnnkit.inference import predict_logits
 from cnnkit.models import count_parameters
@@ -33,6 +35,7 @@ from cnnkit.runs import RunRecord, save_evaluation
 from cnnkit.runtime import describe_device, versions
 from cnnkit.training.budget_hook import TimeBudget
 from cnnkit.training.build import Setup, build
+from cnnkit.training.choose import choose_backbone
 from cnnkit.training.hooks import (BestEpoch, Checkpointer, LookaheadHook, LrSchedule, MetricsLog, Unfreeze,
                                    append_metrics, saved_loop_state)
 from cnnkit.training.loop import Hook, Loop, TrainState
@@ -67,6 +70,9 @@ def prepare(cfg: Config | None, resume: Path | None = None,
     """The built run, and the checkpoint it resumes from (None for a new run)."""
     if resume is None:
         assert cfg is not None
+        if cfg.strategy == "linear-probe" and cfg.probe_candidates:
+            chosen, record = choose_backbone(cfg)
+            return build(chosen, None, record=record, asked=cfg), None
         return build(cfg, None), None
     cfg, checkpoint, record = _prepare_resume(Path(resume), overrides or {})
     return build(cfg, Path(resume), checkpoint, record), checkpoint
@@ -114,20 +120,34 @@ def _find(loop: Loop, kind: type) -> Any:
 
 
 def _fit_probe(setup: Setup, loop: Loop) -> None:
-    """Frozen backbone: cached features, a linear head fitted by L-BFGS, chosen on validation."""
+    """Frozen backbone: cached features, a linear head fitted by L-BFGS. Its weight decay is chosen
+    on the validation split, or, where cross-validation chose the backbone, by that; the head then
+    learns from every image but the test split's, and the run reports the cross-validated estimate."""
     from cnnkit import probe
 
     cfg, state, splits = setup.cfg, loop.state, setup.splits
     probe.check(cfg, setup.model)
     t0 = time.perf_counter()
-    feats = {name: probe.cached_features(setup.model, setup.preprocess, split.images, cfg, setup.device,
-                                         setup.weights_source, name, setup.precision)
+    feats = {name: probe.probe_rows(setup.model, setup.preprocess, split.images, cfg, setup.device,
+                                    setup.weights_source, name, setup.precision)
              for name, split in (("train", splits.train), ("validation", splits.val))}
-    fit = probe.fit_head(setup.model.get_classifier(), feats["train"], splits.train.labels,
-                         feats["validation"], splits.val.labels, cfg.label_smoothing)
+    rows = {name: _probe_rows(plain, flipped, split.labels)
+            for (name, (plain, flipped)), split in zip(feats.items(), (splits.train, splits.val))}
+    held = {name: plain if flipped is None else (plain + flipped) / 2 for name, (plain, flipped) in feats.items()}
+    chosen = (setup.record.selection or {}).get("chosen")
+    if chosen:  # cross-validated: every non-test image trains the head, at the decay the folds chose
+        x = np.concatenate([rows["train"][0], rows["validation"][0]])
+        y = np.concatenate([rows["train"][1], rows["validation"][1]])
+        fit = probe.fit_head(setup.model.get_classifier(), x, y, held["validation"], splits.val.labels,
+                             cfg.label_smoothing, (chosen["weight_decay"],), quiet=True)
+    else:
+        fit = probe.fit_head(setup.model.get_classifier(), *rows["train"], held["validation"], splits.val.labels,
+                             cfg.label_smoothing)
     state.epoch = 1
     state.train_time_s = state.epoch_time_s = time.perf_counter() - t0
     val = loop.validate()
+    if chosen:  # the validation images trained the head: the folds' estimate stands for them
+        val = {"loss": float("nan"), "accuracy": chosen["cv_accuracy"]}
     best = _find(loop, BestEpoch)
     best.best_val_accuracy, best.best_epoch = val["accuracy"], 1
     append_metrics(setup.run_dir, {
@@ -138,8 +158,15 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
     checkpointer = _find(loop, Checkpointer)
     checkpointer.save(loop, "best")
     checkpointer.save(loop, "last")
-    log.info("linear probe: validation accuracy %.2f%% (weight decay %g), %.0f s",
-             100 * val["accuracy"], fit["weight_decay"], state.epoch_time_s)
+    log.info("linear probe: %s accuracy %.2f%% (weight decay %g), %.0f s", "cross-validated" if chosen
+             else "validation", 100 * val["accuracy"], fit["weight_decay"], state.epoch_time_s)
+
+
+def _probe_rows(plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows: the images' features, and their mirror images' as rows of their own."""
+    if flipped is None:
+        return plain, labels
+    return np.concatenate([plain, flipped]), np.concatenate([labels, labels])
 
 
 def _release_ddp(setup: Setup, loop: Loop) -> None:
@@ -163,6 +190,8 @@ def _test_and_report(setup: Setup, loop: Loop, started_at: float) -> TrainResult
     test = classification_metrics(logits, splits.test.labels, setup.ds.classes)
     save_evaluation(setup.run_dir, test, setup.ds.classes, split="test", checkpoint="best")
     summary = _summary(setup, loop, test, started_at)
+    for warning in summary["warnings"]:
+        log.warning("%s", warning)
     write_json_atomic(setup.run_dir / "summary.json", summary)
     if cfg.report:
         from cnnkit.report import build_report
@@ -189,14 +218,26 @@ def _summary(setup: Setup, loop: Loop, test: dict[str, Any], started_at: float) 
         "recipe": cfg.recipe, "dataset": setup.ds.name, "data_source": setup.ds.source, "model": cfg.model,
         "parameters": count_parameters(setup.model), "epochs_run": state.epoch, "best_epoch": best.best_epoch,
         "best_val_accuracy": best.best_val_accuracy, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+        "test_accuracy_ci95": [round(v, 4) for v in accuracy_interval(test["accuracy"], len(splits.test))],
+        "warnings": small_split_warnings(0 if setup.record.selection else len(splits.val), len(splits.test),
+                                         test["accuracy"]),
         "train_samples": len(splits.train), "val_samples": len(splits.val), "test_samples": len(splits.test),
         "train_time_s": round(state.train_time_s, 2), "skipped_steps": state.skipped_steps,
         "wall_time_s": round(time.perf_counter() - started_at, 2),  # this invocation, data loading included
         "steps_run": state.step, "steps_per_epoch": len(setup.loader), "schedule_steps": loop.total_steps,
         **({"time_budget_s": budget.budget_s, "planned_time_s": round(budget.planned_time_s, 1)} if budget else {}),
+        **_cv_summary(setup.record.selection),
         "device": describe_device(setup.device), "precision": setup.precision,
         "finished_at": datetime.now().isoformat(timespec="seconds"), "versions": versions(), "notes": splits.notes,
     }
+
+
+def _cv_summary(selection: dict[str, Any] | None) -> dict[str, Any]:
+    if not selection:
+        return {}
+    chosen = selection["chosen"]
+    return {"cv_accuracy": chosen["cv_accuracy"], "cv_sd": chosen["cv_sd"], "cv_folds": selection["folds"],
+            "cv_images": selection["images"], "candidates": selection["candidates"]}
 
 
 def _prepare_resume(run_dir: Path, overrides: dict[str, Any]) -> tuple[Config, Checkpoint, RunRecord]:

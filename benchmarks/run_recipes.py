@@ -18,6 +18,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -61,12 +62,15 @@ def commit() -> str:
     return os.environ.get("BENCH_COMMIT", "unknown") + " (copied tree)"
 
 
-def run_one(recipe: str, seed: int, extra: list[str], out_dir: Path) -> dict:
+def run_one(recipe: str, seed: int, extra: list[str], out_dir: Path, fresh_cache: bool = False) -> dict:
     name = f"{recipe}-seed{seed}-{int(time.time())}"
     cmd = [sys.executable, "-m", "cnnkit", "--quiet", "train", "--recipe", recipe, "--seed", str(seed),
            "--output", str(out_dir), "--name", name, *extra]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    env = dict(os.environ)
+    if fresh_cache:  # as a new user: no decoded images or features cached by an earlier run
+        env["CNNKIT_HOME"] = tempfile.mkdtemp(prefix="cnnkit-bench-")
+    proc = subprocess.Popen(cmd, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if status != 0:
@@ -112,6 +116,8 @@ def main() -> None:
                    help="with --variants: skip the run of the recipe as it is (measured elsewhere)")
     p.add_argument("--label", default="recipes", help="name of the results file and of the block in RESULTS.md")
     p.add_argument("--runs-dir", type=Path, default=HERE / "runs")
+    p.add_argument("--fresh-cache", action="store_true",
+                   help="each run with an empty CNNKIT_HOME, as a new user's first run (no cached decodes or features)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more `cnnkit train` flags for every run")
     args = p.parse_args()
     extra = [a for a in args.extra if a != "--"]
@@ -129,12 +135,13 @@ def main() -> None:
               f"Command: `python benchmarks/run_recipes.py --recipes {' '.join(args.recipes)} "
               f"--seeds {' '.join(map(str, args.seeds))}{' --vary ' + ' '.join(args.vary) if args.vary else ''}"
               f"{' --variants ' + ' '.join(repr(v) for v in args.variants) if args.variants else ''}"
-              f"{' --no-base' if args.no_base else ''}{' -- ' + ' '.join(extra) if extra else ''}`\n\n")
+              f"{' --no-base' if args.no_base else ''}{' --fresh-cache' if args.fresh_cache else ''}"
+              f"{' -- ' + ' '.join(extra) if extra else ''}`\n\n")
     rows = []
     for recipe in args.recipes:
         for suffix, flags in variants:
             for seed in args.seeds:
-                row = run_one(recipe, seed, extra + flags, args.runs_dir)
+                row = run_one(recipe, seed, extra + flags, args.runs_dir, args.fresh_cache)
                 row["recipe"] += suffix
                 rows.append(row)
                 record(args.label, header, rows, where)  # after every run: an interrupted benchmark keeps what it measured

@@ -75,8 +75,8 @@ def main() -> None:
     block = (f"Measured {date.today()} on {machine()}, commit {commit()}.\n"
              f"Command: `python benchmarks/explain_speed.py {' '.join(str(r) for r in args.runs)} --requests "
              f"{args.requests} --concurrency {args.concurrency}`\n\n" + "\n".join(rows) + "\n\n"
-             f"POST /explain on {args.runs[0].name} (`cnnkit serve`, engine {load['engine']}: PyTorch for a run without an ONNX export; load generator on the "
-             f"same cores): {load['requests']} requests from {load['concurrency']} clients, {load['errors']} errors, "
+             f"POST /explain on {args.runs[0].name} (`cnnkit serve`; /explain runs the PyTorch model whatever "
+             f"the engine; load generator on the same cores): {load['requests']} requests from {load['concurrency']} clients, {load['errors']} errors, "
              f"{load['throughput_rps']} requests/s, p50 {load['p50_ms']} ms, p99 {load['p99_ms']} ms, server memory "
              f"{load['rss_before_mb']} MB after 20 warm-up requests, {load['rss_after_mb']} MB after them all.")
     write_block(args.label, block)

@@ -237,6 +237,8 @@ def _split_tensors(hooks: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str
 def saved_loop_state(meta: dict[str, Any], extra: dict[str, torch.Tensor]) -> dict[str, Any]:
     """What `Loop.load_state_dict` takes, from a `last` checkpoint's metadata and extra tensors."""
     hooks = {name: dict(state) for name, state in meta.get("hooks", {}).items()}
+    if "hooks" not in meta and "best_epoch" in meta["state"]:  # a checkpoint from before the hooks (stop 19)
+        hooks["best"] = {k: meta["state"][k] for k in ("best_val_accuracy", "best_epoch", "bad_epochs")}
     for key, value in extra.items():
         name, _, rest = key.partition(".")
         if name != "rng":

@@ -248,16 +248,17 @@ def _prepare_resume(run_dir: Path, overrides: dict[str, Any]) -> tuple[Config, C
     if not_allowed:
         raise ConfigError(f"--resume continues a run as it was configured; only {sorted(RESUMABLE_OVERRIDES)} "
                           f"may change, not {sorted(not_allowed)}")
-    cfg = Config.from_dict({**json.loads(config_path.read_text()), **overrides}, str(config_path))
+    asked = Config.from_dict({**json.loads(config_path.read_text()), **overrides}, str(config_path))
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last")
     if checkpoint.optimizer is None:
         raise RunError(f"{run_dir}/checkpoints/last has no optimizer state; it cannot be resumed")
     record = RunRecord.load(run_dir)
     if "epochs" in overrides:  # asked again: the new length replaces a time budget's plan
         record = replace(record, planned_steps=None, epochs=None)
+    cfg = Config.from_dict(record.settings(asked.to_dict()), str(run_dir / "run.json"))  # as the run went on
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone writes
-        if overrides:
-            write_json_atomic(config_path, cfg.to_dict())
+        if overrides:  # what the run is asked now; its decisions stay in run.json
+            write_json_atomic(config_path, asked.to_dict())
         _truncate_metrics(run_dir, checkpoint.meta["state"]["epoch"])
     return cfg, checkpoint, record
 

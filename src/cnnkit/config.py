@@ -267,6 +267,7 @@ def load_recipe(name_or_path: str) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: not valid TOML ({e})") from None
+    data.pop("tune", None)  # the search space of `cnnkit tune` (cnnkit.tune), not a field of the run
     data.setdefault("recipe", path.stem if path.suffix == ".toml" else name_or_path)
     return Config.from_dict(data, where)
 

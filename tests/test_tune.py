@@ -1,0 +1,151 @@
+"""`cnnkit tune`: a search space from the recipe, checked before any trial; trials as run folders
+reported to an Optuna study; pruning through the loop's hooks; a study that survives SIGKILL; and
+two processes sharing a PostgreSQL study (where .ci/run started a server)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cnnkit.cli import main
+from cnnkit.config import apply_overrides, load_recipe
+from cnnkit.errors import ConfigError
+from cnnkit.training import train
+from cnnkit.tune import ReportToStudy, parse_space, toml_value
+
+optuna = pytest.importorskip("optuna")
+
+TINY = ["--max-train-samples", "500", "--max-eval-samples", "200", "--epochs", "2", "--report", "false"]
+SPACE = '[tune]\nlr = {low = 0.0005, high = 0.005, log = true}\nlabel_smoothing = {low = 0.0, high = 0.2}\n'
+
+
+@pytest.mark.parametrize("table,message", [
+    ({"weight_decy": {"low": 0.1, "high": 1.0}}, "no recipe field (did you mean weight_decay"),
+    ({"lr": {"low": 1.0, "high": 0.1}}, "low < high"),
+    ({"lr": {"low": 0.0, "high": 0.1, "log": True}}, "low must be positive"),
+    ({"batch_size": {"low": 0, "high": 64}}, "batch_size = 0 is not a valid setting"),
+    ({"augment": {"choices": []}}, "non-empty list"),
+    ({"optimizer": {"choices": ["adam", "rmsprop"]}}, "optimizer = 'rmsprop' is not a valid setting"),
+    ({"lr": 0.1}, "needs {low"),
+])
+def test_a_bad_space_is_a_clear_error(table, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("{", r"\{")):
+        parse_space(table, load_recipe("fmnist-baseline"), "test")
+
+
+def test_every_recipe_with_a_space_is_valid_and_recipes_still_load():
+    from cnnkit.config import recipe_names
+    from cnnkit.tune import load_space
+
+    spaces = {name: load_space(name) for name in ("fmnist-quick", "fmnist-baseline", "cifar10-quick")}
+    assert all(spaces.values()) and {"lr", "augment"} <= {p.name for p in spaces["fmnist-quick"]}
+    assert all(load_recipe(name) for name in recipe_names())  # [tune] is no field of a run
+
+
+def test_toml_values_round_trip():
+    import tomllib
+
+    data = {"a": 1.5e-05, "b": "x \"y\"", "c": True, "d": [1, 2], "e": {"widths": [32, 64]}, "f": [{"op": "hflip"}]}
+    text = "".join(f"{k} = {toml_value(v)}\n" for k, v in data.items())
+    assert tomllib.loads(text) == data
+
+
+class AlwaysPrune:
+    """A trial whose study prunes it at its first report."""
+
+    def __init__(self):
+        self.reports = []
+
+    def report(self, value, step):
+        self.reports.append((step, value))
+
+    def should_prune(self):
+        return True
+
+
+@pytest.mark.slow
+def test_a_pruned_trial_stops_before_its_last_epoch(tmp_path):
+    trial = AlwaysPrune()
+    cfg = apply_overrides(load_recipe("fmnist-baseline"), {"max_train_samples": 500, "max_eval_samples": 200,
+                                                           "epochs": 4, "report": False, "output": str(tmp_path),
+                                                           "name": "pruned"})
+    summary = train(cfg, hooks=[ReportToStudy(trial)]).summary
+    assert summary["epochs_run"] == 1 < 4 and summary["status"] == "stopped early"
+    assert [step for step, _ in trial.reports] == [1] and 0 <= trial.reports[0][1] <= 1
+
+
+@pytest.mark.slow
+def test_a_tiny_study_writes_its_database_best_recipe_and_report(tmp_path, capsys):
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    args = ["tune", "--recipe", "fmnist-baseline", "--space", str(space), "--trials", "3", "--output", str(tmp_path),
+            "--name", "s", *TINY]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "s"
+    assert (folder / "study.db").is_file() and "cnnkit train --recipe" in out
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{folder / 'study.db'}")
+    assert len(study.trials) == 3 and len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 3
+    best = load_recipe(str(folder / "best.toml"))  # a recipe cnnkit train takes as it is
+    assert best.lr == pytest.approx(study.best_params["lr"]) and best.epochs == 2 and best.max_train_samples == 500
+    assert all((folder / "trials" / f"trial-{n:03d}" / "summary.json").is_file() for n in range(3))
+    page = (folder / "report.html").read_text()
+    assert page.count("<tr><td>") == 3 and "optimisation history" in page and "data:image/png;base64," in page
+    assert main(args) == 0  # the study has its 3 trials: the same command adds none
+    assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{folder / 'study.db'}").trials) == 3
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_trial_then_the_same_command_continues_the_study(tmp_path):
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    cmd = [sys.executable, "-m", "cnnkit", "--quiet", "tune", "--recipe", "fmnist-baseline", "--space", str(space),
+           "--trials", "3", "--output", str(tmp_path), "--name", "k", "--grace-period", "2",
+           *TINY[:-4], "--epochs", "6", "--report", "false"]
+    storage = f"sqlite:///{tmp_path / 'k' / 'study.db'}"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    states: list[str] = []
+    while time.time() < deadline:  # kill it while a trial runs after one has finished
+        time.sleep(0.5)
+        try:
+            states = [t.state.name for t in optuna.load_study(study_name="k", storage=storage).trials]
+        except Exception:  # the study is not created yet
+            continue
+        if "COMPLETE" in states and states[-1] == "RUNNING":
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert "COMPLETE" in states and states[-1] == "RUNNING", states
+    kept = [t.params for t in optuna.load_study(study_name="k", storage=storage).trials if t.state.name == "COMPLETE"]
+    time.sleep(3)  # past the grace period: the killed trial's heartbeat is stale
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    trials = optuna.load_study(study_name="k", storage=storage).trials
+    assert [t.params for t in trials if t.state.name == "COMPLETE"][: len(kept)] == kept  # nothing lost
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 3
+    assert [t.state.name for t in trials].count("FAIL") == 1  # the killed trial, marked failed
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CNNKIT_TEST_POSTGRES"), reason="no PostgreSQL server (CI starts one)")
+def test_two_processes_share_one_postgresql_study(tmp_path):
+    url = os.environ["CNNKIT_TEST_POSTGRES"]
+    name = f"shared-{os.getpid()}-{int(time.time())}"
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    procs = [subprocess.Popen([sys.executable, "-m", "cnnkit", "--quiet", "tune", "--recipe", "fmnist-baseline",
+                               "--space", str(space), "--trials", "4", "--storage", url, "--output",
+                               str(tmp_path / f"machine{i}"), "--name", name, *TINY],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in (1, 2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    trials = optuna.load_study(study_name=name, storage=url).trials
+    assert len(trials) == 4 and len({t.number for t in trials}) == 4
+    ran = [{p.name for p in (tmp_path / f"machine{i}" / name / "trials").iterdir()} for i in (1, 2)]
+    assert ran[0] and ran[1] and not ran[0] & ran[1]  # each machine ran trials of its own

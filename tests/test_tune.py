@@ -37,11 +37,11 @@ def test_a_bad_space_is_a_clear_error(table, message):
         parse_space(table, load_recipe("fmnist-baseline"), "test")
 
 
-def test_every_recipe_with_a_space_is_valid_and_recipes_still_load():
+def test_every_recipe_ships_a_valid_space_and_still_loads():
     from cnnkit.config import recipe_names
     from cnnkit.tune import load_space
 
-    spaces = {name: load_space(name) for name in ("fmnist-quick", "fmnist-baseline", "cifar10-quick")}
+    spaces = {name: load_space(name) for name in recipe_names()}  # every built-in recipe has one, and it is valid
     assert all(spaces.values()) and {"lr", "augment"} <= {p.name for p in spaces["fmnist-quick"]}
     assert all(load_recipe(name) for name in recipe_names())  # [tune] is no field of a run
 
@@ -95,8 +95,13 @@ def test_a_tiny_study_writes_its_database_best_recipe_and_report(tmp_path, capsy
     assert all((folder / "trials" / f"trial-{n:03d}" / "summary.json").is_file() for n in range(3))
     page = (folder / "report.html").read_text()
     assert page.count("<tr><td>") == 3 and "optimisation history" in page and "data:image/png;base64," in page
-    assert main(args) == 0  # the study has its 3 trials: the same command adds none
+    assert main([*args, "--final"]) == 0  # the study has its 3 trials: the same command adds none ...
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{folder / 'study.db'}").trials) == 3
+    final = json.loads((folder / "final" / "summary.json").read_text())  # ... and --final trains the best once more
+    trial = json.loads((folder / "trials" / f"trial-{study.best_trial.number:03d}" / "summary.json").read_text())
+    assert final["train_samples"] == trial["train_samples"] + trial["val_samples"]  # on train + validation
+    assert final["best_epoch"] == final["epochs_run"] == 2  # the last epoch is tested
+    assert f"test accuracy {100 * final['test_accuracy']:.2f}%" in capsys.readouterr().out
 
 
 @pytest.mark.slow

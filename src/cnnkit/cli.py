@@ -151,6 +151,8 @@ def _add_tune_command(sub: Any) -> None:
     p.add_argument("--storage", help="an Optuna storage URL, e.g. postgresql://user@host/db (default: DIR/NAME/study.db)")
     p.add_argument("--output", type=Path, default=Path("tune"), help="parent folder (default tune)")
     p.add_argument("--name", help="the study's folder and name (default: the recipe's name)")
+    p.add_argument("--final", action="store_true",
+                   help="then train the best settings once on train + validation and test them once (DIR/NAME/final)")
     p.add_argument("--grace-period", type=int, default=60, help=argparse.SUPPRESS)  # tests: stale-trial detection
     _add_config_flags(p, exclude=("time_budget", "output", "name"))
 
@@ -508,7 +510,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     result = tune(args.recipe, overrides, folder=args.output / name, trials=args.trials,
                   budget_s=parse_duration(args.time_budget) if args.time_budget else None,
                   trial_budget=args.trial_budget, storage=args.storage, space=args.space,
-                  seed=overrides.get("seed", 0), grace_period_s=args.grace_period)
+                  seed=overrides.get("seed", 0), grace_period_s=args.grace_period, final=args.final)
     from rich.table import Table
 
     table = Table(title=f"study {result.folder}")
@@ -522,6 +524,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print("No trial finished; nothing to recommend yet. Start the same command again to continue.")
         return 1
     print(f"Best validation accuracy {100 * result.best_value:.2f}%: cnnkit train --recipe {result.recipe_path}")
+    if result.final:
+        print(f"Final fit on train + validation: test accuracy {100 * result.final['test_accuracy']:.2f}% "
+              f"({result.final['run']})")
     print(f"Report: {result.folder / 'report.html'}")
     return 0
 

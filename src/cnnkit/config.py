@@ -65,6 +65,7 @@ class Config:
     val_fraction: float = opt(0.1, "validation carved from train (seeded, stratified) when the source has none")
     test_fraction: float = opt(0.2, "test carved from train, only when the source has no test split")
     max_train_samples: int | None = opt(None, "stratified subset of train, for quick tries")
+    final_fit: bool = opt(False, "a final run after settings were chosen (cnnkit tune --final): the validation images train too, and the last epoch is tested")
     max_eval_samples: int | None = opt(None, "stratified subsets of validation and test")
     class_balance: str = opt("none", "none | weights (loss weights) | sampler (balanced batches)")
     # -- model

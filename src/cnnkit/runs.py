@@ -133,7 +133,8 @@ def run_splits(cfg: dict[str, Any], data_dir: str | None = None) -> tuple[Datase
     ds = load_dataset(cfg["dataset"], data_dir or cfg["data_dir"], image_size=cfg["image_size"],
                       channels=cfg["channels"], skip_bad_images=cfg["skip_bad_images"])
     return ds, make_splits(ds, val_fraction=cfg["val_fraction"], test_fraction=cfg["test_fraction"], seed=cfg["seed"],
-                           max_train_samples=cfg["max_train_samples"], max_eval_samples=cfg["max_eval_samples"])
+                           max_train_samples=cfg["max_train_samples"], max_eval_samples=cfg["max_eval_samples"],
+                           final_fit=cfg.get("final_fit", False))
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from cnnkit.data import cifar10, fashion_mnist, folder
 from cnnkit.data.dataset import Dataset, Split
 from cnnkit.data.splits import stratified_split, stratified_subset
@@ -76,9 +78,12 @@ def make_splits(
     seed: int,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    final_fit: bool = False,
 ) -> Splits:
     """Train, validation and test splits. Validation is carved from train (seeded, stratified)
-    unless the source has its own; the test split is kept for final evaluation only."""
+    unless the source has its own; the test split is kept for final evaluation only. With
+    `final_fit` the validation images join the training ones (the split is still returned, so
+    the loop and its hooks work as ever, but it no longer chooses anything)."""
     notes = list(ds.notes)
     train = ds.splits["train"]
     test = ds.splits.get("test")
@@ -105,6 +110,9 @@ def make_splits(
     for split_name, split in (("train", train), ("validation", val), ("test", test)):
         if len(split) == 0:
             raise DataError(f"{ds.name}: the {split_name} split is empty; add images or lower the split fractions")
+    if final_fit:
+        train = Split(np.concatenate([train.images, val.images]), np.concatenate([train.labels, val.labels]))
+        notes.append(f"final fit: the {len(val)} validation images train too; the last epoch is tested")
     return Splits(train, val, test, notes)
 
 

@@ -84,8 +84,8 @@ class BestEpoch(Hook):
 
     name = "best"
 
-    def __init__(self, patience: int | None):
-        self.patience = patience
+    def __init__(self, patience: int | None, final_fit: bool = False):
+        self.patience, self.final_fit = patience, final_fit
         self.best_val_accuracy, self.best_epoch, self.bad_epochs = -1.0, 0, 0
 
     def on_epoch_end(self, loop: Loop, end: EpochEnd) -> None:
@@ -94,10 +94,10 @@ class BestEpoch(Hook):
         # A tie is no progress for early stopping, but its later weights become the best: as good on
         # validation and trained longer (under a decaying schedule, at a lower rate). A GPU
         # fmnist-fast run tied at epochs 10 and 11 and was tested with epoch 10's weights.
-        end.improved = accuracy >= self.best_val_accuracy
+        end.improved = accuracy >= self.best_val_accuracy or self.final_fit  # a final fit tests its last epoch
         if end.improved:
             self.best_val_accuracy, self.best_epoch = accuracy, end.epoch
-        if self.patience and self.bad_epochs >= self.patience:
+        if self.patience and self.bad_epochs >= self.patience and not self.final_fit:
             loop.request_stop(f"early stopping: no better validation accuracy for {self.bad_epochs} epochs")
 
     def state_dict(self) -> dict[str, Any]:

@@ -89,7 +89,7 @@ def standard_hooks(setup: Setup, started_at: float, resuming: bool) -> list[Hook
         hooks.append(TimeBudget(setup, parse_duration(cfg.time_budget), started_at, settled))
     if cfg.lookahead:
         hooks.append(LookaheadHook(setup.model))
-    return hooks + [BestEpoch(cfg.early_stopping_patience),
+    return hooks + [BestEpoch(cfg.early_stopping_patience, cfg.final_fit),
                     MetricsLog(setup.run_dir, setup.dist.is_main, cfg.tensorboard), Checkpointer(setup)]
 
 

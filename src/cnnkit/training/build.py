@@ -76,7 +76,7 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
         progress.set_enabled(False)
     configure_threads_and_determinism(cfg.threads, cfg.deterministic, device)
     precision = training_precision(cfg.precision, device)
-    imagenet, weights_source = _imagenet_model(cfg) if cfg.pretrained and checkpoint is None else (None, "none")
+    imagenet, weights_source = imagenet_model(cfg) if cfg.pretrained and checkpoint is None else (None, "none")
     ds, splits = run_splits(cfg.to_dict())
     _log_data(ds, splits)
     if dist.enabled:
@@ -142,7 +142,7 @@ def _init_sample(images: np.ndarray, preprocess: Preprocess, seed: int, device: 
     return preprocess.finish(preprocess.to_float(x))
 
 
-def _imagenet_model(cfg: Config) -> tuple[nn.Module, str]:
+def imagenet_model(cfg: Config) -> tuple[nn.Module, str]:
     """The timm model with its ImageNet weights and 1000-class head, and where the weights came
     from. Done before the data is loaded: missing weights should not cost minutes of decoding."""
     if cfg.model in OWN_MODELS:

@@ -24,10 +24,11 @@ from cnnkit import probe
 from cnnkit.config import Config
 from cnnkit.models import create_model
 from cnnkit.budget import parse_duration
-from cnnkit.models.pretrained import load_pretrained, preprocessing
+from cnnkit.models.pretrained import preprocessing
 from cnnkit.preprocess import make_preprocess
 from cnnkit.runs import RunRecord, run_splits
 from cnnkit.runtime import resolve_device, resolve_precision
+from cnnkit.training.build import imagenet_model
 from cnnkit.summary import summarize
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,7 @@ def _guess_seconds(first: dict[str, Any], name: str, cfg: Config) -> float:
 
 def _features(cfg: Config, splits: Any, device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Training and validation images' features (and mirrored ones) by the candidate backbone."""
-    model = create_model(cfg.model, 1000, 3, 224)
-    source = load_pretrained(model, cfg.model, cfg.weights)
+    model, source = imagenet_model(cfg)  # as the run's own build makes it, model_args included
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)

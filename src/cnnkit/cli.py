@@ -265,6 +265,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import cnnkit
     from cnnkit.config import apply_overrides, load_recipe
+    from cnnkit.runtime import settings_for_this_cpu
     from cnnkit.training import train
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -275,7 +276,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(None, resume=args.resume, overrides=overrides)  # type: ignore[arg-type]
     else:
         cfg = apply_overrides(load_recipe(args.recipe or default_recipe(overrides)), overrides)
-        result = train(cfg, started_at=cnnkit.STARTED)
+        result = train(settings_for_this_cpu(cfg, overrides), started_at=cnnkit.STARTED)
     s = result.summary
     if not s:  # a distributed worker other than rank 0: rank 0 reports
         return 0
@@ -577,12 +578,14 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     for name, r in recipes.items():
         length = "linear probe" if r.strategy == "linear-probe" else f"{r.epochs:3d} epochs"
         print(f"{name:{width}}  {r.dataset:13}  {r.model:{model_width}}  {length:12}  {r.description}")
+        if r.fp32:
+            print(f"{'':{width}}  in fp32: {', '.join(f'{k} {json.dumps(v)}' for k, v in r.fp32.items())}")
     from cnnkit.runtime import cpu_has_native_bf16
 
     if not cpu_has_native_bf16():
         print("\nThe times are for a 2-core CPU with bf16 instructions (AVX512-BF16 or AMX). This CPU has none: the "
-              "fast recipes train in fp32 here,\nabout 3 times as long. `cnnkit train --recipe R --time-budget 5m` "
-              "fits a run to the time you have.")
+              "fast recipes train in fp32 here,\nabout 3 times as long, and a recipe's 'in fp32' settings replace "
+              "its own (docs/cpus.md). `cnnkit train --recipe R --time-budget 5m`\nfits a run to the time you have.")
     return 0
 
 

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from cnnkit.errors import ConfigError
@@ -72,6 +73,7 @@ class Config:
     model: str = opt("seed-cnn", "seed-cnn, or any timm model name")
     model_args: dict[str, Any] = opt({}, "passed to the model's constructor")
     input_size: int | None = opt(None, "model input size; images are resized on the device (default: data size, or the weights' size)")
+    progressive_sizes: list[int] = opt([], "progressive resizing: the training input size of epoch 1, 2, ... (e.g. [20, 24]); later epochs, validation and test use the input size. Early epochs at fewer pixels cost fewer FLOPs")
     pretrained: bool = opt(False, "start from ImageNet weights (timm models): --weights, else the offline registry, else timm's download")
     weights: str | None = opt(None, "a weights file (safetensors, or a state dict) for --pretrained")
     strategy: str = opt("full", "full: every layer | linear-probe: frozen backbone, cached features, fitted linear head | frozen: backbone frozen, head trained with augmentation | finetune: head_epochs of head only, then every layer | gradual: head first, then one more block every unfreeze_epochs")
@@ -106,6 +108,8 @@ class Config:
     early_stopping_patience: int | None = opt(None, "stop after this many epochs without a better validation accuracy")
     augment: str | list[dict[str, Any]] = opt("none", "preset (none, seed, light, strong) or list of ops; see `cnnkit augment ops`")
     tta: str = opt("none", "test-time augmentation for the test evaluation: none | flip | shift | flip-shift (validation during training goes without)")
+    tta_below: float | None = opt(None, "test-time views only for the images whose top probability from the image alone is below this (e.g. 0.9; the CIFAR-10 speed record does this): the others cost one forward pass")
+    fp32: dict[str, Any] = opt({}, "a recipe's settings for CPUs without native bf16, where --precision auto trains in fp32 (about 3 times slower): used there in place of the recipe's own, except fields set on the command line; --fp32 {} trains with the recipe's own")
     precision: str = opt("fp32", "fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA) | auto (bf16 where the CPU or GPU has it natively, else fp32 on CPUs, fp16 on GPUs)")
     channels_last: bool = opt(False, "memory format; often faster for convolutions")
     compile: bool = opt(False, "torch.compile the training model (compile time counts; needs a C++ compiler on the CPU)")
@@ -144,6 +148,8 @@ class Config:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be at least 1; got {value}")
+        if any(not isinstance(size, int) or size < 1 for size in self.progressive_sizes):
+            raise ConfigError(f"progressive_sizes lists input sizes in pixels (positive whole numbers); got {self.progressive_sizes}")
         if self.checkpoint_every_minutes is not None and self.checkpoint_every_minutes < 0:
             raise ConfigError(f"checkpoint_every_minutes must not be negative; got {self.checkpoint_every_minutes}")
         if self.strategy != "full" and not self.pretrained:
@@ -171,6 +177,12 @@ class Config:
             from cnnkit.budget import parse_duration
 
             parse_duration(self.time_budget)
+        if self.fp32:
+            if {"fp32", "precision", "recipe"} & set(self.fp32):
+                raise ConfigError("a recipe's [fp32] table cannot set fp32, precision or recipe")
+            with_fp32_settings(self)  # its fields exist and their values are valid
+        if self.tta_below is not None and not 0 < self.tta_below <= 1:
+            raise ConfigError(f"tta_below is a probability in (0, 1]; got {self.tta_below}")
         if len(self.betas) != 2:
             raise ConfigError(f"betas must be two numbers; got {self.betas}")
         return self
@@ -271,6 +283,16 @@ def load_recipe(name_or_path: str) -> Config:
     data.pop("tune", None)  # the search space of `cnnkit tune` (cnnkit.tune), not a field of the run
     data.setdefault("recipe", path.stem if path.suffix == ".toml" else name_or_path)
     return Config.from_dict(data, where)
+
+
+def with_fp32_settings(cfg: Config, asked: Iterable[str] = ()) -> Config:
+    """`cfg` with its recipe's [fp32] settings in place of its own, except the fields in `asked`
+    (set on the command line); for a run that trains in fp32 on a CPU
+    (`runtime.trains_in_fp32_on_cpu`). The table is emptied, so that config.json holds the settings
+    used and a resumed run does not apply them again."""
+    kept = set(asked)
+    chosen = {key: value for key, value in cfg.fp32.items() if key not in kept}
+    return Config.from_dict({**cfg.to_dict(), **chosen, "fp32": {}}, f"{cfg.recipe or 'the recipe'}'s [fp32] settings")
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:

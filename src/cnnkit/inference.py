@@ -28,6 +28,7 @@ class InferenceSettings:
     precision: str = "fp32"
     channels_last: bool = False
     batch_size: int = 1024
+    tta_below: float | None = None  # test-time views only for the images less sure than this
 
     @classmethod
     def for_run(cls, cfg: dict[str, Any], device: torch.device | str) -> InferenceSettings:
@@ -35,7 +36,8 @@ class InferenceSettings:
         precision = resolve_precision(cfg.get("precision", "fp32"), device)
         if precision == "fp16" and device.type != "cuda":  # a GPU run's fp16, evaluated on the CPU
             precision = "fp32"
-        return cls(precision, bool(cfg.get("channels_last", False)), int(cfg.get("eval_batch_size", 1024)))
+        return cls(precision, bool(cfg.get("channels_last", False)), int(cfg.get("eval_batch_size", 1024)),
+                   cfg.get("tta_below"))
 
     def kwargs(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,13 +65,16 @@ def predict_logits(
     precision: str = "fp32",
     channels_last: bool = False,
     tta: str = "none",
+    tta_below: float | None = None,
     outputs: Callable[[torch.Tensor], torch.Tensor] | None = None,
     description: str | None = None,
 ) -> torch.Tensor:
     """Logits (float32, on the CPU) for uint8 images (N, C, H, W), in batches; with test-time
-    augmentation (`flip`, `shift`, `flip-shift`) averaged over the views. `outputs` replaces the
-    model's forward (the probe takes pooled features); `description` shows a progress bar.
-    `channels_last` puts the inputs, and the model in place, in channels-last memory format."""
+    augmentation (`flip`, `shift`, `flip-shift`) averaged over the views, and with `tta_below`
+    only for the images whose top probability from the image itself is below it (the others keep
+    their one view's logits). `outputs` replaces the model's forward (the probe takes pooled
+    features); `description` shows a progress bar. `channels_last` puts the inputs, and the model
+    in place, in channels-last memory format."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -81,10 +86,13 @@ def predict_logits(
     out = []
     for start in track(starts, description) if description else starts:
         views = tta_views(preprocess.to_float(images[start : start + batch_size].to(device)), tta)
-        total = None
-        for view in views:
-            y = forward(fn, preprocess, view, device, precision, channels_last).float()
-            total = y if total is None else total + y
-        out.append((total / len(views)).cpu())
+        logits = forward(fn, preprocess, views[0], device, precision, channels_last).float()
+        unsure = slice(None) if tta_below is None else torch.nonzero(logits.softmax(1).amax(1) < tta_below).flatten()
+        if len(views) > 1 and len(logits[unsure]):
+            total = logits[unsure]
+            for view in views[1:]:
+                total = total + forward(fn, preprocess, view[unsure], device, precision, channels_last).float()
+            logits[unsure] = total / len(views)
+        out.append(logits.cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)

@@ -10,19 +10,30 @@ import contextlib
 import logging
 import os
 import platform
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
 import cnnkit
+from cnnkit.config import Config, with_fp32_settings
 from cnnkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) under which it has no bf16 instructions: a CPU
+# with AVX-512 capped to AVX2 computes as one without (benchmarks/cpu_as_avx2.sh uses this)
+_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def cpu_has_native_bf16() -> bool:
-    """bf16 instructions (AVX512-BF16 or AMX): there bf16 autocast runs convolutions 1.3-2x faster;
-    without them oneDNN emulates bf16, 15 times slower than fp32 (step-speed-bf16-avx2)."""
+    """bf16 instructions (AVX512-BF16 or AMX) that oneDNN may use: there bf16 autocast runs
+    convolutions 1.3-2x faster; without them oneDNN emulates bf16, 15 times slower than fp32
+    (step-speed-bf16-avx2)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap.upper() in _ISAS_WITHOUT_BF16:
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -62,6 +73,25 @@ def training_precision(asked: str, device: torch.device) -> str:
             log.info("fp32: this CPU has no native bf16 (AVX512-BF16 or AMX); runs take about 3 times as long as "
                      "on one with it (docs/cpus.md): --time-budget fits a run to your time")
     return precision
+
+
+def trains_in_fp32_on_cpu(cfg: Config) -> bool:
+    """Where a recipe's [fp32] settings apply: `--precision auto` on a CPU without native bf16, or
+    `--precision fp32` on any CPU."""
+    device = resolve_device(cfg.device)
+    return device.type == "cpu" and resolve_precision(cfg.precision, device) == "fp32"
+
+
+def settings_for_this_cpu(cfg: Config, asked: Iterable[str] = ()) -> Config:
+    """A new run's configuration: the recipe's [fp32] settings in place of its own where it trains
+    in fp32 on a CPU (except the fields in `asked`, set on the command line), said in the log."""
+    if not cfg.fp32 or not trains_in_fp32_on_cpu(cfg):
+        return cfg
+    chosen = {key: value for key, value in cfg.fp32.items() if key not in set(asked)}
+    if chosen:
+        log.info("fp32 on this CPU: %s's fp32 settings, fewer FLOPs for about the same accuracy (docs/cpus.md): %s",
+                 cfg.recipe or "the recipe", ", ".join(f"{key} {value}" for key, value in chosen.items()))
+    return with_fp32_settings(cfg, asked)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

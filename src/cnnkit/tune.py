@@ -26,6 +26,7 @@ from typing import Any
 from cnnkit.config import Config, apply_overrides, load_recipe
 from cnnkit.errors import CnnkitError, ConfigError
 from cnnkit.fileio import write_bytes_atomic
+from cnnkit.runtime import settings_for_this_cpu
 from cnnkit.training import Hook, train
 from cnnkit.training.loop import EpochEnd, Loop
 
@@ -157,7 +158,7 @@ def tune(recipe: str, overrides: dict[str, Any], *, folder: Path, trials: int | 
     if trials is None and budget_s is None:
         raise ConfigError("cnnkit tune needs --trials N, --time-budget D, or both")
     started = time.perf_counter()
-    base = apply_overrides(load_recipe(recipe), overrides)
+    base = settings_for_this_cpu(apply_overrides(load_recipe(recipe), overrides), overrides)
     params = load_space(recipe, space)
     folder.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(

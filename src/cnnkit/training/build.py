@@ -104,7 +104,8 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
         log.info("%s: training %s", cfg.strategy, unfreezer.describe())
     net = _wrap(model, cfg, dist, device)
     step = TrainStep(net, preprocess, build_augment(cfg.augment), _loss(cfg, splits, len(ds.classes), device),
-                     len(ds.classes), device, precision, cfg.channels_last, cfg.seed)
+                     len(ds.classes), device, precision, cfg.channels_last, cfg.seed,
+                     progressive_sizes=cfg.progressive_sizes)
     record = record or RunRecord()
     if run_dir is None:
         run_dir = distributed.broadcast(_new_run_dir(asked or cfg) if dist.is_main else None, dist)

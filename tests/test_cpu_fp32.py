@@ -89,3 +89,21 @@ def test_tta_below_adds_the_views_only_for_the_unsure_images():
     assert 0 < unsure.sum() < len(images)
     assert torch.allclose(mixed[unsure], full[unsure], atol=1e-5) and torch.equal(mixed[~unsure], plain[~unsure])
     assert torch.equal(predict_logits(net, pre, images, tta="shift", tta_below=1e-9), plain)  # none unsure
+
+
+@pytest.mark.slow
+def test_cnnkit_train_on_an_fp32_cpu_uses_the_default_recipes_fp32_settings(tmp_path, monkeypatch, capsys):
+    import json
+
+    from cnnkit.cli import main
+
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: False)
+    assert main(["train", "--max-train-samples", "1000", "--max-eval-samples", "500", "--epochs", "1",
+                 "--report", "false", "--output", str(tmp_path), "--name", "r"]) == 0
+    said = capsys.readouterr().err
+    used = json.loads((tmp_path / "r" / "config.json").read_text())
+    fp32 = load_recipe("fmnist-quick").fp32
+    assert used["epochs"] == 1  # asked for on the command line
+    assert all(used[key] == value for key, value in fp32.items() if key != "epochs") and used["fp32"] == {}
+    assert "fmnist-quick's fp32 settings" in said and "progressive_sizes [20, 20]" in said
+    assert "epochs 4" not in said  # the command line's epochs are not said to be replaced

@@ -1,6 +1,7 @@
 """One batch to its loss, the same for the training loop and the learning-rate range test:
 uint8 images on the device -> float -> augmentation -> label mixing -> the rest of the
-preprocessing -> forward (memory format, autocast) -> cross-entropy.
+preprocessing (resized to the epoch's size under progressive resizing) -> forward (memory format,
+autocast) -> cross-entropy.
 
 A task object in timm's manner (`result = task(input, target)`): the loop and lr-find hold one
 and do not repeat its order of operations; evaluation shares its forward (`inference.forward`).

@@ -107,3 +107,17 @@ def test_cnnkit_train_on_an_fp32_cpu_uses_the_default_recipes_fp32_settings(tmp_
     assert all(used[key] == value for key, value in fp32.items() if key != "epochs") and used["fp32"] == {}
     assert "fmnist-quick's fp32 settings" in said and "progressive_sizes [20, 20]" in said
     assert "epochs 4" not in said  # the command line's epochs are not said to be replaced
+
+
+def test_the_time_budget_counts_progressive_epochs_at_their_pixels():
+    from cnnkit.budget import Costs, fit_steps, run_end_s
+
+    full = Costs(epoch_s=10, val_s=1, final_s=20)  # 100 steps an epoch
+    half = Costs(epoch_s=10, val_s=1, final_s=20, epoch_weights=(0.5, 0.5))  # epochs 1-2 at half the pixels
+    assert run_end_s(0, 0, 300, 100, full) == 30 + 3 + 20
+    assert run_end_s(0, 0, 300, 100, half) == 5 + 5 + 10 + 3 + 20
+    assert run_end_s(0, 150, 300, 100, half) == 2.5 + 10 + 2 + 20  # half of epoch 2 left, then epoch 3
+    # within 0.95 x 70 = 66.5 s: 41.5 s of steps, 5 validations, 20 s after; the two cheap epochs leave 9 s more
+    assert fit_steps(70, 0, 0, 100, full) == 415
+    assert fit_steps(70, 0, 0, 100, half) == 505
+    assert run_end_s(0, 0, fit_steps(70, 0, 0, 100, half), 100, half) <= 0.95 * 70

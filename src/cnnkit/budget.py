@@ -59,11 +59,29 @@ def _positive(seconds: float, text: str) -> float:
 
 @dataclass
 class Costs:
-    """Seconds per epoch of training and of validation, and for everything after training."""
+    """Seconds per epoch of training (at full size) and of validation, and for everything after
+    training. `epoch_weights`: what an epoch costs against a full-size one, for the first epochs
+    under progressive resizing (its pixels: (size / input size) ** 2); later epochs weigh 1."""
 
     epoch_s: float
     val_s: float
     final_s: float
+    epoch_weights: tuple[float, ...] = ()
+
+    def training_s(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        """Seconds to train from step `step` to step `total_steps`, epoch by epoch."""
+        seconds, s = 0.0, step
+        while s < total_steps:
+            epoch = s // steps_per_epoch + 1
+            steps = min(total_steps, epoch * steps_per_epoch) - s
+            seconds += steps * epoch_weight(self.epoch_weights, epoch) * self.epoch_s / steps_per_epoch
+            s += steps
+        return seconds
+
+
+def epoch_weight(weights: tuple[float, ...], epoch: int) -> float:
+    """What epoch `epoch` (1-based) costs against a full-size one (see Costs)."""
+    return weights[epoch - 1] if epoch <= len(weights) else 1.0
 
 
 def fit_extras(budget_s: float, eval_image_s: float, test_images: int, tta: str, views: Callable[[str], int],
@@ -80,10 +98,11 @@ def fit_extras(budget_s: float, eval_image_s: float, test_images: int, tta: str,
 
 
 def estimate_costs(step_s: float, steps_per_epoch: int, eval_image_s: float, val_images: int,
-                   final_images: int, report: bool) -> Costs:
-    """From the time of one training step and of evaluating one image; `final_images` counts every
-    image the test evaluation and the report run through the model."""
-    return Costs(step_s * steps_per_epoch, val_images * eval_image_s, final_seconds(final_images, eval_image_s, report))
+                   final_images: int, report: bool, epoch_weights: tuple[float, ...] = ()) -> Costs:
+    """From the time of one full-size training step and of evaluating one image; `final_images`
+    counts every image the test evaluation and the report run through the model."""
+    return Costs(step_s * steps_per_epoch, val_images * eval_image_s, final_seconds(final_images, eval_image_s, report),
+                 epoch_weights)
 
 
 def final_seconds(final_images: int, eval_image_s: float, report: bool) -> float:
@@ -130,8 +149,7 @@ def run_end_s(elapsed_s: float, step: int, total_steps: int, steps_per_epoch: in
     the steps left, a validation at the end of every epoch they end (a last, partial epoch too),
     then the test and report."""
     validations = -(-total_steps // steps_per_epoch) - step // steps_per_epoch
-    return (elapsed_s + (total_steps - step) * costs.epoch_s / steps_per_epoch + validations * costs.val_s
-            + costs.final_s)
+    return elapsed_s + costs.training_s(step, total_steps, steps_per_epoch) + validations * costs.val_s + costs.final_s
 
 
 def fit_steps(budget_s: float, elapsed_s: float, step: int, steps_per_epoch: int, costs: Costs) -> int:
@@ -140,7 +158,7 @@ def fit_steps(budget_s: float, elapsed_s: float, step: int, steps_per_epoch: int
     that fits, not a whole epoch's worth of the budget left unused. At least one step more when
     the run is within an epoch (or has not begun), else the run may end here."""
     least = step + 1 if step % steps_per_epoch or step == 0 else step
-    step_s = costs.epoch_s / steps_per_epoch
+    step_s = costs.epoch_s / steps_per_epoch * min((1.0, *costs.epoch_weights))  # the cheapest step bounds it
     lo, hi = least, least + max(0, math.ceil((MARGIN * budget_s - elapsed_s) / step_s))
     while lo < hi:  # the end time grows with the steps: the last that fits, by bisection
         mid = (lo + hi + 1) // 2

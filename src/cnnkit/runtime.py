@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 # oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) under which it has no bf16 instructions: a CPU
-# with AVX-512 capped to AVX2 computes as one without (benchmarks/cpu_as_avx2.sh uses this)
+# with AVX-512 capped to AVX2 computes as one without (`benchmarks/run_recipes.py --isa avx2`)
 _ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 

@@ -16,8 +16,8 @@ import torch
 from cnnkit import distributed
 from cnnkit.analysis import ROBUSTNESS_PASSES
 from cnnkit.augment import tta_views
-from cnnkit.budget import (EXTRAS_SHARE, REPLAN_PAST, Costs, calibration_window, describe_plan, estimate_costs,
-                           final_seconds, first_settled_epoch, fit_extras, fit_steps, recent_epoch_s,
+from cnnkit.budget import (EXTRAS_SHARE, REPLAN_PAST, Costs, calibration_window, describe_plan, epoch_weight,
+                           estimate_costs, final_seconds, first_settled_epoch, fit_extras, fit_steps, recent_epoch_s,
                            replan_after_epoch, run_end_s)
 from cnnkit.inference import predict_logits
 from cnnkit.training.loop import EpochEnd, Hook, Loop
@@ -40,6 +40,9 @@ class TimeBudget(Hook):
     def __init__(self, setup: Setup, budget_s: float, started_at: float, settled_step: int):
         cfg = setup.cfg
         self.setup, self.budget_s, self.started_at, self.settled_step = setup, budget_s, started_at, settled_step
+        # progressive resizing: an epoch at size s costs about (s / input size) ** 2 of a full-size one
+        full = setup.preprocess.input_size
+        self.weights = tuple((size / full) ** 2 for size in cfg.progressive_sizes)
         self.tta = cfg.tta
         self.samples = min(cfg.report_robustness_samples, len(setup.splits.test)) if cfg.report else 0
         self.planned_time_s = 0.0
@@ -69,8 +72,8 @@ class TimeBudget(Hook):
         step_s = (time.perf_counter() - start) / timed
         eval_image_s = self.time_evaluation(loop)
         self.fit_extras(eval_image_s)
-        costs = estimate_costs(step_s, n, eval_image_s, len(self.setup.splits.val), self.final_images(),
-                               self.setup.cfg.report)
+        costs = estimate_costs(step_s / epoch_weight(self.weights, 1), n, eval_image_s,
+                               len(self.setup.splits.val), self.final_images(), self.setup.cfg.report, self.weights)
         self.plan(loop, costs, f"{timed} timed steps of {step_s:.2f} s")
 
     def time_evaluation(self, loop: Loop) -> float:
@@ -91,12 +94,13 @@ class TimeBudget(Hook):
         whose next epoch would overrun may end here)."""
         cfg, state, n = self.setup.cfg, loop.state, len(loop.loader)
         self.train_ended = end.train_ended
+        full_size_s = state.epoch_time_s / epoch_weight(self.weights, end.epoch)
         if end.epoch >= first_settled_epoch(n, self.settled_step):
-            self.settled_epoch_times.append(state.epoch_time_s)
+            self.settled_epoch_times.append(full_size_s)
         eval_image_s = end.val_s / max(len(self.setup.splits.val), 1)
-        epoch_s = recent_epoch_s(self.settled_epoch_times or [state.epoch_time_s])
+        epoch_s = recent_epoch_s(self.settled_epoch_times or [full_size_s])
         costs = Costs(epoch_s, max(end.val_s, self.between_epochs_s),
-                      final_seconds(self.final_images(), eval_image_s, cfg.report))
+                      final_seconds(self.final_images(), eval_image_s, cfg.report), self.weights)
         elapsed = time.perf_counter() - self.started_at
         late = run_end_s(elapsed, state.step, loop.total_steps, n, costs) > REPLAN_PAST * self.budget_s
         if loop.epochs > end.epoch and (replan_after_epoch(end.epoch, n, self.settled_step) or late):

@@ -85,10 +85,7 @@ def standard_hooks(setup: Setup, started_at: float, resuming: bool) -> list[Hook
     if setup.unfreezer is not None:
         hooks.append(Unfreeze(setup.unfreezer, cfg.strategy))
     if cfg.time_budget and not resuming:  # a resumed run keeps its plan (run.json)
-        # where steps start to cost what the rest will: fine-tuning's head-only steps and progressive
-        # resizing's smaller epochs are faster
-        settled = max(setup.unfreezer.settled_step() if setup.unfreezer is not None else 0,
-                      len(cfg.progressive_sizes) * len(setup.loader))
+        settled = setup.unfreezer.settled_step() if setup.unfreezer is not None else 0
         hooks.append(TimeBudget(setup, parse_duration(cfg.time_budget), started_at, settled))
     if cfg.lookahead:
         hooks.append(LookaheadHook(setup.model))

@@ -50,16 +50,20 @@ def main() -> None:
             members.setdefault((split, cls), []).append(member)
         # a random sample of each class, not its first files: the archive's order is not random (the first
         # 125 cats and dogs were more alike than others: 1-NN leave-one-out 91% inside, 81% from new ones)
+        plan = []  # (member, split, class, size), drawn in a fixed order
         for (split, cls), found in sorted(members.items(), key=lambda kv: kv[0]):
             for member in rng.sample(found, min(wanted[split], len(found))):
-                image = Image.open(tar.extractfile(member)).convert("RGB")
                 short = rng.randint(96, 320)
                 aspect = rng.uniform(0.75, 1.33)
                 size = (short, round(short * aspect)) if rng.random() < 0.5 else (round(short * aspect), short)
-                target = args.out / split / cls / (Path(member.name).stem + ".jpg")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                image.resize(size, Image.BICUBIC).save(target, quality=90)
-                counts[(split, cls)] = counts.get((split, cls), 0) + 1
+                plan.append((member, split, cls, size))
+        # read in the archive's order: a gzip stream seeks forward cheaply, backward from its start
+        for member, split, cls, size in sorted(plan, key=lambda p: p[0].offset_data):
+            image = Image.open(tar.extractfile(member)).convert("RGB")
+            target = args.out / split / cls / (Path(member.name).stem + ".jpg")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image.resize(size, Image.BICUBIC).save(target, quality=90)
+            counts[(split, cls)] = counts.get((split, cls), 0) + 1
     print(f"{args.out}: {len(classes)} classes ({', '.join(classes)}), "
           f"{sum(v for (s, _), v in counts.items() if s == 'train')} train and "
           f"{sum(v for (s, _), v in counts.items() if s == 'test')} test images")

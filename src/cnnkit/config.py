@@ -285,14 +285,18 @@ def load_recipe(name_or_path: str) -> Config:
     return Config.from_dict(data, where)
 
 
-def with_fp32_settings(cfg: Config, asked: Iterable[str] = ()) -> Config:
-    """`cfg` with its recipe's [fp32] settings in place of its own, except the fields in `asked`
-    (set on the command line); for a run that trains in fp32 on a CPU
-    (`runtime.trains_in_fp32_on_cpu`). The table is emptied, so that config.json holds the settings
-    used and a resumed run does not apply them again."""
+def fp32_settings(cfg: Config, asked: Iterable[str] = ()) -> dict[str, Any]:
+    """The recipe's [fp32] settings that apply: all but the fields in `asked` (set on the command line)."""
     kept = set(asked)
-    chosen = {key: value for key, value in cfg.fp32.items() if key not in kept}
-    return Config.from_dict({**cfg.to_dict(), **chosen, "fp32": {}}, f"{cfg.recipe or 'the recipe'}'s [fp32] settings")
+    return {key: value for key, value in cfg.fp32.items() if key not in kept}
+
+
+def with_fp32_settings(cfg: Config, asked: Iterable[str] = ()) -> Config:
+    """`cfg` with its recipe's [fp32] settings in place of its own (see `fp32_settings`); for a run
+    that trains in fp32 on a CPU (`runtime.trains_in_fp32_on_cpu`). The table is emptied, so that
+    config.json holds the settings used and a resumed run does not apply them again."""
+    return Config.from_dict({**cfg.to_dict(), **fp32_settings(cfg, asked), "fp32": {}},
+                            f"{cfg.recipe or 'the recipe'}'s [fp32] settings")
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:

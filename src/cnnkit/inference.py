@@ -87,12 +87,14 @@ def predict_logits(
     for start in track(starts, description) if description else starts:
         views = tta_views(preprocess.to_float(images[start : start + batch_size].to(device)), tta)
         logits = forward(fn, preprocess, views[0], device, precision, channels_last).float()
-        unsure = slice(None) if tta_below is None else torch.nonzero(logits.softmax(1).amax(1) < tta_below).flatten()
-        if len(views) > 1 and len(logits[unsure]):
+        if len(views) > 1:
+            unsure = (slice(None) if tta_below is None
+                      else torch.nonzero(logits.softmax(1).amax(1) < tta_below).flatten())
             total = logits[unsure]
-            for view in views[1:]:
-                total = total + forward(fn, preprocess, view[unsure], device, precision, channels_last).float()
-            logits[unsure] = total / len(views)
+            if len(total):  # a batch of sure images needs no more views
+                for view in views[1:]:
+                    total = total + forward(fn, preprocess, view[unsure], device, precision, channels_last).float()
+                logits[unsure] = total / len(views)
         out.append(logits.cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import cnnkit
-from cnnkit.config import Config, with_fp32_settings
+from cnnkit.config import Config, fp32_settings, with_fp32_settings
 from cnnkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def settings_for_this_cpu(cfg: Config, asked: Iterable[str] = ()) -> Config:
     in fp32 on a CPU (except the fields in `asked`, set on the command line), said in the log."""
     if not cfg.fp32 or not trains_in_fp32_on_cpu(cfg):
         return cfg
-    chosen = {key: value for key, value in cfg.fp32.items() if key not in set(asked)}
+    chosen = fp32_settings(cfg, asked)
     if chosen:
         log.info("fp32 on this CPU: %s's fp32 settings, fewer FLOPs for about the same accuracy (docs/cpus.md): %s",
                  cfg.recipe or "the recipe", ", ".join(f"{key} {value}" for key, value in chosen.items()))

@@ -19,6 +19,7 @@ import logging
 import math
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,8 +202,6 @@ def _final_fit(base: Config, best: Any, folder: Path, trial_budget: str | None) 
 def _storage(url: str, grace_period_s: int) -> Any:
     """Optuna's RDB storage with a heartbeat: a trial whose process died (SIGKILL, a lost machine)
     is marked failed once its heartbeat is `grace_period_s` old, and the search goes on."""
-    import warnings
-
     import optuna
 
     try:
@@ -316,8 +315,6 @@ def write_report(study: Any, rows: list[dict[str, Any]], folder: Path, final: di
     e = html.escape
     plots = []
     if len(_completed(study)) >= 2:
-        import warnings
-
         import optuna.visualization.matplotlib as vis
         from PIL import Image
 

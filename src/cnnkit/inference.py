@@ -47,16 +47,9 @@ class InferenceSettings:
 
 
 def inference_engine(cfg: dict[str, Any], device: torch.device | str) -> str:
-    """What runs a run's forward passes after training: `inference_engine` of its config; "auto"
-    is ONNX Runtime for a linear probe on the CPU (a frozen backbone, exported once: 2.5-3x the
-    images/s of PyTorch for EfficientNet-Lite there) and torch otherwise (a model that trains
-    changes every epoch). On a GPU, always torch."""
-    asked = cfg.get("inference_engine", "auto")
-    if torch.device(device).type != "cpu":
-        return "torch"
-    if asked == "auto":
-        return "onnxruntime" if cfg.get("strategy") == "linear-probe" else "torch"
-    return asked
+    """What runs a run's forward passes after training: its `inference_engine` on a CPU (ONNX
+    Runtime is the CPU's: cnnkit.onnx_forward), always torch on a GPU."""
+    return "torch" if torch.device(device).type != "cpu" else cfg.get("inference_engine", "torch")
 
 
 def forward(fn: Callable[[torch.Tensor], torch.Tensor], preprocess: Preprocess, x: torch.Tensor,

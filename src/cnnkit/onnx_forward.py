@@ -79,6 +79,8 @@ def _export(module: nn.Module, x: torch.Tensor, key: tuple[Any, ...]) -> Any:
                               dynamic_axes={"x": {0: "batch"}}, opset_version=17, dynamo=False)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
+        # Its threads would spin between batches, taking the cores from torch's preprocessing of the next
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session: Any = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
         _check_parity(session, module, x[:2])
     except Exception as e:  # noqa: BLE001 - any exporter or runtime failure: torch still works

@@ -49,8 +49,8 @@ def features(model: nn.Module, preprocess: Preprocess, images: np.ndarray, *, de
 def cached_features(model: nn.Module, preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device,
                     weights_source: str, what: str, precision: str) -> np.ndarray:
     """Features are cached: keyed by model, weights, preprocessing, TTA, the engine and a checksum
-    of the images. The engine is the run's (`inference_engine`: ONNX Runtime on a CPU, in fp32)."""
-    engine = inference_engine({**cfg.to_dict(), "strategy": "linear-probe"}, device)
+    of the images. The engine is the run's (`inference_engine`; ONNX Runtime runs in fp32)."""
+    engine = inference_engine(cfg.to_dict(), device)
     precision = "fp32" if engine == "onnxruntime" else precision
     key = cache_key(model=cfg.model, weights=weights_source, preprocess=preprocess.to_dict(), tta=cfg.tta,
                     precision=precision, engine=engine,

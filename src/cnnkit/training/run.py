@@ -107,8 +107,8 @@ def run_training(setup: Setup, checkpoint: Checkpoint | None = None, extra_hooks
     log.info("model %s: %s parameters; device %s, %s; run folder %s", cfg.model,
              f"{count_parameters(setup.model):,}", describe_device(setup.device), setup.precision, setup.run_dir)
     if setup.inference.engine == "onnxruntime":
-        log.info("features of the frozen backbone, the test and the report run under ONNX Runtime, fp32 "
-                 "(--inference-engine torch: in PyTorch)")
+        log.info("forward passes with fixed weights (a probe's features, the test, the report) under ONNX "
+                 "Runtime, fp32")
     if cfg.strategy == "linear-probe":  # minutes of feature extraction, nothing to checkpoint midway
         _fit_probe(setup, loop)
     else:

@@ -1,10 +1,11 @@
 """A fixed torch module's forward pass under ONNX Runtime, for inference on the CPU.
 
-PyTorch's CPU kernels are slow for the depthwise convolutions of the mobile backbones the photo
-recipes use: on the 2-core Xeon, EfficientNet-Lite0 at 224 px ran 33 images/s in fp32 (kernels
-capped to AVX2) and 65 in bf16 with AMX, where ONNX Runtime ran 83 in fp32 (benchmarks/RESULTS.md,
-`onnx-features`). So the frozen backbone's features, and the evaluation of a run whose weights no
-longer change, can run through it: `predict_logits(..., engine="onnxruntime")`.
+On a CPU without bf16 a linear probe's cost is the frozen backbone's fp32 forward passes. On the
+2-core Xeon with PyTorch's kernels capped to AVX2, ONNX Runtime computed EfficientNet-Lite0/1/2
+features at 1.26-1.60x PyTorch's rate, and the photo default ran in 0.67 of the time
+(benchmarks/RESULTS.md, `onnx-features-avx2`, `onnx-photos-flowers12-fp32-b2b`); but its own
+kernels were not capped, and where the CPU has bf16 PyTorch's is faster. So it is a switch:
+`--inference-engine onnxruntime`, `predict_logits(..., engine="onnxruntime")`.
 
 What is cnnkit's own here is only the glue: the module is exported at its first batch of each
 input shape, in memory, and the session is kept while its weights stay the same (a digest of
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 # Sessions kept: one. A run uses one model at a time (each candidate backbone's features, then the
 # trained model's test and report), and each session keeps its own memory arena: with four kept, a
-# photo run's peak memory was 10 GB against 5 in torch; without arenas they ran 15-25% slower.
+# photo run's peak memory was 10 GB against 5 in torch; without arenas (glibc's malloc untuned) they ran
+# 15-25% slower.
 _KEEP = 1
 _SESSIONS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 _FAILED = object()  # a module that did not export: torch runs it

@@ -1,10 +1,10 @@
 """Feature extraction of the photo default's backbones in PyTorch and under ONNX Runtime.
 
-EfficientNet-Lite0/1/2 with their ImageNet weights (random weights are not the same speed: their
-activations run into subnormal floats, which PyTorch's fp32 and bf16 kernels take far longer
-over; Lite2 ran 31 images/s in bf16 so, 74 in a run's report) at their input sizes,
+EfficientNet-Lite0/1/2 with their ImageNet weights (with random ones PyTorch's bf16 Lite0 ran
+72 images/s against 86, malloc untuned both) at their input sizes,
 pooled features of uint8 images through `cnnkit.inference.predict_logits`, as a linear probe
-computes them, with glibc's malloc tuned as `cnnkit` tunes it: PyTorch in fp32 (channels-last),
+computes them, with glibc's malloc tuned as `cnnkit` tunes it (untuned, PyTorch ran about half as
+fast, and Lite2 in bf16 31 images/s here against 74 in a run's report): PyTorch in fp32 (channels-last),
 PyTorch in bf16 where the CPU has it natively,
 and `engine="onnxruntime"` (fp32; its first call exports the model, timed separately). Writes the
 block `onnx-features` of benchmarks/RESULTS.md (or --label).
@@ -62,7 +62,7 @@ def main() -> None:
     args = p.parse_args()
     if args.isa and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):  # read when torch loads
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
-    if not reuse_freed_memory():  # as cnnkit runs (cnnkit.allocator): PyTorch ran 2x faster in a report so
+    if not reuse_freed_memory():  # as cnnkit runs (cnnkit.allocator)
         raise SystemExit("malloc tuning is not available here (it needs Linux with glibc)")
     cases = [("torch", "fp32")] + ([("torch", "bf16")] if cpu_has_native_bf16() else []) + [("onnxruntime", "fp32")]
     rows = ["| backbone | input | engine | precision | features img/s | first batch | against torch fp32 |",

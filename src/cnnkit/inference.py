@@ -7,7 +7,7 @@ that every number a run reports is computed the same way.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -38,9 +38,12 @@ class InferenceSettings:
         precision = resolve_precision(cfg.get("precision", "fp32"), device)
         if precision == "fp16" and device.type != "cuda":  # a GPU run's fp16, evaluated on the CPU
             precision = "fp32"
-        engine = inference_engine(cfg, device)
-        return cls("fp32" if engine == "onnxruntime" else precision, bool(cfg.get("channels_last", False)),
-                   int(cfg.get("eval_batch_size", 1024)), cfg.get("tta_below"), engine)
+        return cls(precision, bool(cfg.get("channels_last", False)), int(cfg.get("eval_batch_size", 1024)),
+                   cfg.get("tta_below"), inference_engine(cfg, device))
+
+    def while_training(self) -> InferenceSettings:
+        """Validation during training: in torch, whatever the engine (the weights change every epoch)."""
+        return replace(self, engine="torch")
 
     def kwargs(self) -> dict[str, Any]:
         return asdict(self)

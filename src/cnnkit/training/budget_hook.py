@@ -83,7 +83,8 @@ class TimeBudget(Hook):
         setup = self.setup
         images = setup.splits.val.images[: setup.inference.batch_size]
         t0 = time.perf_counter()
-        predict_logits(loop.model, setup.preprocess, images, device=setup.device, **setup.inference.kwargs())
+        predict_logits(loop.model, setup.preprocess, images, device=setup.device,
+                       **setup.inference.while_training().kwargs())
         seconds = (time.perf_counter() - t0) / max(len(images), 1)
         loop.train_mode()
         return seconds

@@ -31,7 +31,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 # Sessions kept: one. A run uses one model at a time (each candidate backbone's features, then the
-# trained model's test and report): with four kept, a photo run's peak memory was 10 GB against 5 in torch.
+# trained model's test and report), and each session keeps its own memory arena: with four kept, a
+# photo run's peak memory was 10 GB against 5 in torch; without arenas (glibc's malloc untuned) they ran
+# 15-25% slower.
 _KEEP = 1
 _SESSIONS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 _FAILED = object()  # a module that did not export: torch runs it
@@ -79,10 +81,6 @@ def _export(module: nn.Module, x: torch.Tensor, key: tuple[Any, ...]) -> Any:
                               dynamic_axes={"x": {0: "batch"}}, opset_version=17, dynamo=False)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
-        # No memory arena: with it, Lite0 features of 8,000 images at 192 px peaked at 3.9 GB, growing with
-        # the images (cifar10-probe: 15.7 GB); without it 2.4 GB, PyTorch's figure, and no slower under
-        # cnnkit's malloc tuning (63 s against 66)
-        options.enable_cpu_mem_arena = False
         # Its threads would spin between batches, taking the cores from torch's preprocessing of the next
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session: Any = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])

@@ -20,9 +20,7 @@ under the cap its figures are still those of the CPU as it is.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import sys
 import time
 from datetime import date
 
@@ -36,7 +34,7 @@ from cnnkit.models.pretrained import load_pretrained
 from cnnkit.preprocess import Preprocess
 from cnnkit.probe import PooledFeatures
 from cnnkit.runtime import cpu_has_native_bf16
-from run_recipes import AVX2_ONLY, commit, machine, write_block
+from run_recipes import commit, machine, restart_capped_to_avx2, write_block
 
 MODELS = [("tf_efficientnet_lite0", 224), ("tf_efficientnet_lite1", 240), ("tf_efficientnet_lite2", 260)]
 
@@ -60,8 +58,8 @@ def main() -> None:
     p.add_argument("--isa", choices=["avx2"], help="cap PyTorch's kernels to AVX2 (not ONNX Runtime's)")
     p.add_argument("--label", default="onnx-features")
     args = p.parse_args()
-    if args.isa and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):  # read when torch loads
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
+    if args.isa:
+        restart_capped_to_avx2()
     if not reuse_freed_memory():  # as cnnkit runs (cnnkit.allocator)
         raise SystemExit("malloc tuning is not available here (it needs Linux with glibc)")
     cases = [("torch", "fp32")] + ([("torch", "bf16")] if cpu_has_native_bf16() else []) + [("onnxruntime", "fp32")]

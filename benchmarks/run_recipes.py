@@ -35,6 +35,13 @@ ROOT = HERE.parent
 AVX2_ONLY = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
+def restart_capped_to_avx2() -> None:
+    """For a benchmark that times in its own process (`--isa avx2`): MKL, oneDNN and ATen read
+    their cap when torch loads, so the script starts itself again with AVX2_ONLY set (once)."""
+    if any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
+
+
 def machine(gpu: bool = False) -> str:
     """The CPU (model, cores, widest vector instructions, native bf16), and the GPU's name first
     when the runs train on one. The model name alone may not tell CPU generations apart ("AMD EPYC")."""

@@ -20,9 +20,7 @@ read the cap when torch loads, so the script starts itself again with it set.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import sys
 import time
 from datetime import date
 
@@ -32,7 +30,7 @@ from torch import nn
 from cnnkit.allocator import reuse_freed_memory
 from cnnkit.models.fastnet import FastNet
 from cnnkit.muon import MuonSGD
-from run_recipes import AVX2_ONLY, commit, machine, write_block
+from run_recipes import commit, machine, restart_capped_to_avx2, write_block
 
 CASES = [  # (label, channels, size, widths, precision, channels_last, compile)
     ("cifar10-fast net", 3, 32, (64, 256, 256), "bf16", True, False),
@@ -112,8 +110,8 @@ def main() -> None:
     p.add_argument("--label", default="step-speed", help="the block of RESULTS.md to write")
     p.add_argument("--isa", choices=["avx2"], help="cap the kernels to AVX2, as on a CPU without AVX-512")
     args = p.parse_args()
-    if args.isa and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):  # torch read its ISA at import
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
+    if args.isa:
+        restart_capped_to_avx2()
     rows = ["| net | input | precision | channels_last | compile | optimizer | malloc | batch | train img/s | first step |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for malloc in sorted(set(args.malloc)):  # "default" first: the tuning cannot be undone

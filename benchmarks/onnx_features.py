@@ -20,9 +20,7 @@ under the cap its figures are still those of the CPU as it is.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-from datetime import date
 
 import numpy as np
 import timm
@@ -34,7 +32,7 @@ from cnnkit.models.pretrained import load_pretrained
 from cnnkit.preprocess import Preprocess
 from cnnkit.probe import PooledFeatures
 from cnnkit.runtime import cpu_has_native_bf16
-from run_recipes import commit, machine, restart_capped_to_avx2, write_block
+from run_recipes import measured_header, restart_capped_to_avx2, write_block
 
 MODELS = [("tf_efficientnet_lite0", 224), ("tf_efficientnet_lite1", 240), ("tf_efficientnet_lite2", 260)]
 
@@ -78,11 +76,9 @@ def main() -> None:
             print(rows[-1], flush=True)
     import onnxruntime
 
-    block = (f"Measured {date.today()} on {machine()}, commit {commit()}, torch {torch.__version__}, onnxruntime "
-             f"{onnxruntime.__version__}, Python {platform.python_version()}, {torch.get_num_threads()} threads.\n"
-             f"Command: `python benchmarks/onnx_features.py --images {args.images}"
-             f"{' --isa ' + args.isa if args.isa else ''} --label {args.label}` (batch 64; ONNX Runtime's kernels "
-             f"are never capped)\n\n" + "\n".join(rows))
+    flags = f"--images {args.images}{' --isa ' + args.isa if args.isa else ''} --label {args.label}"
+    block = measured_header("onnx_features.py", flags, "batch 64; ONNX Runtime's kernels are never capped",
+                            f"onnxruntime {onnxruntime.__version__}, ") + "\n".join(rows)
     write_block(args.label, block)
     print(block)
 

@@ -79,6 +79,17 @@ def commit() -> str:
     return os.environ.get("BENCH_COMMIT", "unknown") + " (copied tree)"
 
 
+def measured_header(script: str, flags: str, note: str = "", versions: str = "") -> str:
+    """The first lines of a RESULTS.md block from a benchmark that times in its own process: when,
+    where (machine, commit, versions, threads) and the command that wrote it. `versions` names
+    other libraries timed ("onnxruntime 1.32.0, "); `note` is said after the command, in brackets."""
+    import torch
+
+    return (f"Measured {date.today()} on {machine()}, commit {commit()}, torch {torch.__version__}, {versions}"
+            f"Python {platform.python_version()}, {torch.get_num_threads()} threads.\n"
+            f"Command: `python benchmarks/{script} {flags}`{f' ({note})' if note else ''}\n\n")
+
+
 def run_one(recipe: str, seed: int, extra: list[str], out_dir: Path, fresh_cache: bool = False) -> dict:
     name = f"{recipe}-seed{seed}-{int(time.time())}"
     cmd = [sys.executable, "-m", "cnnkit", "--quiet", "train", "--recipe", recipe, "--seed", str(seed),

@@ -20,9 +20,7 @@ read the cap when torch loads, so the script starts itself again with it set.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-from datetime import date
 
 import torch
 from torch import nn
@@ -30,7 +28,7 @@ from torch import nn
 from cnnkit.allocator import reuse_freed_memory
 from cnnkit.models.fastnet import FastNet
 from cnnkit.muon import MuonSGD
-from run_recipes import commit, machine, restart_capped_to_avx2, write_block
+from run_recipes import measured_header, restart_capped_to_avx2, write_block
 
 CASES = [  # (label, channels, size, widths, precision, channels_last, compile)
     ("cifar10-fast net", 3, 32, (64, 256, 256), "bf16", True, False),
@@ -129,10 +127,7 @@ def main() -> None:
     flags = (f"--batches {' '.join(map(str, args.batches))} --steps {args.steps} --optimizers {' '.join(args.optimizers)}"
              + (f" --nets {args.nets}" if args.nets else "") + (f" --precision {args.precision}" if args.precision else "")
              + (" --eager" if args.eager else "") + (f" --isa {args.isa}" if args.isa else "") + f" --malloc {' '.join(args.malloc)} --label {args.label}")
-    block = (f"Measured {date.today()} on {machine()}, commit {commit()}, torch {torch.__version__}, "
-             f"Python {platform.python_version()}, {torch.get_num_threads()} threads.\n"
-             f"Command: `python benchmarks/step_speed.py {flags}` ({args.steps} timed steps after one)\n\n"
-             + "\n".join(rows))
+    block = measured_header("step_speed.py", flags, f"{args.steps} timed steps after one") + "\n".join(rows)
     write_block(args.label, block)
     print(block)
 

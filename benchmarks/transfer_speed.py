@@ -12,16 +12,14 @@ extraction, as the linear probe does it. Writes the block `transfer-speed` of RE
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-from datetime import date
 
 import torch
 
 from cnnkit.allocator import reuse_freed_memory
 from cnnkit.finetune import Unfreezer
 from cnnkit.models import create_model
-from run_recipes import commit, machine, write_block
+from run_recipes import measured_header, write_block
 from step_speed import train_step
 
 MODEL = "tf_efficientnet_lite0"
@@ -89,10 +87,9 @@ def main() -> None:
             trains = "-" if groups == 0 else ("head only" if groups == 1 else ("all 9" if groups == 9 else f"top {groups} of 9"))
             rows.append(f"| {what} | {channels}x{size}x{size} | {precision} | {cl} | {trains} | {batch} | {rate:.0f} |")
             print(rows[-1], flush=True)
-    block = (f"Measured {date.today()} on {machine()}, commit {commit()}, torch {torch.__version__}, "
-             f"Python {platform.python_version()}, {torch.get_num_threads()} threads.\n"
-             f"Command: `python benchmarks/transfer_speed.py --set {args.set} --batches {' '.join(map(str, args.batches))}` "
-             f"({MODEL}, {args.steps} timed steps after one; train = forward, backward and SGD step)\n\n" + "\n".join(rows))
+    block = measured_header("transfer_speed.py", f"--set {args.set} --batches {' '.join(map(str, args.batches))}",
+                            f"{MODEL}, {args.steps} timed steps after one; train = forward, backward and SGD step"
+                            ) + "\n".join(rows)
     write_block(args.set, block)
     print(block)
 

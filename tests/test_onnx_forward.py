@@ -77,7 +77,7 @@ def test_which_runs_use_onnxruntime(asked, device, want):
     if device == "cpu":
         settings = InferenceSettings.for_run(cfg, device)
         assert settings.engine == want and settings.precision == "bf16"  # the run's; ONNX Runtime runs fp32 anyway
-        assert settings.while_training().engine == "torch"  # validation: weights that change every epoch
+        assert settings.in_torch().engine == "torch"  # validation: weights that change every epoch
 
 
 def test_bad_engine_is_refused():

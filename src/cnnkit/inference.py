@@ -41,8 +41,10 @@ class InferenceSettings:
         return cls(precision, bool(cfg.get("channels_last", False)), int(cfg.get("eval_batch_size", 1024)),
                    cfg.get("tta_below"), inference_engine(cfg, device))
 
-    def while_training(self) -> InferenceSettings:
-        """Validation during training: in torch, whatever the engine (the weights change every epoch)."""
+    def in_torch(self) -> InferenceSettings:
+        """The same settings with PyTorch's forward passes, whatever the engine: for validation during
+        training (the weights change every epoch) and for `cnnkit predict`/`serve` (a few images a
+        request, where hashing the weights for ONNX Runtime's session would cost more than it saves)."""
         return replace(self, engine="torch")
 
     def kwargs(self) -> dict[str, Any]:

@@ -30,8 +30,6 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, run_dir: Path, checkpoint: str = "best", device: str = "cpu", threads: int | None = None):
-        from dataclasses import replace
-
         import torch
 
         from cnnkit.inference import InferenceSettings
@@ -45,9 +43,7 @@ class TorchEngine:
         self.preprocess = self.run.preprocess.to_dict()
         settings = RunRecord(**self.run.meta.get("record", {})).settings(self.run.meta.get("config", {}))
         self.tta = settings.get("tta", "none")
-        # PyTorch's forward passes, as the name says: a few images a request, where hashing the weights
-        # for ONNX Runtime's session (cnnkit.onnx_forward) would cost more than it saves
-        self.inference = replace(InferenceSettings.for_run(settings, device), engine="torch")
+        self.inference = InferenceSettings.for_run(settings, device).in_torch()  # PyTorch's, as the name says
 
     def logits(self, images: np.ndarray) -> Any:
         from cnnkit.inference import predict_logits

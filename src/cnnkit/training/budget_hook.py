@@ -84,7 +84,7 @@ class TimeBudget(Hook):
         images = setup.splits.val.images[: setup.inference.batch_size]
         t0 = time.perf_counter()
         predict_logits(loop.model, setup.preprocess, images, device=setup.device,
-                       **setup.inference.while_training().kwargs())
+                       **setup.inference.in_torch().kwargs())
         seconds = (time.perf_counter() - t0) / max(len(images), 1)
         loop.train_mode()
         return seconds

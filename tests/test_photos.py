@@ -146,3 +146,12 @@ def test_onnxruntime_features_give_the_probe_torch_gives(photos, tmp_path, capsy
     assert summaries["onnxruntime"]["test_accuracy"] == summaries["torch"]["test_accuracy"]
     assert main(["--quiet", "evaluate", str(tmp_path / "onnxruntime"), "--json"]) == 0  # the run's engine again
     assert json.loads(capsys.readouterr().out)["accuracy"] == summaries["onnxruntime"]["test_accuracy"]
+
+
+def test_a_budget_keeps_room_for_the_mirror_images_of_the_screened_candidates():
+    from cnnkit.training.choose import fits_in_budget
+
+    rows = [{"seconds": 10.0}]  # the first candidate took 10 s on its plain views
+    assert fits_in_budget(10.0, rows, 12.0, screen=False, budget_s=25.0)  # 10 + 12 s
+    assert not fits_in_budget(10.0, rows, 12.0, screen=True, budget_s=25.0)  # + 10 s and 12 s of mirror images
+    assert fits_in_budget(10.0, rows, 12.0, screen=True, budget_s=44.0)

@@ -10,7 +10,8 @@ candidate's forward passes) and are compared on both views, as the run trains: a
 clearly behind costs half as much.
 
 Under `--time-budget` the candidates may take 60% of it: one whose features would not fit (its
-multiply-adds against the first candidate's measured time) is left out, and the log says so.
+multiply-adds against the first candidate's measured time; screened, with room kept for the mirror
+images every candidate may yet need) is left out, and the log says so.
 The held-out test split is never looked at. The choice, its estimate and every candidate's score
 go into the run record (run.json): the run's configuration stays what it was asked to be.
 """
@@ -56,9 +57,10 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     for name in cfg.probe_candidates:
         if rows and budget_s is not None:
             guess = _guess_seconds(rows[0], name, cfg)
-            if time.perf_counter() - started + guess > budget_s:
+            if not fits_in_budget(time.perf_counter() - started, rows, guess, screen, budget_s):
                 log.info("  %s: left out, its features would take about %.0f s more than the %.0f s the time "
-                         "budget %s leaves for choosing", name, guess, budget_s, cfg.time_budget)
+                         "budget %s leaves for choosing", name, guess * (2 if screen else 1), budget_s,
+                         cfg.time_budget)
                 continue
         rows.append(_candidate(replace(cfg, model=name), splits, labels, device, precision, flip=not screen,
                                macs=budget_s is not None))
@@ -70,6 +72,15 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     record = RunRecord(model=best["model"], selection={"folds": cfg.cv_folds, "images": int(len(labels)),
                                                        "chosen": best, "candidates": rows})
     return replace(cfg, model=best["model"]), record
+
+
+def fits_in_budget(elapsed_s: float, rows: list[dict[str, Any]], guess_s: float, screen: bool,
+                   budget_s: float) -> bool:
+    """Whether one more candidate, `guess_s` on its plain views, fits in what choosing may take.
+    Screened, every candidate may yet need its mirror images (about as long again as its plain
+    views): those of the candidates already scored are kept free, and the new one's counted."""
+    reserved = sum(r["seconds"] for r in rows) if screen else 0.0
+    return elapsed_s + reserved + guess_s * (2 if screen else 1) <= budget_s
 
 
 def _macs(name: str, cfg: Config) -> int:

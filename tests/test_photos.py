@@ -155,3 +155,22 @@ def test_a_budget_keeps_room_for_the_mirror_images_of_the_screened_candidates():
     assert fits_in_budget(10.0, rows, 12.0, screen=False, budget_s=25.0)  # 10 + 12 s
     assert not fits_in_budget(10.0, rows, 12.0, screen=True, budget_s=25.0)  # + 10 s and 12 s of mirror images
     assert fits_in_budget(10.0, rows, 12.0, screen=True, budget_s=44.0)
+
+
+def test_the_final_head_is_the_one_the_folds_scored_along_the_same_path():
+    import torch
+    from torch import nn
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), 40)
+    x = rng.normal(size=(120, 16)) + 1.2 * np.eye(3, 16)[labels]  # overlapping classes: decays matter
+    train, held = np.arange(120) % 4 != 0, np.arange(120) % 4 == 0
+    decays = (1e-5, 1e-3, 1e-1)
+    folds = probe._fold_accuracies(x[train], labels[train], x[held], labels[held], 0.0, decays)
+    for wd in decays:  # the run's fit at the chosen decay: the path from the largest decay down to it
+        head = nn.Linear(16, 3)
+        fit = probe.fit_head(head, x[train], labels[train], x[held], labels[held], 0.0,
+                             tuple(d for d in decays if d >= wd), quiet=True, keep=wd)
+        with torch.no_grad():
+            accuracy = float((head(torch.from_numpy(x[held]).float()).argmax(1).numpy() == labels[held]).mean())
+        assert fit["weight_decay"] == wd and accuracy == pytest.approx(folds[wd]), wd

@@ -70,7 +70,8 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     log.info("linear probe on %s: the best of %d backbones by %d-fold cross-validation on %d images",
              best["model"], len(rows), cfg.cv_folds, len(labels))
     record = RunRecord(model=best["model"], selection={"folds": cfg.cv_folds, "images": int(len(labels)),
-                                                       "chosen": best, "candidates": rows})
+                                                       "weight_decays": list(WEIGHT_DECAYS), "chosen": best,
+                                                       "candidates": rows})
     return replace(cfg, model=best["model"]), record
 
 

@@ -137,12 +137,15 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
     rows = {name: _probe_rows(plain, flipped, split.labels)
             for (name, (plain, flipped)), split in zip(feats.items(), (splits.train, splits.val))}
     held = {name: plain if flipped is None else (plain + flipped) / 2 for name, (plain, flipped) in feats.items()}
-    chosen = (setup.record.selection or {}).get("chosen")
-    if chosen:  # cross-validated: every non-test image trains the head, at the decay the folds chose
-        x = np.concatenate([rows["train"][0], rows["validation"][0]])
+    selection = setup.record.selection or {}
+    chosen = selection.get("chosen")
+    if chosen:  # cross-validated: every non-test image trains the head, at the decay the folds chose,
+        x = np.concatenate([rows["train"][0], rows["validation"][0]])  # along the folds' path to it
         y = np.concatenate([rows["train"][1], rows["validation"][1]])
+        wd = chosen["weight_decay"]
+        path = tuple(d for d in selection.get("weight_decays", [wd]) if d >= wd)
         fit = probe.fit_head(setup.model.get_classifier(), x, y, held["validation"], splits.val.labels,
-                             cfg.label_smoothing, (chosen["weight_decay"],), quiet=True)
+                             cfg.label_smoothing, path, quiet=True, keep=wd)
     else:
         fit = probe.fit_head(setup.model.get_classifier(), *rows["train"], held["validation"], splits.val.labels,
                              cfg.label_smoothing)

@@ -189,3 +189,29 @@ def test_two_processes_share_one_postgresql_study(tmp_path):
     assert len(trials) == 4 and len({t.number for t in trials}) == 4
     ran = [{p.name for p in (tmp_path / f"machine{i}" / name / "trials").iterdir()} for i in (1, 2)]
     assert ran[0] and ran[1] and not ran[0] & ran[1]  # each machine ran trials of its own
+
+
+@pytest.mark.slow
+def test_a_study_killed_in_its_last_trial_gets_that_trial_back(tmp_path):
+    # what a SIGKILL in the last trial leaves: N-1 trials complete, one RUNNING whose heartbeat has stopped
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from cnnkit.tune import _storage
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    storage = _storage(f"sqlite:///{folder / 'study.db'}", 2)
+    study = optuna.create_study(study_name="d", storage=storage, direction="maximize")
+    dists = {"lr": FloatDistribution(0.0005, 0.005, log=True), "label_smoothing": FloatDistribution(0.0, 0.2)}
+    for value, lr in ((0.5, 0.001), (0.6, 0.002)):
+        study.add_trial(create_trial(params={"lr": lr, "label_smoothing": 0.1}, distributions=dists, value=value))
+    dead = study.ask()
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(3)  # past the grace period
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    assert main(["--quiet", "tune", "--recipe", "fmnist-baseline", "--space", str(space), "--trials", "3",
+                 "--output", str(tmp_path), "--name", "d", "--grace-period", "2", *TINY]) == 0
+    states = [t.state for t in optuna.load_study(study_name="d", storage=f"sqlite:///{folder / 'study.db'}").trials]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 3

@@ -233,10 +233,16 @@ def _completed(study: Any) -> list[Any]:
 
 
 def _more_wanted(study: Any, trials: int | None) -> bool:
+    import optuna
     from optuna.trial import TrialState
 
     if trials is None:
         return True
+    # a trial whose process died (its heartbeat older than the grace period) is failed first: counted as
+    # running, a study killed in its last trial would never get it back
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     # failed trials (bad settings, a process killed) do not count towards N, but N failures end the search
     counted = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))

@@ -71,17 +71,15 @@ def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: n
     hidden-layer head (Linear, ReLU, Linear) by Adam for each; both on standardised features. The
     best validation accuracy wins, or with `keep` that decay's head (cross-validation chose it, and
     the validation images are among the training rows)."""
-    x = torch.from_numpy(train_x).double()
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    xs, vx, mean, std = _standardised(train_x, val_x)
     y, vy = torch.from_numpy(train_y).long(), torch.from_numpy(val_y).long()
     linear = isinstance(head, nn.Linear)
     dtype = torch.float64 if linear else torch.float32  # L-BFGS wants the precision; Adam the speed
-    xs, vx = ((x - mean) / std).to(dtype), ((torch.from_numpy(val_x).double() - mean) / std).to(dtype)
+    xs, vx = xs.to(dtype), vx.to(dtype)
     best: dict[str, Any] = {"val_accuracy": -1.0}
     for wd, candidate in (_lbfgs_path(copy.deepcopy(head).to(dtype), xs, y, weight_decays, label_smoothing) if linear
                           else _adam_fits(head, xs, y, weight_decays, label_smoothing)):
-        with torch.no_grad():
-            acc = float((candidate(vx).argmax(1) == vy).double().mean())
+        acc = _accuracy(candidate, vx, vy)
         if not quiet:
             log.info("  %s head, weight decay %g: validation accuracy %.2f%%", "linear" if linear else "hidden-layer",
                      wd, 100 * acc)
@@ -95,6 +93,20 @@ def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: n
         first.weight /= std[None, :]
     head.load_state_dict(fitted.float().state_dict())
     return best
+
+
+def _standardised(train_x: np.ndarray, val_x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor]:
+    """Both sets of features scaled by the training rows' mean and standard deviation (float64),
+    and those statistics."""
+    x = torch.from_numpy(train_x).double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    return (x - mean) / std, (torch.from_numpy(val_x).double() - mean) / std, mean, std
+
+
+@torch.no_grad()
+def _accuracy(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((head(x).argmax(1) == y).double().mean())
 
 
 def _lbfgs_path(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, weight_decays: tuple[float, ...],
@@ -194,16 +206,10 @@ def cross_validate(plain: np.ndarray, flipped: np.ndarray | None, labels: np.nda
 def _fold_accuracies(x: np.ndarray, y: np.ndarray, held: np.ndarray, held_y: np.ndarray, label_smoothing: float,
                      weight_decays: tuple[float, ...]) -> dict[float, float]:
     """One fold's held-out accuracy of a linear head at each weight decay, along `_lbfgs_path`."""
-    xt = torch.from_numpy(x).double()
-    mean, std = xt.mean(0), xt.std(0).clamp_min(1e-6)
-    xs, vx = (xt - mean) / std, (torch.from_numpy(held).double() - mean) / std
+    xs, vx, _, _ = _standardised(x, held)
     yt, vy = torch.from_numpy(y).long(), torch.from_numpy(held_y).long()
     head = nn.Linear(x.shape[1], int(max(y.max(), held_y.max())) + 1).double()
-    out: dict[float, float] = {}
-    for wd, fitted in _lbfgs_path(head, xs, yt, weight_decays, label_smoothing):
-        with torch.no_grad():
-            out[wd] = float((fitted(vx).argmax(1) == vy).double().mean())
-    return out
+    return {wd: _accuracy(fitted, vx, vy) for wd, fitted in _lbfgs_path(head, xs, yt, weight_decays, label_smoothing)}
 
 
 def probe_rows(model: nn.Module, preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device,

@@ -91,7 +91,8 @@ def measured_header(script: str, flags: str, note: str = "", versions: str = "")
             f"Command: `python benchmarks/{script} {flags}`{f' ({note})' if note else ''}\n\n")
 
 
-def run_one(recipe: str, seed: int, extra: list[str], out_dir: Path, fresh_cache: bool = False) -> dict:
+def run_one(recipe: str, seed: int, extra: list[str], out_dir: Path, fresh_cache: bool = False,
+            validation_only: bool = False) -> dict:
     name = f"{recipe}-seed{seed}-{int(time.time())}"
     cmd = [sys.executable, "-m", "cnnkit", "--quiet", "train", "--recipe", recipe, "--seed", str(seed),
            "--output", str(out_dir), "--name", name, *extra]
@@ -99,7 +100,8 @@ def run_one(recipe: str, seed: int, extra: list[str], out_dir: Path, fresh_cache
     env = dict(os.environ)
     if fresh_cache:  # as a new user: no decoded images or features cached by an earlier run
         env["CNNKIT_HOME"] = tempfile.mkdtemp(prefix="cnnkit-bench-")
-    proc = subprocess.Popen(cmd, env=env)
+    # choosing settings: the run's closing table (which shows the test accuracy) goes unread
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if validation_only else None)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if status != 0:
@@ -107,7 +109,7 @@ def run_one(recipe: str, seed: int, extra: list[str], out_dir: Path, fresh_cache
     summary = json.loads((out_dir / name / "summary.json").read_text())
     metrics = [json.loads(ln) for ln in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
     return {
-        "recipe": recipe, "seed": seed, "test_accuracy": summary["test_accuracy"],
+        "recipe": recipe, "seed": seed, **({} if validation_only else {"test_accuracy": summary["test_accuracy"]}),
         "best_val_accuracy": summary["best_val_accuracy"], "epochs": summary["epochs_run"],
         "wall_time_s": round(wall, 1), "train_time_s": summary["train_time_s"],
         "train_images_per_s": round(statistics.mean(m["train_images_per_s"] for m in metrics), 1),
@@ -119,10 +121,11 @@ def table(rows: list[dict]) -> str:
     by_recipe: dict[str, list[dict]] = {}
     for r in rows:
         by_recipe.setdefault(r["recipe"], []).append(r)
-    out = ["| recipe | seeds | test accuracy (mean ± sd) | wall time (mean ± sd) | train img/s | peak RSS |",
+    key = "test_accuracy" if all("test_accuracy" in r for r in rows) else "best_val_accuracy"
+    out = [f"| recipe | seeds | {key.replace('_', ' ')} (mean ± sd) | wall time (mean ± sd) | train img/s | peak RSS |",
            "|---|---|---|---|---|---|"]
     for recipe, rs in by_recipe.items():
-        accs = [100 * r["test_accuracy"] for r in rs]
+        accs = [100 * r[key] for r in rs]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         walls = [r["wall_time_s"] / 60 for r in rs]
         wall_sd = f" ± {statistics.stdev(walls):.2f}" if len(walls) > 1 else ""
@@ -150,6 +153,9 @@ def main() -> None:
     p.add_argument("--runs-dir", type=Path, default=HERE / "runs")
     p.add_argument("--fresh-cache", action="store_true",
                    help="each run with an empty CNNKIT_HOME, as a new user's first run (no cached decodes or features)")
+    p.add_argument("--validation-only", action="store_true",
+                   help="for choosing settings: record and show the best validation accuracy, not the test's "
+                        "(the runs still evaluate the test split; its accuracy and the run's closing table go unread)")
     p.add_argument("--isa", choices=["avx2"], help="cap the kernels to AVX2, as on a CPU without AVX-512 (see above)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more `cnnkit train` flags for every run")
     args = p.parse_args()
@@ -172,6 +178,7 @@ def main() -> None:
               f"{' --variants ' + ' '.join(repr(v) for v in args.variants) if args.variants else ''}"
               f"{' --no-base' if args.no_base else ''}{' --interleave' if args.interleave else ''}"
               f"{' --fresh-cache' if args.fresh_cache else ''}"
+              f"{' --validation-only' if args.validation_only else ''}"
               f"{' --isa ' + args.isa if args.isa else ''}"
               f"{' -- ' + ' '.join(extra) if extra else ''}`\n\n")
     rows = []
@@ -179,7 +186,7 @@ def main() -> None:
     if args.interleave:  # seed by seed: each seed's variants back to back
         order.sort(key=lambda r: args.seeds.index(r[2]))
     for recipe, (suffix, flags), seed in order:
-        row = run_one(recipe, seed, extra + flags, args.runs_dir, args.fresh_cache)
+        row = run_one(recipe, seed, extra + flags, args.runs_dir, args.fresh_cache, args.validation_only)
         row["recipe"] += suffix
         rows.append(row)
         record(args.label, header, rows, where)  # after every run: an interrupted benchmark keeps what it measured

@@ -107,6 +107,7 @@ class Config:
     lookahead: bool = opt(False, "Lookahead of weights as airbench: every 5 steps, slow weights follow and reset the fast ones")
     label_smoothing: float = 0.0
     grad_clip: float | None = opt(None, "clip the gradient norm to this value")
+    last_epoch_fraction: float = opt(1.0, "data selection: the last epoch trains on this fraction of the training images, those with the highest loss in the epoch before it (e.g. 0.7: the last epoch costs 0.7 of one). 1.0: every image. Off under --time-budget (the budget plans the length) and --class-balance sampler")
     early_stopping_patience: int | None = opt(None, "stop after this many epochs without a better validation accuracy")
     augment: str | list[dict[str, Any]] = opt("none", "preset (none, seed, light, strong) or list of ops; see `cnnkit augment ops`")
     tta: str = opt("none", "test-time augmentation for the test evaluation: none | flip | shift | flip-shift (validation during training goes without)")
@@ -155,6 +156,9 @@ class Config:
                 raise ConfigError(f"{key} must be at least 1; got {value}")
         if any(not isinstance(size, int) or size < 1 for size in self.progressive_sizes):
             raise ConfigError(f"progressive_sizes lists input sizes in pixels (positive whole numbers); got {self.progressive_sizes}")
+        if not 0 < self.last_epoch_fraction <= 1:
+            raise ConfigError(f"last_epoch_fraction is a fraction of the training images in (0, 1] (1.0: all); "
+                              f"got {self.last_epoch_fraction}")
         if self.checkpoint_every_minutes is not None and self.checkpoint_every_minutes < 0:
             raise ConfigError(f"checkpoint_every_minutes must not be negative; got {self.checkpoint_every_minutes}")
         if self.strategy != "full" and not self.pretrained:

@@ -79,6 +79,15 @@ def sum_all(values: list[float], info: DistInfo, device: torch.device) -> list[f
     return t.tolist()
 
 
+def max_all(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The elementwise maximum of every rank's tensor (same shape), on every rank."""
+    if not info.enabled:
+        return tensor
+    t = tensor.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

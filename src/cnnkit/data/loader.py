@@ -53,6 +53,7 @@ class BatchLoader:
         self.drop_last = drop_last and len(split) > batch_size
         self.sample_weights = None if sample_weights is None else torch.as_tensor(sample_weights, dtype=torch.float64)
         self.epoch = 0
+        self.first: dict[int, torch.Tensor] = {}  # epoch -> samples it takes first (data selection)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -68,7 +69,21 @@ class BatchLoader:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         if self.sample_weights is not None:
             return torch.multinomial(self.sample_weights, n, replacement=True, generator=g)
-        return torch.randperm(n, generator=g)
+        order = torch.randperm(n, generator=g)
+        first = self.first.get(epoch)
+        if first is None:
+            return order
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[first] = False
+        return torch.cat([first[torch.randperm(len(first), generator=g)], order[rest[order]]])
+
+    def put_first(self, epoch: int, samples: torch.Tensor) -> None:
+        """Epoch `epoch` takes these samples (indices in the split) first, in a seeded shuffled order,
+        then the others in the epoch's usual order; a run that ends the epoch early trains on them
+        alone. Not with `sample_weights` (which draws with replacement)."""
+        if self.sample_weights is not None:
+            raise ValueError("put_first orders an epoch without replacement; this loader samples with weights")
+        self.first[epoch] = samples.cpu().long()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches()

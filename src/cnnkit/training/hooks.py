@@ -120,12 +120,13 @@ class MetricsLog(Hook):
     def on_epoch_start(self, loop: Loop, epoch: int) -> None:
         self.bar = progress.make_progress()
         self.bar.__enter__()
-        self.task = self.bar.add_task(f"epoch {epoch}/{loop.epochs}", total=len(loop.loader),
-                                      completed=loop.state.batch, info="")
+        batches = min(len(loop.loader), loop.total_steps - (epoch - 1) * len(loop.loader))  # a last epoch in part
+        self.task = self.bar.add_task(f"epoch {epoch}/{loop.epochs}", total=batches, completed=loop.state.batch,
+                                      info="")
 
     def after_step(self, loop: Loop) -> None:
         s = loop.state
-        if s.batch % 20 == 0 or s.batch == len(loop.loader):  # the loop brought the totals in
+        if s.batch % 20 == 0 or s.batch == len(loop.loader) or s.step >= loop.total_steps:  # the loop brought the totals in
             seen = max(s.epoch_seen, 1)
             self.bar.update(self.task, completed=s.batch, description=f"epoch {s.epoch + 1}/{loop.epochs}",
                             info=f"loss {s.epoch_loss_sum / seen:.4f}  acc {100 * s.epoch_correct / seen:.2f}%  "

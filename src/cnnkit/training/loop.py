@@ -63,6 +63,15 @@ class EpochEnd:
     improved: bool = False  # set by the best-epoch hook: validation at least as good as the best so far
 
 
+@dataclass
+class Batch:
+    """The batch the last step trained on, for hooks that look at single examples (after_step)."""
+
+    ids: torch.Tensor  # the images' indices in the training split
+    labels: torch.Tensor
+    logits: torch.Tensor  # the training forward's, detached (augmented images, training mode)
+
+
 class Hook:
     """A part of a run that joins the loop at fixed points; every point is a no-op here. `name`
     keys the hook's state in checkpoints (hooks without state need none)."""
@@ -93,6 +102,7 @@ class Loop:
         self.stop_now = False
         self.signal: int | None = None
         self.last_loss: torch.Tensor | None = None  # None when the last step was skipped (non-finite)
+        self.last_batch: Batch | None = None
         self.epoch_started = 0.0
         self.set_length(total_steps)
 
@@ -157,6 +167,7 @@ class Loop:
         """Forward and loss (the shared step), backward, clipping, and the update unless non-finite."""
         setup, state, optimizer = self.setup, self.state, self.optimizer
         loss, logits = setup.step(images, labels, self.aug_rng, ids=ids, epoch=epoch)
+        self.last_batch = Batch(ids, labels, logits.detach())
         optimizer.zero_grad(set_to_none=True)
         if setup.scaler is not None:
             setup.scaler.scale(loss).backward()

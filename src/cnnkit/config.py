@@ -85,6 +85,7 @@ class Config:
     probe_candidates: list[str] = opt([], "linear-probe: pretrained backbones to choose from by k-fold cross-validation on the training images, e.g. '[\"tf_efficientnet_lite0\", \"tf_efficientnet_lite2\"]' (empty: only --model)")
     probe_flip: bool = opt(False, "linear-probe: mirrored training images as extra rows of features (use with --tta flip)")
     probe_screen: float | None = opt(None, "linear-probe with candidates and probe_flip: score the candidates on their plain views first, and compute the mirrored views only of those within this many standard deviations (of the best one's folds) of the best, e.g. 1.0; unset: every candidate's")
+    probe_concat: bool = opt(False, "linear-probe with candidates: one more candidate, the features of the two best backbones side by side under one linear head (both backbones run at test time), chosen only where cross-validation prefers it")
     cv_folds: int = opt(5, "linear-probe with candidates: folds of the cross-validation that chooses backbone and weight decay")
     grey_input: str = opt("repeat", "grey images into an RGB-pretrained model: repeat the channel, or sum the first convolution's weights to one input channel")
     # -- optimisation
@@ -168,6 +169,9 @@ class Config:
             raise ConfigError(f"layer_lr_decay must be in (0, 1]; got {self.layer_lr_decay}")
         if self.cv_folds < 2:
             raise ConfigError(f"cv_folds must be at least 2; got {self.cv_folds}")
+        if "+" in self.model and self.strategy != "linear-probe":
+            raise ConfigError(f"model {self.model}: backbones side by side are a linear probe's (--strategy "
+                              "linear-probe); name one backbone to fine-tune")
         if self.probe_candidates and self.strategy != "linear-probe":
             raise ConfigError("probe_candidates chooses a backbone for --strategy linear-probe; set that strategy, "
                               "or leave probe_candidates empty")

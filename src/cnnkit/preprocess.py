@@ -77,7 +77,10 @@ def make_preprocess(cfg: Config, train_images: np.ndarray) -> Preprocess:
         model_channels = 3
         if channels == 1 and cfg.grey_input == "sum":  # one grey channel in, the RGB statistics averaged
             model_channels, mean, std = 1, (sum(mean) / 3,), (sum(std) / 3,)
-        return Preprocess(data_size=height, data_channels=channels, input_size=cfg.input_size or int(w["input_size"]),
+        # Backbones side by side take the image as decoded and each resizes it to its own size once, as
+        # its probe rows were made: resizing twice (to the largest, then down) would give other features.
+        size = cfg.input_size or (height if "+" in cfg.model else int(w["input_size"]))
+        return Preprocess(data_size=height, data_channels=channels, input_size=size,
                           model_channels=model_channels, mean=mean, std=std, interpolation=str(w["interpolation"]))
     mean, std = channel_stats(train_images)
     return Preprocess(data_size=height, data_channels=channels, input_size=cfg.input_size or height,

@@ -19,6 +19,7 @@ from torch import nn
 from cnnkit.data.cache import cache_key, cached_arrays
 from cnnkit.errors import ConfigError
 from cnnkit.inference import inference_engine, predict_logits
+from cnnkit.models.concat import ConcatBackbones, member_names
 from cnnkit.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,10 @@ def _fold_accuracies(x: np.ndarray, y: np.ndarray, held: np.ndarray, held_y: np.
 def probe_rows(model: nn.Module, preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device,
                weights_source: str, what: str, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Features of the images (averaged over cfg.tta's views) or, with cfg.probe_flip, of the images
-    and of their mirror images, each a row of its own (all cached)."""
+    and of their mirror images, each a row of its own (all cached). Backbones side by side: each
+    member's rows at its own size, side by side (the cache then holds what choosing computed)."""
+    if isinstance(model, ConcatBackbones):
+        return _concat_rows(model, preprocess, images, cfg, device, weights_source, what, precision)
     if not cfg.probe_flip:
         return cached_features(model, preprocess, images, cfg, device, weights_source, what, precision), None
     plain = cached_features(model, preprocess, images, replace_tta(cfg), device, weights_source, what, precision)
@@ -230,3 +234,15 @@ def replace_tta(cfg: Any) -> Any:
 
     return dataclasses.replace(cfg, tta="none")
 
+
+
+def _concat_rows(model: ConcatBackbones, preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device,
+                 weights_source: str, what: str, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
+    import dataclasses
+
+    sources = weights_source.split(" + ")
+    parts = [probe_rows(member, dataclasses.replace(preprocess, input_size=size), images,
+                        dataclasses.replace(cfg, model=name), device, source, what, precision)
+             for member, name, size, source in zip(model.members, member_names(cfg.model), model.member_sizes, sources)]
+    plain = np.concatenate([p for p, _ in parts], 1)
+    return plain, None if parts[0][1] is None else np.concatenate([f for _, f in parts], 1)

@@ -42,6 +42,7 @@ class RunRecord:
     tta: str | None = None
     report_robustness_samples: int | None = None
     model: str | None = None  # a linear probe's backbone, chosen by cross-validation (training/choose.py)
+    model_args: dict[str, Any] | None = None  # ... with its member sizes, when it is backbones side by side
     selection: dict[str, Any] | None = None  # ... its estimate and every candidate's
 
     def planned(self, steps: int, epochs: int, planned_time_s: float) -> None:

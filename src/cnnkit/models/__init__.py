@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from cnnkit.errors import ConfigError
+from cnnkit.models.concat import create_concat, is_concat, member_names
 from cnnkit.models.fastnet import FastNet
 from cnnkit.models.seed_cnn import SeedCNN
 
@@ -20,6 +21,12 @@ def check_model_name(name: str) -> None:
         return
     import timm  # imported here: it takes a second and most commands never need it
 
+    if is_concat(name):
+        for member in member_names(name):
+            if member in OWN_MODELS:
+                raise ConfigError(f"model {name}: {member} is cnnkit's own; backbones side by side are timm models")
+            check_model_name(member)
+        return
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, list(OWN_MODELS) + timm.list_models(), n=5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -38,6 +45,11 @@ def create_model(name: str, num_classes: int, in_channels: int, input_size: int,
     import timm
 
     hidden = kwargs.pop("head_hidden", None)
+    if is_concat(name):
+        model = create_concat(name, num_classes, in_channels, **kwargs)
+        if hidden:
+            replace_head(model, num_classes, hidden)
+        return model
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from cnnkit.errors import ConfigError
+from cnnkit.models.concat import ConcatBackbones, is_concat, member_names
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,15 @@ REGISTRY: dict[str, Weights] = {
 
 
 def preprocessing(name: str) -> dict[str, object]:
-    """mean, std, interpolation and input size of the pretrained weights for timm model `name`."""
+    """mean, std, interpolation and input size of the pretrained weights for timm model `name`
+    (backbones side by side: their common statistics and resampling, and the largest size)."""
+    if is_concat(name):
+        members = [preprocessing(n) for n in member_names(name)]
+        shared = ("mean", "std", "interpolation")
+        if any(m[k] != members[0][k] for m in members for k in shared):
+            raise ConfigError(f"model {name}: its backbones' weights were trained with different normalisation or "
+                              "resampling; they cannot share one input")
+        return {**members[0], "input_size": max(int(str(m["input_size"])) for m in members)}
     if name in REGISTRY:
         w = REGISTRY[name]
         return {"mean": w.mean, "std": w.std, "interpolation": w.interpolation, "input_size": w.input_size}
@@ -100,8 +109,11 @@ def offline_weights_path(name: str) -> Path | None:
 def load_pretrained(model: nn.Module, name: str, weights: str | Path | None = None) -> str:
     """Load ImageNet weights into `model` (a timm `name` with its original 1000-class head).
 
-    Returns where they came from. Raises ConfigError when no weights can be had.
+    Returns where they came from. Raises ConfigError when no weights can be had. Backbones side
+    by side (models.concat): each member's own, the sources joined by " + "; not with `weights`.
     """
+    if isinstance(model, ConcatBackbones):
+        return _load_members(model, name, weights)
     target = model.state_dict()
     if weights is not None:
         sd = read_state_dict(Path(weights))
@@ -124,3 +136,20 @@ def load_pretrained(model: nn.Module, name: str, weights: str | Path | None = No
         source = "timm download"
     model.load_state_dict(sd)
     return source
+
+
+def _load_members(model: ConcatBackbones, name: str, weights: str | Path | None) -> str:
+    """Each member's weights, loaded into a 1000-class copy (the registry's files map onto timm's
+    model in order, head included) whose classifier is then dropped."""
+    import timm
+
+    if weights is not None:
+        raise ConfigError(f"--weights names one file; {name} has {len(model.members)} backbones, whose weights "
+                          "come from the offline registry or timm")
+    sources = []
+    for member, member_name in zip(model.members, member_names(name)):
+        full = timm.create_model(member_name, pretrained=False, num_classes=1000)
+        sources.append(load_pretrained(full, member_name))
+        full.reset_classifier(0)
+        member.load_state_dict(full.state_dict())
+    return " + ".join(sources)

@@ -9,6 +9,9 @@ within that many standard deviations of the best go on to their mirror images (h
 candidate's forward passes) and are compared on both views, as the run trains: a backbone
 clearly behind costs half as much.
 
+With `probe_concat` the two best backbones' features side by side (models.concat) are one more
+candidate, scored on the rows already computed: chosen only where the folds prefer it to both.
+
 Under `--time-budget` the candidates may take 60% of it: one whose features would not fit (its
 multiply-adds against the first candidate's measured time; screened, with room kept for the mirror
 images every candidate may yet need) is left out, and the log says so.
@@ -30,6 +33,7 @@ from cnnkit import probe
 from cnnkit.config import Config
 from cnnkit.models import create_model
 from cnnkit.budget import parse_duration
+from cnnkit.models.concat import SEPARATOR
 from cnnkit.models.pretrained import preprocessing
 from cnnkit.preprocess import make_preprocess
 from cnnkit.runs import RunRecord, run_splits
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 CANDIDATES_SHARE = 0.6
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)  # 1e-4 won every fold of flowers12 when it was the smallest
 
+Features = tuple[np.ndarray, np.ndarray | None]  # a candidate's training rows: plain views, mirrored ones
+
 
 def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     """The configuration the run trains (the chosen model, at its weights' input size) and the record."""
@@ -54,6 +60,7 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     budget_s = parse_duration(cfg.time_budget) * CANDIDATES_SHARE if cfg.time_budget else None
     started = time.perf_counter()
     screen = cfg.probe_screen is not None and cfg.probe_flip and len(cfg.probe_candidates) > 1
+    features: dict[str, Features] = {}  # each candidate's rows, on the views it was last scored on
     for name in cfg.probe_candidates:
         if rows and budget_s is not None:
             guess = _guess_seconds(rows[0], name, cfg)
@@ -63,16 +70,35 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
                          cfg.time_budget)
                 continue
         rows.append(_candidate(replace(cfg, model=name), splits, labels, device, precision, flip=not screen,
-                               macs=budget_s is not None))
+                               macs=budget_s is not None, keep=features))
     if screen:
-        rows = _finalists(rows, cfg, splits, labels, device, precision)
-    best = max((r for r in rows if not screen or "screen_accuracy" in r), key=lambda r: r["cv_accuracy"])
-    log.info("linear probe on %s: the best of %d backbones by %d-fold cross-validation on %d images",
+        rows = _finalists(rows, cfg, splits, labels, device, precision, features)
+    scored = [r for r in rows if not screen or "screen_accuracy" in r]  # on the views the run trains on
+    if cfg.probe_concat and len(scored) > 1:
+        rows.append(_concat_candidate(scored, features, labels, cfg))
+        scored.append(rows[-1])
+    best = max(scored, key=lambda r: r["cv_accuracy"])  # a tie: the first, a single backbone before two
+    log.info("linear probe on %s: the best of %d candidates by %d-fold cross-validation on %d images",
              best["model"], len(rows), cfg.cv_folds, len(labels))
-    record = RunRecord(model=best["model"], selection={"folds": cfg.cv_folds, "images": int(len(labels)),
-                                                       "weight_decays": list(WEIGHT_DECAYS), "chosen": best,
-                                                       "candidates": rows})
-    return replace(cfg, model=best["model"]), record
+    model_args = {**cfg.model_args, "member_sizes": best["member_sizes"]} if "member_sizes" in best else None
+    record = RunRecord(model=best["model"], model_args=model_args,
+                       selection={"folds": cfg.cv_folds, "images": int(len(labels)),
+                                  "weight_decays": list(WEIGHT_DECAYS), "chosen": best, "candidates": rows})
+    return replace(cfg, model=best["model"], model_args=model_args or cfg.model_args), record
+
+
+def _concat_candidate(scored: list[dict[str, Any]], features: dict[str, Features], labels: np.ndarray,
+                      cfg: Config) -> dict[str, Any]:
+    """The two best backbones' features side by side (models.concat), scored as the others: their
+    rows are already computed, so this costs the folds' fits alone."""
+    top = sorted(scored, key=lambda r: r["cv_accuracy"], reverse=True)[:2]
+    names = [n for n in cfg.probe_candidates if n in {r["model"] for r in top}]  # the recipe's order
+    t0 = time.perf_counter()
+    plain = np.concatenate([features[n][0] for n in names], 1)
+    flips = [features[n][1] for n in names]
+    flipped = None if any(f is None for f in flips) else np.concatenate(flips, 1)  # type: ignore[arg-type]
+    sizes = [cfg.input_size or int(preprocessing(n)["input_size"]) for n in names]  # as each one's rows were made
+    return _score(SEPARATOR.join(names), plain, flipped, labels, cfg, t0, {"member_sizes": sizes})
 
 
 def fits_in_budget(elapsed_s: float, rows: list[dict[str, Any]], guess_s: float, screen: bool,
@@ -96,7 +122,7 @@ def _guess_seconds(first: dict[str, Any], name: str, cfg: Config) -> float:
 
 
 def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.ndarray, device: torch.device,
-               precision: str) -> list[dict[str, Any]]:
+               precision: str, keep: dict[str, Features]) -> list[dict[str, Any]]:
     """The rows again: those within `probe_screen` standard deviations (the spread of the best one's
     folds) of the best plain-view estimate now scored with their mirrored views too, and marked
     with their `screen_accuracy`; the others as they were. The margin is the folds' own noise, so a
@@ -111,23 +137,31 @@ def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.
                      100 * (top["cv_accuracy"] - r["cv_accuracy"]), cfg.probe_screen)
             out.append(r)
             continue
-        full = _candidate(replace(cfg, model=r["model"]), splits, labels, device, precision, flip=True, macs=False)
+        full = _candidate(replace(cfg, model=r["model"]), splits, labels, device, precision, flip=True, macs=False,
+                          keep=keep)
         out.append({**full, "screen_accuracy": r["cv_accuracy"], "seconds": round(full["seconds"] + r["seconds"], 1)})
     return out
 
 
 def _candidate(cfg: Config, splits: Any, labels: np.ndarray, device: torch.device, precision: str, flip: bool,
-               macs: bool) -> dict[str, Any]:
+               macs: bool, keep: dict[str, Features]) -> dict[str, Any]:
     """One backbone's row of the choice: its cross-validated accuracy at the best weight decay,
-    on its plain views alone or (`flip`) with the mirrored ones as the run will train on them."""
+    on its plain views alone or (`flip`) with the mirrored ones as the run will train on them.
+    Its features go into `keep` (for the backbones side by side)."""
     t0 = time.perf_counter()
     plain, flipped = _features(cfg if flip else replace(cfg, probe_flip=False, tta="none"), splits, device, precision)
+    keep[cfg.model] = (plain, flipped)
+    return _score(cfg.model, plain, flipped, labels, cfg, t0, {"macs": _macs(cfg.model, cfg)} if macs else {})
+
+
+def _score(model: str, plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray, cfg: Config, t0: float,
+           extra: dict[str, Any]) -> dict[str, Any]:
     scores = probe.cross_validate(plain, flipped, labels, cfg.cv_folds, cfg.seed, cfg.label_smoothing, WEIGHT_DECAYS)
     wd, (mean, sd) = max(scores.items(), key=lambda kv: (kv[1][0], -kv[0]))  # a tie: the smaller decay
-    row = {"model": cfg.model, "cv_accuracy": round(mean, 4), "cv_sd": round(sd, 4), "weight_decay": wd,
+    row = {"model": model, "cv_accuracy": round(mean, 4), "cv_sd": round(sd, 4), "weight_decay": wd,
            "views": "plain and mirrored" if flipped is not None else "plain", "features": int(plain.shape[1]),
-           "seconds": round(time.perf_counter() - t0, 1), **({"macs": _macs(cfg.model, cfg)} if macs else {})}
-    log.info("  %s: %d-fold cross-validated accuracy %.2f%% ± %.2f (weight decay %g, %s views), %.0f s", cfg.model,
+           "seconds": round(time.perf_counter() - t0, 1), **extra}
+    log.info("  %s: %d-fold cross-validated accuracy %.2f%% ± %.2f (weight decay %g, %s views), %.0f s", model,
              cfg.cv_folds, 100 * mean, 100 * sd, wd, row["views"], row["seconds"])
     return row
 

@@ -169,7 +169,7 @@ class Config:
             raise ConfigError(f"layer_lr_decay must be in (0, 1]; got {self.layer_lr_decay}")
         if self.cv_folds < 2:
             raise ConfigError(f"cv_folds must be at least 2; got {self.cv_folds}")
-        if "+" in self.model and self.strategy != "linear-probe":
+        if "+" in self.model and self.strategy != "linear-probe":  # models.concat's name (torch-free here)
             raise ConfigError(f"model {self.model}: backbones side by side are a linear probe's (--strategy "
                               "linear-probe); name one backbone to fine-tune")
         if self.probe_candidates and self.strategy != "linear-probe":

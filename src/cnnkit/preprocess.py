@@ -70,6 +70,7 @@ def make_preprocess(cfg: Config, train_images: np.ndarray) -> Preprocess:
     the statistics, resampling and (by default) input size their weights were trained with."""
     _, channels, height, width = train_images.shape
     if cfg.pretrained:
+        from cnnkit.models.concat import is_concat
         from cnnkit.models.pretrained import preprocessing  # torch-free callers of Preprocess skip timm
 
         w = preprocessing(cfg.model)
@@ -79,7 +80,7 @@ def make_preprocess(cfg: Config, train_images: np.ndarray) -> Preprocess:
             model_channels, mean, std = 1, (sum(mean) / 3,), (sum(std) / 3,)
         # Backbones side by side take the image as decoded and each resizes it to its own size once, as
         # its probe rows were made: resizing twice (to the largest, then down) would give other features.
-        size = cfg.input_size or (height if "+" in cfg.model else int(w["input_size"]))
+        size = cfg.input_size or (height if is_concat(cfg.model) else int(w["input_size"]))
         return Preprocess(data_size=height, data_channels=channels, input_size=size,
                           model_channels=model_channels, mean=mean, std=std, interpolation=str(w["interpolation"]))
     mean, std = channel_stats(train_images)

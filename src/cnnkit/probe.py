@@ -235,7 +235,6 @@ def replace_tta(cfg: Any) -> Any:
     return dataclasses.replace(cfg, tta="none")
 
 
-
 def _concat_rows(model: ConcatBackbones, preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device,
                  weights_source: str, what: str, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
     import dataclasses

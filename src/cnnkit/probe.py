@@ -19,7 +19,7 @@ from torch import nn
 from cnnkit.data.cache import cache_key, cached_arrays
 from cnnkit.errors import ConfigError
 from cnnkit.inference import inference_engine, predict_logits
-from cnnkit.models.concat import ConcatBackbones, member_names
+from cnnkit.models.concat import SOURCES_SEPARATOR, ConcatBackbones, member_names
 from cnnkit.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def _concat_rows(model: ConcatBackbones, preprocess: Preprocess, images: np.ndar
                  weights_source: str, what: str, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
     import dataclasses
 
-    sources = weights_source.split(" + ")
+    sources = weights_source.split(SOURCES_SEPARATOR)
     parts = [probe_rows(member, dataclasses.replace(preprocess, input_size=size), images,
                         dataclasses.replace(cfg, model=name), device, source, what, precision)
              for member, name, size, source in zip(model.members, member_names(cfg.model), model.member_sizes, sources)]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SEPARATOR = "+"
+SOURCES_SEPARATOR = " + "  # where each member's weights came from, in one string (load_pretrained's answer)
 
 
 def member_names(name: str) -> list[str]:

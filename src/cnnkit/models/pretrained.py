@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from cnnkit.errors import ConfigError
-from cnnkit.models.concat import ConcatBackbones, is_concat, member_names
+from cnnkit.models.concat import SOURCES_SEPARATOR, ConcatBackbones, is_concat, member_names
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def load_pretrained(model: nn.Module, name: str, weights: str | Path | None = No
     """Load ImageNet weights into `model` (a timm `name` with its original 1000-class head).
 
     Returns where they came from. Raises ConfigError when no weights can be had. Backbones side
-    by side (models.concat): each member's own, the sources joined by " + "; not with `weights`.
+    by side (models.concat): each member's own, the sources joined by SOURCES_SEPARATOR; not with `weights`.
     """
     if isinstance(model, ConcatBackbones):
         return _load_members(model, name, weights)
@@ -152,4 +152,4 @@ def _load_members(model: ConcatBackbones, name: str, weights: str | Path | None)
         sources.append(load_pretrained(full, member_name))
         full.reset_classifier(0)
         member.load_state_dict(full.state_dict())
-    return " + ".join(sources)
+    return SOURCES_SEPARATOR.join(sources)

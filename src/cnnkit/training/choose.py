@@ -66,7 +66,7 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
             guess = _guess_seconds(rows[0], name, cfg)
             if not fits_in_budget(time.perf_counter() - started, rows, guess, screen, budget_s):
                 log.info("  %s: left out, its features would take about %.0f s more than the %.0f s the time "
-                         "budget %s leaves for choosing", name, guess * (2 if screen else 1), budget_s,
+                         "budget %s leaves for choosing", name, candidate_seconds(guess, screen), budget_s,
                          cfg.time_budget)
                 continue
         rows.append(_candidate(replace(cfg, model=name), splits, labels, device, precision, flip=not screen,
@@ -107,7 +107,12 @@ def fits_in_budget(elapsed_s: float, rows: list[dict[str, Any]], guess_s: float,
     Screened, every candidate may yet need its mirror images (about as long again as its plain
     views): those of the candidates already scored are kept free, and the new one's counted."""
     reserved = sum(r["seconds"] for r in rows) if screen else 0.0
-    return elapsed_s + reserved + guess_s * (2 if screen else 1) <= budget_s
+    return elapsed_s + reserved + candidate_seconds(guess_s, screen) <= budget_s
+
+
+def candidate_seconds(guess_s: float, screen: bool) -> float:
+    """A candidate's time from its plain views' `guess_s`: screened, its mirror images may follow."""
+    return guess_s * (2 if screen else 1)
 
 
 def _macs(name: str, cfg: Config) -> int:

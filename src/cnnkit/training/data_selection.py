@@ -83,8 +83,7 @@ class HardestLastEpoch(Hook):
     def on_epoch_start(self, loop: Loop, epoch: int) -> None:
         if epoch != loop.epochs or epoch < 2:
             return
-        n, batch_size = len(loop.loader), loop.loader.batch_size
-        kept = min(len(self.losses), (loop.total_steps - (epoch - 1) * n) * batch_size)
+        kept = min(len(self.losses), loop.epoch_batches(epoch) * loop.loader.batch_size)
         hardest = torch.argsort(self.losses, descending=True, stable=True)[:kept]
         loop.loader.put_first(epoch, hardest)
         log.info("epoch %d/%d trains on the %d of %d training images with the highest loss in epoch %d "

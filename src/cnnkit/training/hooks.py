@@ -120,9 +120,8 @@ class MetricsLog(Hook):
     def on_epoch_start(self, loop: Loop, epoch: int) -> None:
         self.bar = progress.make_progress()
         self.bar.__enter__()
-        batches = min(len(loop.loader), loop.total_steps - (epoch - 1) * len(loop.loader))  # a last epoch in part
-        self.task = self.bar.add_task(f"epoch {epoch}/{loop.epochs}", total=batches, completed=loop.state.batch,
-                                      info="")
+        self.task = self.bar.add_task(f"epoch {epoch}/{loop.epochs}", total=loop.epoch_batches(epoch),
+                                      completed=loop.state.batch, info="")
 
     def after_step(self, loop: Loop) -> None:
         s = loop.state

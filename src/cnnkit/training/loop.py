@@ -113,6 +113,11 @@ class Loop:
         self.total_steps = steps
         self.epochs = math.ceil(steps / len(self.loader))
 
+    def epoch_batches(self, epoch: int) -> int:
+        """Batches epoch `epoch` trains: the loader's, or fewer in a last epoch the length cuts short."""
+        n = len(self.loader)
+        return max(0, min(n, self.total_steps - (epoch - 1) * n))
+
     def request_stop(self, reason: str, now: bool = False) -> None:
         """End the run after this epoch (its validation, metrics and checkpoints still come), or
         with `now` after this step, without them (the learning-rate range test's divergence)."""

@@ -204,13 +204,13 @@ def network_to_summarise(run: Path | None, recipe: str | None, model: str | None
         return loaded.model, (pre.model_channels, pre.input_size, pre.input_size), batch, f"run {run}"
     if recipe is not None:
         from cnnkit.config import load_recipe
-        from cnnkit.models.pretrained import preprocessing
+        from cnnkit.models.pretrained import input_size
 
         cfg = load_recipe(recipe)
         c, size = DATA_SHAPES.get(cfg.dataset, (cfg.channels or 3, cfg.image_size or 64))
         if cfg.pretrained:
             c = 1 if c == 1 and cfg.grey_input == "sum" else 3
-            size = cfg.input_size or int(preprocessing(cfg.model)["input_size"])
+            size = input_size(cfg.model, cfg.input_size)
         size = cfg.input_size or size
         args = {k: v for k, v in cfg.model_args.items() if k != "head_hidden"}
         net = create_model(cfg.model, classes, c, size, **args)

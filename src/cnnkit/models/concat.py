@@ -74,10 +74,10 @@ def create_concat(name: str, num_classes: int, in_channels: int, **kwargs: Any) 
     each one's pretrained input size)."""
     import timm
 
-    from cnnkit.models.pretrained import preprocessing
+    from cnnkit.models.pretrained import input_size, preprocessing
 
     names = member_names(name)
-    sizes = kwargs.pop("member_sizes", None) or [int(preprocessing(n)["input_size"]) for n in names]
+    sizes = kwargs.pop("member_sizes", None) or [input_size(n) for n in names]
     kwargs.pop("head_hidden", None)  # the classifier is the wrapper's (replace_head adds the hidden layer)
     interpolation = str(preprocessing(names[0])["interpolation"])
     members = [timm.create_model(n, pretrained=False, num_classes=0, in_chans=in_channels, **kwargs) for n in names]

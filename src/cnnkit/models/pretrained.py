@@ -63,6 +63,12 @@ def preprocessing(name: str) -> dict[str, object]:
             "input_size": cfg.input_size[-1]}
 
 
+def input_size(name: str, override: int | None = None) -> int:
+    """The size pretrained model `name` runs at: `override` (a run's --input-size) when set, else
+    the size its weights were trained at (side by side: the largest of its members')."""
+    return override or int(str(preprocessing(name)["input_size"]))
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file, or a state dict saved by torch.save (read without pickle code)."""
     path = Path(path)

@@ -34,7 +34,7 @@ from cnnkit.config import Config
 from cnnkit.models import create_model
 from cnnkit.budget import parse_duration
 from cnnkit.models.concat import SEPARATOR
-from cnnkit.models.pretrained import preprocessing
+from cnnkit.models.pretrained import input_size
 from cnnkit.preprocess import make_preprocess
 from cnnkit.runs import RunRecord, run_splits
 from cnnkit.runtime import resolve_device, resolve_precision
@@ -97,7 +97,7 @@ def _concat_candidate(scored: list[dict[str, Any]], features: dict[str, Features
     plain = np.concatenate([features[n][0] for n in names], 1)
     flips = [features[n][1] for n in names]
     flipped = None if any(f is None for f in flips) else np.concatenate(flips, 1)  # type: ignore[arg-type]
-    sizes = [cfg.input_size or int(preprocessing(n)["input_size"]) for n in names]  # as each one's rows were made
+    sizes = [input_size(n, cfg.input_size) for n in names]  # as each one's rows were made
     return _score(SEPARATOR.join(names), plain, flipped, labels, cfg, t0, {"member_sizes": sizes})
 
 
@@ -117,7 +117,7 @@ def candidate_seconds(guess_s: float, screen: bool) -> float:
 
 def _macs(name: str, cfg: Config) -> int:
     """Multiply-adds of one image through the candidate at its input size (cnnkit summary)."""
-    size = cfg.input_size or int(preprocessing(name)["input_size"])
+    size = input_size(name, cfg.input_size)
     return summarize(create_model(name, 1000, 3, size), (3, size, size))["total_macs"]
 
 

@@ -28,3 +28,19 @@ def fmnist_images() -> tuple[np.ndarray, np.ndarray]:
     x = parse_idx(gzip.decompress((FMNIST_DIR / "t10k-images-idx3-ubyte.gz").read_bytes()))[:500]
     y = parse_idx(gzip.decompress((FMNIST_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes()))[:500]
     return x, y.astype(np.int64)
+
+
+@pytest.fixture
+def photos(tmp_path, fmnist_images):
+    """A small folder of real pictures as JPEGs: 3 garments, 16 training and 6 test images each, 40 px."""
+    from PIL import Image
+
+    x, y = fmnist_images
+    root = tmp_path / "photos"
+    for split, start, count in (("train", 0, 16), ("test", 16, 6)):
+        for name, label in {"bag": 8, "sandal": 5, "trouser": 1}.items():
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in np.flatnonzero(y == label)[start:start + count]:
+                Image.fromarray(x[i]).resize((40, 40)).convert("RGB").save(d / f"{i}.jpg", quality=92)
+    return root

@@ -72,6 +72,16 @@ def test_finetune_trains_the_head_first_then_everything():
     assert model.bn1.training
 
 
+def test_frozen_batchnorm_keeps_every_norm_in_inference_mode_while_its_layers_train():
+    model = create_model(LITE0, 5, 3, 32)
+    u = Unfreezer(model, "finetune", head_steps=0, unfreeze_steps=1, frozen_batchnorm=True)
+    u.update(0)
+    model.train()
+    u.frozen_norms_to_eval()
+    assert model.bn1.weight.requires_grad and not model.bn1.training  # its scale learns, its statistics stay
+    assert model.conv_stem.weight.requires_grad and model.training
+
+
 def test_gradual_unfreezes_one_group_at_a_time_from_the_top():
     model = create_model(LITE0, 5, 3, 32)
     u = Unfreezer(model, "gradual", head_steps=4, unfreeze_steps=3)

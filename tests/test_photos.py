@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cnnkit import probe
 from cnnkit.cli import main
@@ -46,19 +45,6 @@ def test_small_splits_are_flagged_with_the_interval_of_their_accuracy():
     warnings = small_split_warnings(24, 153, 0.895)
     assert len(warnings) == 2 and "153 test images" in warnings[0] and "24 validation images" in warnings[1]
     assert small_split_warnings(6000, 10000, 0.93) == []
-
-
-@pytest.fixture
-def photos(tmp_path, fmnist_images):
-    x, y = fmnist_images
-    root = tmp_path / "photos"
-    for split, start, count in (("train", 0, 16), ("test", 16, 6)):
-        for name, label in {"bag": 8, "sandal": 5, "trouser": 1}.items():
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in np.flatnonzero(y == label)[start:start + count]:
-                Image.fromarray(x[i]).resize((40, 40)).convert("RGB").save(d / f"{i}.jpg", quality=92)
-    return root
 
 
 @pytest.mark.slow

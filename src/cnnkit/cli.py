@@ -267,6 +267,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cnnkit.config import apply_overrides, load_recipe
     from cnnkit.runtime import settings_for_this_cpu
     from cnnkit.training import train
+    from cnnkit.training.choose_strategy import describe_choice
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch_torchrun(args)
@@ -290,6 +291,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                          f"of {s['cv_images']} images), the best of "
                                          f"{', '.join(c['model'] for c in s['candidates'])}")]
           if "cv_accuracy" in s else [("best validation accuracy", f"{100 * s['best_val_accuracy']:.2f}%")]),
+        *([("strategy (auto)", describe_choice(s["strategy_choice"]))] if "strategy_choice" in s else []),
         ("test accuracy", f"{100 * s['test_accuracy']:.2f}%  ({s['test_samples']} images; 95% interval "
                           f"{100 * s['test_accuracy_ci95'][0]:.1f}-{100 * s['test_accuracy_ci95'][1]:.1f}%)"),
         ("time", f"{s.get('total_time_s', s['wall_time_s']):.0f} s in all, {s['train_time_s']:.0f} s training, "

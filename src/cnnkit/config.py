@@ -29,10 +29,13 @@ CHOICES = {
     "class_balance": ("none", "weights", "sampler"),
     "tta": ("none", "flip", "shift", "flip-shift"),
     "on_nonfinite": ("stop", "skip"),
-    "strategy": ("full", "linear-probe", "frozen", "finetune", "gradual"),
+    "strategy": ("full", "linear-probe", "frozen", "finetune", "gradual", "auto"),
     "grey_input": ("repeat", "sum"),
     "inference_engine": ("torch", "onnxruntime"),
 }
+
+
+AUTO_STRATEGIES = ("linear-probe", "frozen", "gradual", "finetune")  # what --strategy auto chooses among
 
 
 def opt(default: Any, doc: str) -> Any:
@@ -77,16 +80,20 @@ class Config:
     progressive_sizes: list[int] = opt([], "progressive resizing: the training input size of epoch 1, 2, ... (e.g. [20, 24]); later epochs, validation and test use the input size. Early epochs at fewer pixels cost fewer FLOPs")
     pretrained: bool = opt(False, "start from ImageNet weights (timm models): --weights, else the offline registry, else timm's download")
     weights: str | None = opt(None, "a weights file (safetensors, or a state dict) for --pretrained")
-    strategy: str = opt("full", "full: every layer | linear-probe: frozen backbone, cached features, fitted linear head | frozen: backbone frozen, head trained with augmentation | finetune: head_epochs of head only, then every layer | gradual: head first, then one more block every unfreeze_epochs")
+    strategy: str = opt("full", "full: every layer | linear-probe: frozen backbone, cached features, fitted linear head | frozen: backbone frozen, head trained with augmentation | finetune: head_epochs of head only, then every layer | gradual: head first, then one more block every unfreeze_epochs | auto: the best of auto_strategies, measured on the same cross-validation folds of the training images")
     head_epochs: float = opt(1.0, "finetune, gradual: epochs that train only the new head (backbone frozen, its BatchNorm in inference mode)")
     unfreeze_epochs: float = opt(1.0, "gradual: epochs between unfreezing one more block, from the top down")
     keep_frozen: int = opt(0, "finetune, gradual: this many layer groups nearest the input never train (faster; Lite0 has 9)")
+    frozen_batchnorm: bool = opt(False, "finetune, gradual: every BatchNorm layer keeps its ImageNet statistics (inference mode) also once its layers train (only its scale and shift learn): small batches of few photos give noisy statistics")
     layer_lr_decay: float = opt(1.0, "discriminative learning rates: each layer group below the head learns this many times slower than the one above")
     probe_candidates: list[str] = opt([], "linear-probe: pretrained backbones to choose from by k-fold cross-validation on the training images, e.g. '[\"tf_efficientnet_lite0\", \"tf_efficientnet_lite2\"]' (empty: only --model)")
     probe_flip: bool = opt(False, "linear-probe: mirrored training images as extra rows of features (use with --tta flip)")
     probe_screen: float | None = opt(None, "linear-probe with candidates and probe_flip: score the candidates on their plain views first, and compute the mirrored views only of those within this many standard deviations (of the best one's folds) of the best, e.g. 1.0; unset: every candidate's")
     probe_concat: bool = opt(False, "linear-probe with candidates: one more candidate, the features of the two best backbones side by side under one linear head (both backbones run at test time), chosen only where cross-validation prefers it")
     cv_folds: int = opt(5, "linear-probe with candidates: folds of the cross-validation that chooses backbone and weight decay")
+    auto_strategies: list[str] = opt(["linear-probe", "frozen", "gradual", "finetune"], "--strategy auto: the strategies measured; the trained ones (frozen, gradual, finetune) with the run's epochs, lr, augment and the like, on the probe's best single backbone")
+    auto_trained: dict[str, Any] = opt({}, "--strategy auto: settings of the trained strategies in place of the run's own (the photos recipe's [auto_trained] table: fine-tuning's epochs, lr, augment), so that the probe keeps its own")
+    auto_folds: int | None = opt(None, "--strategy auto: how many of the cv_folds folds each trained strategy is measured on (each is a training run; the probe is compared on the same folds); default all")
     grey_input: str = opt("repeat", "grey images into an RGB-pretrained model: repeat the channel, or sum the first convolution's weights to one input channel")
     # -- optimisation
     epochs: int = 10
@@ -169,12 +176,21 @@ class Config:
             raise ConfigError(f"layer_lr_decay must be in (0, 1]; got {self.layer_lr_decay}")
         if self.cv_folds < 2:
             raise ConfigError(f"cv_folds must be at least 2; got {self.cv_folds}")
-        if "+" in self.model and self.strategy != "linear-probe":  # models.concat's name (torch-free here)
+        if "+" in self.model and self.strategy not in ("linear-probe", "auto"):  # models.concat's name (torch-free here)
             raise ConfigError(f"model {self.model}: backbones side by side are a linear probe's (--strategy "
                               "linear-probe); name one backbone to fine-tune")
-        if self.probe_candidates and self.strategy != "linear-probe":
-            raise ConfigError("probe_candidates chooses a backbone for --strategy linear-probe; set that strategy, "
-                              "or leave probe_candidates empty")
+        if self.probe_candidates and self.strategy not in ("linear-probe", "auto"):
+            raise ConfigError("probe_candidates chooses a backbone for --strategy linear-probe (or auto); set that "
+                              "strategy, or leave probe_candidates empty")
+        unknown = [s for s in self.auto_strategies if s not in AUTO_STRATEGIES]
+        if unknown or not self.auto_strategies:
+            raise ConfigError(f"auto_strategies lists some of {', '.join(AUTO_STRATEGIES)}; got {self.auto_strategies}")
+        if {"strategy", "model", "recipe", "fp32"} & set(self.auto_trained) or any(k.startswith("auto_") for k in self.auto_trained):
+            raise ConfigError("auto_trained sets how the trained strategies train; it cannot set strategy, model, "
+                              "recipe, fp32 or the auto_ fields (--strategy auto chooses those)")
+        if self.auto_folds is not None and not 1 <= self.auto_folds <= self.cv_folds:
+            raise ConfigError(f"auto_folds is how many of the {self.cv_folds} folds (cv_folds) the trained strategies "
+                              f"are measured on, 1 to {self.cv_folds}; got {self.auto_folds}")
         if self.probe_screen is not None and self.probe_screen < 0:
             raise ConfigError(f"probe_screen counts standard deviations of the folds' accuracy (e.g. 1.0); got {self.probe_screen}")
         if self.keep_frozen < 0:
@@ -315,4 +331,7 @@ def with_fp32_settings(cfg: Config, asked: Iterable[str] = ()) -> Config:
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    return Config.from_dict({**cfg.to_dict(), **overrides}, "command line")
+    """`cfg` with `overrides` (the command line's): a field set there is set for --strategy auto's
+    trained strategies too, in place of the recipe's [auto_trained] setting."""
+    trained = {k: v for k, v in cfg.auto_trained.items() if k not in overrides}
+    return Config.from_dict({**cfg.to_dict(), "auto_trained": trained, **overrides}, "command line")

@@ -11,6 +11,10 @@ The network is cut into layer groups, from the input to the classifier, by timm'
 - gradual: the same first phase; then one more group, from the top down, every `unfreeze_epochs`
   (ULMFiT's gradual unfreezing).
 
+With `frozen_batchnorm` every BatchNorm layer keeps its ImageNet running statistics (inference
+mode) once its group trains too; only its scale and shift learn: batches of 32 from a few hundred
+photos give noisy statistics.
+
 `keep_frozen` groups nearest the input never train: their backward pass is skipped, which on a
 CPU is most of the cost at high resolution (Lite0 at 128 px: 55 images/s with every group
 training, 105 with the top 5 of 9).
@@ -58,8 +62,9 @@ class Unfreezer:
     """Decides, at each step, which layer groups train; frozen groups get no gradients and their
     BatchNorm layers keep their ImageNet statistics (inference mode)."""
 
-    def __init__(self, model: nn.Module, strategy: str, head_steps: int, unfreeze_steps: int, keep_frozen: int = 0):
-        self.model, self.strategy = model, strategy
+    def __init__(self, model: nn.Module, strategy: str, head_steps: int, unfreeze_steps: int, keep_frozen: int = 0,
+                 frozen_batchnorm: bool = False):
+        self.model, self.strategy, self.frozen_batchnorm = model, strategy, frozen_batchnorm
         self.head_steps, self.unfreeze_steps = head_steps, max(unfreeze_steps, 1)
         self.ids, self.groups = layer_ids(model, coarse=True)
         self.most = max(1, self.groups - keep_frozen)  # the lowest keep_frozen groups never train
@@ -107,10 +112,11 @@ class Unfreezer:
         return True
 
     def frozen_norms_to_eval(self) -> None:
-        """Call after model.train(): frozen groups' BatchNorm layers keep their running statistics."""
+        """Call after model.train(): frozen groups' BatchNorm layers keep their running statistics
+        (with `frozen_batchnorm` every group's: their scales and shifts still train)."""
         lowest = self.groups - self.trainable
         for module, group in self._norms:
-            if group < lowest:
+            if group < lowest or self.frozen_batchnorm:
                 module.eval()
 
     def describe(self) -> str:
@@ -122,4 +128,5 @@ def make_unfreezer(cfg: Any, model: nn.Module, steps_per_epoch: int) -> Unfreeze
     if cfg.strategy not in ("frozen", "finetune", "gradual"):
         return None
     return Unfreezer(model, cfg.strategy, head_steps=int(round(cfg.head_epochs * steps_per_epoch)),
-                     unfreeze_steps=int(math.ceil(cfg.unfreeze_epochs * steps_per_epoch)), keep_frozen=cfg.keep_frozen)
+                     unfreeze_steps=int(math.ceil(cfg.unfreeze_epochs * steps_per_epoch)), keep_frozen=cfg.keep_frozen,
+                     frozen_batchnorm=cfg.frozen_batchnorm)

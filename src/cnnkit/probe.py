@@ -189,9 +189,17 @@ def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 def cross_validate(plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray, folds: int, seed: int,
                    label_smoothing: float, weight_decays: tuple[float, ...]) -> dict[float, tuple[float, float]]:
-    """k-fold accuracy (mean, sd over folds) of a linear head for each weight decay. With `flipped`,
-    mirrored images are extra training rows and a held-out image is judged on the mean of its two
-    views' features: for a linear head, the same as averaging the two views' logits (--tta flip)."""
+    """k-fold accuracy (mean, sd over folds) of a linear head for each weight decay (`fold_accuracies`)."""
+    scores = fold_accuracies(plain, flipped, labels, folds, seed, label_smoothing, weight_decays)
+    return {wd: (float(np.mean(a)), float(np.std(a))) for wd, a in scores.items()}
+
+
+def fold_accuracies(plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray, folds: int, seed: int,
+                    label_smoothing: float, weight_decays: tuple[float, ...]) -> dict[float, list[float]]:
+    """Each fold's held-out accuracy of a linear head (fold 0 first, as `fold_ids` numbers them), for
+    each weight decay. With `flipped`, mirrored images are extra training rows and a held-out image
+    is judged on the mean of its two views' features: for a linear head, the same as averaging the
+    two views' logits (--tta flip)."""
     ids = fold_ids(labels, folds, seed)
     scores: dict[float, list[float]] = {wd: [] for wd in weight_decays}
     for k in range(folds):
@@ -201,7 +209,7 @@ def cross_validate(plain: np.ndarray, flipped: np.ndarray | None, labels: np.nda
         held = plain[v] if flipped is None else (plain[v] + flipped[v]) / 2
         for wd, accuracy in _fold_accuracies(x, y, held, labels[v], label_smoothing, weight_decays).items():
             scores[wd].append(accuracy)
-    return {wd: (float(np.mean(a)), float(np.std(a))) for wd, a in scores.items()}
+    return scores
 
 
 def _fold_accuracies(x: np.ndarray, y: np.ndarray, held: np.ndarray, held_y: np.ndarray, label_smoothing: float,

@@ -27,6 +27,7 @@ from cnnkit.preprocess import Preprocess
 from cnnkit.preview import augment_grid, pick_examples
 from cnnkit.runs import load_run, read_summary, run_settings, run_splits
 from cnnkit.summary import format_shape, human, summarize
+from cnnkit.training.choose_strategy import describe_choice
 from cnnkit.training.schedule import lr_factor, warmup_steps
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,8 @@ def write_page(run_dir: Path, metrics: dict[str, Any], classes: list[str], pair_
              ("parameters", f"{summary.get('parameters', 0):,}"), ("recipe", cfg.get("recipe") or "-"),
              ("epochs", f"{summary.get('epochs_run', '?')} of {cfg['epochs']} ({summary.get('status', '')})"),
              ("optimizer", f"{cfg['optimizer']}, lr {cfg['lr']}, batch {cfg['batch_size']}, schedule {cfg['schedule']}"),
+             ("strategy", describe_choice(summary["strategy_choice"]) + " (--strategy auto)"
+              if "strategy_choice" in summary else cfg["strategy"]),
              ("augmentation", json.dumps(cfg["augment"])), ("precision", cfg["precision"]),
              ("training samples", summary.get("train_samples", "?")), ("seed", cfg["seed"])]
     def pct(key: str, value: float) -> str:

@@ -44,6 +44,8 @@ class RunRecord:
     model: str | None = None  # a linear probe's backbone, chosen by cross-validation (training/choose.py)
     model_args: dict[str, Any] | None = None  # ... with its member sizes, when it is backbones side by side
     selection: dict[str, Any] | None = None  # ... its estimate and every candidate's
+    strategy: str | None = None  # the strategy --strategy auto chose (training/choose_strategy.py)
+    strategy_selection: dict[str, Any] | None = None  # ... and every strategy's accuracy on the folds
 
     def planned(self, steps: int, epochs: int, planned_time_s: float) -> None:
         self.planned_steps, self.epochs, self.planned_time_s = steps, epochs, round(planned_time_s, 1)
@@ -54,6 +56,8 @@ class RunRecord:
     def settings(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """The configuration with the decisions applied: how the run actually trained and tests."""
         decided = {k: v for k, v in self.to_dict().items() if v is not None and k in cfg}
+        if decided.get("strategy", "linear-probe") != "linear-probe":  # auto chose to train: as it trained its folds
+            decided = {**cfg.get("auto_trained", {}), **decided, "probe_candidates": [], "probe_concat": False}
         return {**cfg, **decided}
 
     def save(self, run_dir: Path) -> None:

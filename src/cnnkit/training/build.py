@@ -64,10 +64,12 @@ class Setup:
 
 
 def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = None,
-          record: RunRecord | None = None, asked: Config | None = None) -> Setup:
+          record: RunRecord | None = None, asked: Config | None = None,
+          data: tuple[Dataset, Splits] | None = None) -> Setup:
     """Build the run of `cfg`; with a `checkpoint` (resuming `run_dir`) its weights and optimiser
     state are loaded before DDP wraps the model. A new run gets a new folder (rank 0 makes it) with
-    the configuration it was `asked` (where `cfg` applies decisions made before, a chosen backbone)."""
+    the configuration it was `asked` (where `cfg` applies decisions made before, a chosen backbone).
+    `data`: the dataset and splits to train on, in place of the configuration's (a fold's)."""
     check_model_name(cfg.model)
     canonical_name(cfg.dataset)
     dist, device = distributed.setup(resolve_device(cfg.device))
@@ -77,7 +79,7 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
     configure_threads_and_determinism(cfg.threads, cfg.deterministic, device)
     precision = training_precision(cfg.precision, device)
     imagenet, weights_source = imagenet_model(cfg) if cfg.pretrained and checkpoint is None else (None, "none")
-    ds, splits = run_splits(cfg.to_dict())
+    ds, splits = data or run_splits(cfg.to_dict())
     _log_data(ds, splits)
     if dist.enabled:
         log.info("distributed: %d processes (%s), global batch %d = %d per process", dist.world,

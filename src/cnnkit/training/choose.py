@@ -161,9 +161,11 @@ def _candidate(cfg: Config, splits: Any, labels: np.ndarray, device: torch.devic
 
 def _score(model: str, plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray, cfg: Config, t0: float,
            extra: dict[str, Any]) -> dict[str, Any]:
-    scores = probe.cross_validate(plain, flipped, labels, cfg.cv_folds, cfg.seed, cfg.label_smoothing, WEIGHT_DECAYS)
-    wd, (mean, sd) = max(scores.items(), key=lambda kv: (kv[1][0], -kv[0]))  # a tie: the smaller decay
+    folds = probe.fold_accuracies(plain, flipped, labels, cfg.cv_folds, cfg.seed, cfg.label_smoothing, WEIGHT_DECAYS)
+    wd, accuracies = max(folds.items(), key=lambda kv: (np.mean(kv[1]), -kv[0]))  # a tie: the smaller decay
+    mean, sd = float(np.mean(accuracies)), float(np.std(accuracies))
     row = {"model": model, "cv_accuracy": round(mean, 4), "cv_sd": round(sd, 4), "weight_decay": wd,
+           "fold_accuracies": [round(a, 4) for a in accuracies],
            "views": "plain and mirrored" if flipped is not None else "plain", "features": int(plain.shape[1]),
            "seconds": round(time.perf_counter() - t0, 1), **extra}
     log.info("  %s: %d-fold cross-validated accuracy %.2f%% ± %.2f (weight decay %g, %s views), %.0f s", model,

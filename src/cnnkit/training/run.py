@@ -37,6 +37,7 @@ from cnnkit.training.budget_hook import TimeBudget
 from cnnkit.training.build import Setup, build
 from cnnkit.training import data_selection
 from cnnkit.training.choose import choose_backbone
+from cnnkit.training.choose_strategy import choose_strategy
 from cnnkit.training.hooks import (BestEpoch, Checkpointer, LookaheadHook, LrSchedule, MetricsLog, Unfreeze,
                                    append_metrics, saved_loop_state)
 from cnnkit.training.loop import Hook, Loop, TrainState
@@ -62,15 +63,19 @@ def train(cfg: Config | None, resume: Path | None = None, overrides: dict[str, A
     `started_at` (a time.perf_counter() value) is when the time budget's clock started; `hooks`
     join the standard ones, first at every point."""
     started_at = started_at if started_at is not None else time.perf_counter()
-    setup, checkpoint = prepare(cfg, resume, overrides)
+    setup, checkpoint = prepare(cfg, resume, overrides, started_at)
     return run_training(setup, checkpoint, hooks, started_at)
 
 
-def prepare(cfg: Config | None, resume: Path | None = None,
-            overrides: dict[str, Any] | None = None) -> tuple[Setup, Checkpoint | None]:
-    """The built run, and the checkpoint it resumes from (None for a new run)."""
+def prepare(cfg: Config | None, resume: Path | None = None, overrides: dict[str, Any] | None = None,
+            started_at: float | None = None) -> tuple[Setup, Checkpoint | None]:
+    """The built run, and the checkpoint it resumes from (None for a new run). Choices made by
+    measuring (the strategy, a probe's backbone) come first; `started_at` starts a time budget's clock."""
     if resume is None:
         assert cfg is not None
+        if cfg.strategy == "auto":
+            chosen, record = choose_strategy(cfg, started_at)
+            return build(chosen, None, record=record, asked=cfg), None
         if cfg.strategy == "linear-probe" and cfg.probe_candidates:
             chosen, record = choose_backbone(cfg)
             return build(chosen, None, record=record, asked=cfg), None
@@ -240,6 +245,7 @@ def _summary(setup: Setup, loop: Loop, test: dict[str, Any], started_at: float) 
         "steps_run": state.step, "steps_per_epoch": len(setup.loader), "schedule_steps": loop.total_steps,
         **({"time_budget_s": budget.budget_s, "planned_time_s": round(budget.planned_time_s, 1)} if budget else {}),
         **_cv_summary(setup.record.selection),
+        **({"strategy_choice": setup.record.strategy_selection} if setup.record.strategy_selection else {}),
         "device": describe_device(setup.device), "precision": setup.precision,
         "finished_at": datetime.now().isoformat(timespec="seconds"), "versions": versions(), "notes": splits.notes,
     }

@@ -1,0 +1,252 @@
+"""`--strategy auto`: a linear probe, or a frozen, gradually unfrozen or fine-tuned backbone, chosen
+by measuring on the user's own training images rather than by a rule of thumb. Which one wins
+depends on the data: on flowers12 a probe matched fine-tuning's accuracy in a seventh of the time;
+on a larger or stranger set training the backbone can pay.
+
+1. The probe first (training/choose.py): its backbone and weight decay by k-fold cross-validation
+   on the training and validation images (`cv_folds`), and its accuracy fold by fold.
+2. Each trained strategy of `auto_strategies` (frozen, gradual, finetune, in that order: the
+   cheapest first) is trained on the same folds' training images and tested on their held-out
+   images, `auto_folds` of the `cv_folds` folds (each fold is a whole training run), with the run's
+   own training settings (epochs, lr, augment, ...) on the probe's best single backbone.
+3. The best mean accuracy over those folds wins, every candidate judged on the same held-out
+   images (a paired comparison: the probe on the first `auto_folds` folds, as the trained ones); a
+   tie goes to the cheaper. The test split is never looked at.
+
+A small set's validation split cannot tell strategies apart (24 images read 100% from the third
+epoch on in one two-class set); folds use every image once. Written here because it is cnnkit's
+own: its strategies, its probe's folds, its time budget.
+
+Under `--time-budget` choosing may take 60% of the budget, as the probe's candidates may: a fold
+that can no longer end in it (projected from its own steps so far) is stopped, and its strategy
+left out, as is one whose final run (its folds' time for all the images) would not fit what the
+budget then leaves. The log says which and why; run.json records every strategy's folds.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnkit import progress
+from cnnkit.budget import parse_duration
+from cnnkit.config import Config
+from cnnkit.data import Dataset, Splits
+from cnnkit.data.dataset import Split
+from cnnkit.errors import ConfigError
+from cnnkit.inference import predict_logits
+from cnnkit.probe import fold_ids
+from cnnkit.runs import RunRecord, run_splits
+from cnnkit.training.build import build
+from cnnkit.training.choose import CANDIDATES_SHARE, choose_backbone
+from cnnkit.training.hooks import LookaheadHook, LrSchedule, Unfreeze
+from cnnkit.training.loop import Hook, Loop
+
+log = logging.getLogger(__name__)
+
+PROBE = "linear-probe"
+TRAINED_ORDER = ("frozen", "gradual", "finetune")  # the cheapest first: a tie goes to it
+
+
+def choose_strategy(cfg: Config, started: float | None = None) -> tuple[Config, RunRecord]:
+    """The configuration the run trains (the chosen strategy, and the probe's choices if it won)
+    and the run's record. `started` (time.perf_counter()) is when the time budget's clock began."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--strategy auto trains its candidates one after another in one process; run it without "
+                          "torchrun, or name a strategy")
+    started = started if started is not None else time.perf_counter()
+    deadline = started + parse_duration(cfg.time_budget) * CANDIDATES_SHARE if cfg.time_budget else None
+    folds = cfg.auto_folds or cfg.cv_folds
+    rows: list[dict[str, Any]] = []
+    probe_cfg, record = _probe(cfg) if PROBE in cfg.auto_strategies else (None, RunRecord())
+    if probe_cfg is not None:
+        chosen = record.selection["chosen"]  # type: ignore[index]
+        rows.append(_row(PROBE, chosen["model"], chosen["fold_accuracies"][:folds], record.selection["seconds"]))
+    backbone = _best_single_backbone(record, cfg)
+    trained = [s for s in TRAINED_ORDER if s in cfg.auto_strategies]
+    if trained:
+        ds, fold_data = _folds(cfg, folds)
+        for strategy in trained:
+            rows.append(_measure(_trained(cfg, strategy, backbone), ds, fold_data, deadline, cfg.time_budget))
+    best = _winner(rows, cfg, started)
+    selection = {"folds": folds, "of": cfg.cv_folds, "chosen": best["strategy"], "candidates": rows,
+                 **({"probe": record.selection} if record.selection else {})}  # its backbones, whoever won
+    log.info("strategy on %s: %s", best["model"], describe_choice(selection))
+    if best["strategy"] == PROBE:
+        assert probe_cfg is not None
+        return probe_cfg, replace(record, strategy=PROBE, strategy_selection=selection)
+    record = RunRecord(model=backbone, strategy=best["strategy"], strategy_selection=selection)
+    return Config.from_dict(record.settings(cfg.to_dict()), "--strategy auto's choice"), record
+
+
+def _probe(cfg: Config) -> tuple[Config, RunRecord]:
+    """The probe's choice by cross-validation (its candidates, or the run's model alone)."""
+    t0 = time.perf_counter()
+    probe_cfg = replace(cfg, strategy=PROBE, probe_candidates=cfg.probe_candidates or [cfg.model])
+    chosen, record = choose_backbone(probe_cfg)
+    record.selection["seconds"] = round(time.perf_counter() - t0, 1)  # type: ignore[index]
+    return chosen, record
+
+
+def _best_single_backbone(record: RunRecord, cfg: Config) -> str:
+    """What the trained strategies train: the probe's best backbone that is one backbone (side by
+    side they are a probe's alone), else the run's model."""
+    rows = [r for r in (record.selection or {}).get("candidates", []) if "+" not in r["model"]]
+    return max(rows, key=lambda r: r["cv_accuracy"])["model"] if rows else cfg.model
+
+
+def _trained(cfg: Config, strategy: str, backbone: str) -> Config:
+    """A trained strategy's folds' configuration: the final run's (`RunRecord.settings`: the run's
+    own with `auto_trained` in place), each fold training all its epochs (data selection, early
+    stopping and the budget's planning are the final run's)."""
+    final = RunRecord(model=backbone, strategy=strategy).settings(cfg.to_dict())
+    return Config.from_dict({**final, "last_epoch_fraction": 1.0, "early_stopping_patience": None,
+                             "time_budget": None, "report": False}, f"--strategy auto's {strategy}")
+
+
+def _folds(cfg: Config, folds: int) -> tuple[Dataset, list[Splits]]:
+    """The first `folds` folds of the training and validation images, numbered as the probe's
+    cross-validation numbers them (the same seed, the same held-out images)."""
+    ds, splits = run_splits(cfg.to_dict())
+    pool = Split(np.concatenate([splits.train.images, splits.val.images]),
+                 np.concatenate([splits.train.labels, splits.val.labels]))
+    ids = fold_ids(pool.labels, cfg.cv_folds, cfg.seed)
+    out = []
+    for k in range(folds):
+        held = pool.subset(np.flatnonzero(ids == k))
+        out.append(Splits(pool.subset(np.flatnonzero(ids != k)), held, held, []))
+    return ds, out
+
+
+def _measure(cfg: Config, ds: Dataset, folds: list[Splits], deadline: float | None,
+             budget: str | None) -> dict[str, Any]:
+    """A trained strategy's row: its accuracy on each fold's held-out images, or why it was left out."""
+    t0, accuracies = time.perf_counter(), []
+    for k, fold in enumerate(folds):
+        accuracy = fold_accuracy(cfg, ds, fold, f"{cfg.strategy}, fold {k + 1}/{len(folds)}", deadline)
+        if accuracy is None:
+            log.info("  %s: left out, fold %d could not end within the %.0f%% of the time budget %s that choosing "
+                     "may take", cfg.strategy, k + 1, 100 * CANDIDATES_SHARE, budget)
+            return {**_row(cfg.strategy, cfg.model, accuracies, time.perf_counter() - t0),
+                    "left_out": "its folds would not end within the time budget"}
+        accuracies.append(accuracy)
+        log.info("  %s, fold %d: %.2f%% of %d held-out images", cfg.strategy, k + 1, 100 * accuracy, len(fold.test))
+    return _row(cfg.strategy, cfg.model, accuracies, time.perf_counter() - t0,
+                fold_images=int(np.mean([len(f.train) for f in folds])))
+
+
+def fold_accuracy(cfg: Config, ds: Dataset, fold: Splits, what: str, deadline: float | None = None) -> float | None:
+    """Train `cfg` on the fold's training images, as a run would (no checkpoints, metrics or
+    validation: a fold is a measurement), and test it on its held-out images with the run's
+    test-time views. None when it was stopped for the deadline."""
+    with tempfile.TemporaryDirectory(prefix="cnnkit-fold-") as tmp, _quiet():
+        setup = build(cfg, Path(tmp), data=(ds, fold))
+        stop = Deadline(deadline)
+        hooks: list[Hook] = [LrSchedule()]
+        if setup.unfreezer is not None:
+            hooks.append(Unfreeze(setup.unfreezer, cfg.strategy))
+        if cfg.lookahead:
+            hooks.append(LookaheadHook(setup.model))
+        loop = Loop(setup, [*hooks, stop, StepProgress(what)], cfg.epochs * len(setup.loader), validate=False)
+        loop.fit()
+        if stop.missed:
+            return None
+        logits = predict_logits(setup.model, setup.preprocess, fold.test.images, device=setup.device, tta=cfg.tta,
+                                **setup.inference.kwargs())
+    return float((logits.argmax(1).numpy() == fold.test.labels).mean())
+
+
+def _row(strategy: str, model: str, accuracies: list[float], seconds: float, **extra: Any) -> dict[str, Any]:
+    return {"strategy": strategy, "model": model, "fold_accuracies": [round(a, 4) for a in accuracies],
+            "accuracy": round(float(np.mean(accuracies)), 4) if accuracies else None,
+            "sd": round(float(np.std(accuracies)), 4) if accuracies else None, "seconds": round(seconds, 1), **extra}
+
+
+def _winner(rows: list[dict[str, Any]], cfg: Config, started: float) -> dict[str, Any]:
+    """The best mean over the folds; the first (the cheaper) on a tie. Under a time budget a trained
+    strategy whose final run would not fit what is left of it is not chosen (the row says so)."""
+    if cfg.time_budget:
+        left = parse_duration(cfg.time_budget) - (time.perf_counter() - started)
+        for r in rows:
+            final = r["seconds"] / max(len(r["fold_accuracies"]), 1) * _all_images_share(r, cfg)
+            if r["strategy"] != PROBE and "left_out" not in r and final > left:
+                r["left_out"] = f"its final run (about {final:.0f} s) would not fit the {left:.0f} s the budget leaves"
+                log.info("  %s: left out, %s", r["strategy"], r["left_out"])
+    eligible = [r for r in rows if "left_out" not in r and r["accuracy"] is not None]
+    if not eligible:
+        raise ConfigError(f"--strategy auto: no strategy of {cfg.auto_strategies} could be measured within the time "
+                          f"budget {cfg.time_budget}; give it more time, or add linear-probe to auto_strategies")
+    return max(eligible, key=lambda r: r["accuracy"])  # max keeps the first of equals
+
+
+def _all_images_share(row: dict[str, Any], cfg: Config) -> float:
+    """How much longer than one fold the final run trains: all the images, not (k-1)/k of them."""
+    return cfg.cv_folds / (cfg.cv_folds - 1) if "fold_images" in row else 1.0
+
+
+def describe_choice(selection: dict[str, Any]) -> str:
+    """The choice in a line (log, result table, report): the winner, and every strategy's mean."""
+    rows = ", ".join(f"{r['strategy']} left out" if "left_out" in r else f"{r['strategy']} {100 * r['accuracy']:.2f}%"
+                     for r in selection["candidates"])
+    return f"{selection['chosen']}, the best mean on {selection['folds']} of {selection['of']} folds ({rows})"
+
+
+class Deadline(Hook):
+    """Stops a fold's run at the step after which it can no longer end by `deadline`, projected
+    from its own steps so far (a head-only phase first projects low; later steps correct it)."""
+
+    def __init__(self, deadline: float | None, after_steps: int = 3):
+        self.deadline, self.after_steps, self.missed = deadline, after_steps, False
+        self.t0 = 0.0
+
+    def on_run_start(self, loop: Loop) -> None:
+        self.t0 = time.perf_counter()
+
+    def after_step(self, loop: Loop) -> None:
+        done = loop.state.step
+        if self.deadline is None or done < self.after_steps:
+            return
+        now = time.perf_counter()
+        if now + (now - self.t0) / done * (loop.total_steps - done) > self.deadline:
+            self.missed = True
+            loop.request_stop("the time budget", now=True)
+
+
+class StepProgress(Hook):
+    """A progress bar over a fold's steps (a fold has no epoch log lines)."""
+
+    def __init__(self, description: str):
+        self.description = description
+
+    def on_run_start(self, loop: Loop) -> None:
+        self.bar = progress.make_progress()
+        self.bar.start()
+        self.task = self.bar.add_task(self.description, total=loop.total_steps, info="")
+
+    def after_step(self, loop: Loop) -> None:
+        self.bar.advance(self.task)
+
+    def on_run_end(self, loop: Loop) -> None:
+        self.bar.stop()
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """A fold's build says what the run's own build said already (data, weights, head): not again."""
+    logger = logging.getLogger("cnnkit")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

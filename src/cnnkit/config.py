@@ -93,6 +93,7 @@ class Config:
     cv_folds: int = opt(5, "linear-probe with candidates: folds of the cross-validation that chooses backbone and weight decay")
     auto_strategies: list[str] = opt(["linear-probe", "frozen", "gradual", "finetune"], "--strategy auto: the strategies measured; the trained ones (frozen, gradual, finetune) with the run's epochs, lr, augment and the like, on the probe's best single backbone")
     auto_trained: dict[str, Any] = opt({}, "--strategy auto: settings of the trained strategies in place of the run's own (the photos recipe's [auto_trained] table: fine-tuning's epochs, lr, augment), so that the probe keeps its own")
+    auto_margin: float = opt(1.0, "--strategy auto: the cheapest strategy (linear-probe, frozen, gradual, finetune) within this many standard errors of the best mean accuracy on the folds wins (the one-standard-error rule; the binomial standard error of the best's accuracy on the held-out images); 0: the best mean")
     auto_folds: int | None = opt(None, "--strategy auto: how many of the cv_folds folds each trained strategy is measured on (each is a training run; the probe is compared on the same folds); default all")
     grey_input: str = opt("repeat", "grey images into an RGB-pretrained model: repeat the channel, or sum the first convolution's weights to one input channel")
     # -- optimisation
@@ -188,6 +189,8 @@ class Config:
         if {"strategy", "model", "recipe", "fp32"} & set(self.auto_trained) or any(k.startswith("auto_") for k in self.auto_trained):
             raise ConfigError("auto_trained sets how the trained strategies train; it cannot set strategy, model, "
                               "recipe, fp32 or the auto_ fields (--strategy auto chooses those)")
+        if self.auto_margin < 0:
+            raise ConfigError(f"auto_margin counts standard errors (e.g. 1.0; 0: the best mean wins); got {self.auto_margin}")
         if self.auto_folds is not None and not 1 <= self.auto_folds <= self.cv_folds:
             raise ConfigError(f"auto_folds is how many of the {self.cv_folds} folds (cv_folds) the trained strategies "
                               f"are measured on, 1 to {self.cv_folds}; got {self.auto_folds}")

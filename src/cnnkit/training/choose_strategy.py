@@ -9,9 +9,9 @@ on a larger or stranger set training the backbone can pay.
    cheapest first) is trained on the same folds' training images and tested on their held-out
    images, `auto_folds` of the `cv_folds` folds (each fold is a whole training run), with the run's
    own training settings (epochs, lr, augment, ...) on the probe's best single backbone.
-3. The best mean accuracy over those folds wins, every candidate judged on the same held-out
-   images (a paired comparison: the probe on the first `auto_folds` folds, as the trained ones); a
-   tie goes to the cheaper. The test split is never looked at.
+3. Every candidate is judged on the same held-out images (the probe on the first `auto_folds`
+   folds, as the trained ones), and the cheapest within one standard error of the best mean wins
+   (`auto_margin`; the one-standard-error rule). The test split is never looked at.
 
 A small set's validation split cannot tell strategies apart (24 images read 100% from the third
 epoch on in one two-class set); folds use every image once. Written here because it is cnnkit's
@@ -26,6 +26,7 @@ budget then leaves. The log says which and why; run.json records every strategy'
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -73,13 +74,15 @@ def choose_strategy(cfg: Config, started: float | None = None) -> tuple[Config, 
         chosen = record.selection["chosen"]  # type: ignore[index]
         rows.append(_row(PROBE, chosen["model"], chosen["fold_accuracies"][:folds], record.selection["seconds"]))
     backbone = _best_single_backbone(record, cfg)
-    trained = [s for s in TRAINED_ORDER if s in cfg.auto_strategies]
+    trained, held_out = [s for s in TRAINED_ORDER if s in cfg.auto_strategies], 0
     if trained:
         ds, fold_data = _folds(cfg, folds)
+        held_out = sum(len(f.test) for f in fold_data)  # the probe's folds' too: the same images
         for strategy in trained:
             rows.append(_measure(_trained(cfg, strategy, backbone), ds, fold_data, deadline, cfg.time_budget))
-    best = _winner(rows, cfg, started)
-    selection = {"folds": folds, "of": cfg.cv_folds, "chosen": best["strategy"], "candidates": rows,
+    best = _winner(rows, cfg, started, held_out)
+    selection = {"folds": folds, "of": cfg.cv_folds, "held_out_images": held_out, "margin": cfg.auto_margin,
+                 "chosen": best["strategy"], "candidates": rows,
                  **({"probe": record.selection} if record.selection else {})}  # its backbones, whoever won
     log.info("strategy on %s: %s", best["model"], describe_choice(selection))
     if best["strategy"] == PROBE:
@@ -172,8 +175,12 @@ def _row(strategy: str, model: str, accuracies: list[float], seconds: float, **e
             "sd": round(float(np.std(accuracies)), 4) if accuracies else None, "seconds": round(seconds, 1), **extra}
 
 
-def _winner(rows: list[dict[str, Any]], cfg: Config, started: float) -> dict[str, Any]:
-    """The best mean over the folds; the first (the cheaper) on a tie. Under a time budget a trained
+def _winner(rows: list[dict[str, Any]], cfg: Config, started: float, held_out: int) -> dict[str, Any]:
+    """The cheapest strategy (the first) within `auto_margin` standard errors of the best mean over
+    the folds: the one-standard-error rule of cross-validation (Breiman et al.'s CART; Hastie et al.,
+    The Elements of Statistical Learning, 7.10), the standard error that of the best one's accuracy
+    on the `held_out` images (binomial). Two folds of 250 photos hold out 100: 84% is then 84 ± 3.7,
+    and fine-tuning's 2 points over the probe are two photos. Under a time budget a trained
     strategy whose final run would not fit what is left of it is not chosen (the row says so)."""
     if cfg.time_budget:
         left = parse_duration(cfg.time_budget) - (time.perf_counter() - started)
@@ -186,7 +193,15 @@ def _winner(rows: list[dict[str, Any]], cfg: Config, started: float) -> dict[str
     if not eligible:
         raise ConfigError(f"--strategy auto: no strategy of {cfg.auto_strategies} could be measured within the time "
                           f"budget {cfg.time_budget}; give it more time, or add linear-probe to auto_strategies")
-    return max(eligible, key=lambda r: r["accuracy"])  # max keeps the first of equals
+    best = max(eligible, key=lambda r: r["accuracy"])  # max keeps the first of equals
+    p = best["accuracy"]
+    margin = cfg.auto_margin * math.sqrt(p * (1 - p) / max(held_out, 1))
+    chosen = next(r for r in eligible if r["accuracy"] >= p - margin - 1e-9)
+    if chosen is not best:
+        log.info("  %s: %.2f%%, within %g standard error (%.1f points on %d held-out images) of %s's %.2f%%, and "
+                 "cheaper", chosen["strategy"], 100 * chosen["accuracy"], cfg.auto_margin, 100 * margin, held_out,
+                 best["strategy"], 100 * p)
+    return chosen
 
 
 def _all_images_share(row: dict[str, Any], cfg: Config) -> float:
@@ -198,7 +213,9 @@ def describe_choice(selection: dict[str, Any]) -> str:
     """The choice in a line (log, result table, report): the winner, and every strategy's mean."""
     rows = ", ".join(f"{r['strategy']} left out" if "left_out" in r else f"{r['strategy']} {100 * r['accuracy']:.2f}%"
                      for r in selection["candidates"])
-    return f"{selection['chosen']}, the best mean on {selection['folds']} of {selection['of']} folds ({rows})"
+    margin = selection.get("margin", 0)
+    rule = f"the cheapest within {margin:g} standard error of the best mean" if margin else "the best mean"
+    return f"{selection['chosen']}, {rule} on {selection['folds']} of {selection['of']} folds ({rows})"
 
 
 class Deadline(Hook):

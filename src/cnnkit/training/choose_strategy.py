@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -60,8 +61,6 @@ TRAINED_ORDER = ("frozen", "gradual", "finetune")  # the cheapest first: a tie g
 def choose_strategy(cfg: Config, started: float | None = None) -> tuple[Config, RunRecord]:
     """The configuration the run trains (the chosen strategy, and the probe's choices if it won)
     and the run's record. `started` (time.perf_counter()) is when the time budget's clock began."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("--strategy auto trains its candidates one after another in one process; run it without "
                           "torchrun, or name a strategy")

@@ -142,7 +142,9 @@ def _measure(cfg: Config, ds: Dataset, folds: list[Splits], deadline: float | No
             return {**_row(cfg.strategy, cfg.model, accuracies, time.perf_counter() - t0),
                     "left_out": "its folds would not end within the time budget"}
         accuracies.append(accuracy)
-        log.info("  %s, fold %d: %.2f%% of %d held-out images", cfg.strategy, k + 1, 100 * accuracy, len(fold.test))
+        took, left = time.perf_counter() - t0, len(folds) - k - 1
+        log.info("  %s, fold %d: %.2f%% of %d held-out images, %.0f s%s", cfg.strategy, k + 1, 100 * accuracy,
+                 len(fold.test), took / (k + 1), f" (about {took / (k + 1) * left:.0f} s for its other {left} fold{'s' * (left > 1)})" if left else "")
     return _row(cfg.strategy, cfg.model, accuracies, time.perf_counter() - t0,
                 fold_images=int(np.mean([len(f.train) for f in folds])))
 

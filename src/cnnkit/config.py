@@ -35,7 +35,7 @@ CHOICES = {
 }
 
 
-AUTO_STRATEGIES = ("linear-probe", "frozen", "gradual", "finetune")  # what --strategy auto chooses among
+AUTO_STRATEGIES = ("linear-probe", "frozen", "gradual", "finetune")  # what --strategy auto chooses among, cheapest first
 
 
 def opt(default: Any, doc: str) -> Any:
@@ -91,7 +91,7 @@ class Config:
     probe_screen: float | None = opt(None, "linear-probe with candidates and probe_flip: score the candidates on their plain views first, and compute the mirrored views only of those within this many standard deviations (of the best one's folds) of the best, e.g. 1.0; unset: every candidate's")
     probe_concat: bool = opt(False, "linear-probe with candidates: one more candidate, the features of the two best backbones side by side under one linear head (both backbones run at test time), chosen only where cross-validation prefers it")
     cv_folds: int = opt(5, "linear-probe with candidates: folds of the cross-validation that chooses backbone and weight decay")
-    auto_strategies: list[str] = opt(["linear-probe", "frozen", "gradual", "finetune"], "--strategy auto: the strategies measured; the trained ones (frozen, gradual, finetune) with the run's epochs, lr, augment and the like, on the probe's best single backbone")
+    auto_strategies: list[str] = opt(list(AUTO_STRATEGIES), "--strategy auto: the strategies measured; the trained ones (frozen, gradual, finetune) with the run's epochs, lr, augment and the like, on the probe's best single backbone")
     auto_trained: dict[str, Any] = opt({}, "--strategy auto: settings of the trained strategies in place of the run's own (the photos recipe's [auto_trained] table: fine-tuning's epochs, lr, augment), so that the probe keeps its own")
     auto_margin: float = opt(1.0, "--strategy auto: the cheapest strategy (linear-probe, frozen, gradual, finetune) within this many standard errors of the best mean accuracy on the folds wins (the one-standard-error rule; the binomial standard error of the best's accuracy on the held-out images); 0: the best mean")
     auto_folds: int | None = opt(None, "--strategy auto: how many of the cv_folds folds each trained strategy is measured on (each is a training run; the probe is compared on the same folds); default all")

@@ -40,11 +40,12 @@ import numpy as np
 
 from cnnkit import progress
 from cnnkit.budget import parse_duration
-from cnnkit.config import Config
+from cnnkit.config import AUTO_STRATEGIES, Config
 from cnnkit.data import Dataset, Splits
 from cnnkit.data.dataset import Split
 from cnnkit.errors import ConfigError
 from cnnkit.inference import predict_logits
+from cnnkit.models.concat import SEPARATOR
 from cnnkit.probe import fold_ids
 from cnnkit.runs import RunRecord, run_splits
 from cnnkit.training.build import build
@@ -54,8 +55,7 @@ from cnnkit.training.loop import Hook, Loop
 
 log = logging.getLogger(__name__)
 
-PROBE = "linear-probe"
-TRAINED_ORDER = ("frozen", "gradual", "finetune")  # the cheapest first: a tie goes to it
+PROBE, *TRAINED_ORDER = AUTO_STRATEGIES  # the cheapest first: within the margin it wins
 
 
 def choose_strategy(cfg: Config, started: float | None = None) -> tuple[Config, RunRecord]:
@@ -103,7 +103,7 @@ def _probe(cfg: Config) -> tuple[Config, RunRecord]:
 def _best_single_backbone(record: RunRecord, cfg: Config) -> str:
     """What the trained strategies train: the probe's best backbone that is one backbone (side by
     side they are a probe's alone), else the run's model."""
-    rows = [r for r in (record.selection or {}).get("candidates", []) if "+" not in r["model"]]
+    rows = [r for r in (record.selection or {}).get("candidates", []) if SEPARATOR not in r["model"]]
     return max(rows, key=lambda r: r["cv_accuracy"])["model"] if rows else cfg.model
 
 
@@ -145,8 +145,7 @@ def _measure(cfg: Config, ds: Dataset, folds: list[Splits], deadline: float | No
         took, left = time.perf_counter() - t0, len(folds) - k - 1
         log.info("  %s, fold %d: %.2f%% of %d held-out images, %.0f s%s", cfg.strategy, k + 1, 100 * accuracy,
                  len(fold.test), took / (k + 1), f" (about {took / (k + 1) * left:.0f} s for its other {left} fold{'s' * (left > 1)})" if left else "")
-    return _row(cfg.strategy, cfg.model, accuracies, time.perf_counter() - t0,
-                fold_images=int(np.mean([len(f.train) for f in folds])))
+    return _row(cfg.strategy, cfg.model, accuracies, time.perf_counter() - t0)
 
 
 def fold_accuracy(cfg: Config, ds: Dataset, fold: Splits, what: str, deadline: float | None = None) -> float | None:
@@ -186,7 +185,8 @@ def _winner(rows: list[dict[str, Any]], cfg: Config, started: float, held_out: i
     if cfg.time_budget:
         left = parse_duration(cfg.time_budget) - (time.perf_counter() - started)
         for r in rows:
-            final = r["seconds"] / max(len(r["fold_accuracies"]), 1) * _all_images_share(r, cfg)
+            # a fold trains (k-1)/k of the images; the final run all of them
+            final = r["seconds"] / max(len(r["fold_accuracies"]), 1) * cfg.cv_folds / (cfg.cv_folds - 1)
             if r["strategy"] != PROBE and "left_out" not in r and final > left:
                 r["left_out"] = f"its final run (about {final:.0f} s) would not fit the {left:.0f} s the budget leaves"
                 log.info("  %s: left out, %s", r["strategy"], r["left_out"])
@@ -203,11 +203,6 @@ def _winner(rows: list[dict[str, Any]], cfg: Config, started: float, held_out: i
                  "cheaper", chosen["strategy"], 100 * chosen["accuracy"], cfg.auto_margin, 100 * margin, held_out,
                  best["strategy"], 100 * p)
     return chosen
-
-
-def _all_images_share(row: dict[str, Any], cfg: Config) -> float:
-    """How much longer than one fold the final run trains: all the images, not (k-1)/k of them."""
-    return cfg.cv_folds / (cfg.cv_folds - 1) if "fold_images" in row else 1.0
 
 
 def describe_choice(selection: dict[str, Any]) -> str:

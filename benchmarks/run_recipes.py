@@ -92,7 +92,7 @@ def measured_header(script: str, flags: str, note: str = "", versions: str = "")
 
 
 def run_one(recipe: str, seed: int, extra: list[str], out_dir: Path, fresh_cache: bool = False,
-            validation_only: bool = False) -> dict:
+            validation_only: bool = False, val_views: str | None = None) -> dict:
     name = f"{recipe}-seed{seed}-{int(time.time())}"
     cmd = [sys.executable, "-m", "cnnkit", "--quiet", "train", "--recipe", recipe, "--seed", str(seed),
            "--output", str(out_dir), "--name", name, *extra]
@@ -114,7 +114,23 @@ def run_one(recipe: str, seed: int, extra: list[str], out_dir: Path, fresh_cache
         "wall_time_s": round(wall, 1), "train_time_s": summary["train_time_s"],
         "train_images_per_s": round(statistics.mean(m["train_images_per_s"] for m in metrics), 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024), "command": "cnnkit " + " ".join(cmd[4:]),
+        **({"val_views_accuracy": val_accuracy_with_views(out_dir / name, val_views)} if val_views else {}),
     }
+
+
+def val_accuracy_with_views(run_dir: Path, tta: str) -> float:
+    """The run's best weights on its validation split with test-time views `tta` (and the run's own
+    `tta_below`): for choosing a recipe's test views without reading its test split, since validation
+    during training goes without views."""
+    from cnnkit.inference import InferenceSettings, predict_logits
+    from cnnkit.runs import load_run, run_settings, run_splits
+
+    cfg = run_settings(run_dir)
+    _, splits = run_splits(cfg)
+    run = load_run(run_dir, "best")
+    logits = predict_logits(run.model, run.preprocess, splits.val.images, tta=tta,
+                            **InferenceSettings.for_run(cfg, "cpu").kwargs())
+    return float((logits.argmax(1).numpy() == splits.val.labels).mean())
 
 
 def table(rows: list[dict]) -> str:
@@ -122,15 +138,17 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         by_recipe.setdefault(r["recipe"], []).append(r)
     key = "test_accuracy" if all("test_accuracy" in r for r in rows) else "best_val_accuracy"
-    out = [f"| recipe | seeds | {key.replace('_', ' ')} (mean ± sd) | wall time (mean ± sd) | train img/s | peak RSS |",
-           "|---|---|---|---|---|---|"]
+    views = all("val_views_accuracy" in r for r in rows)
+    out = [f"| recipe | seeds | {key.replace('_', ' ')} (mean ± sd) |{' with test views |' if views else ''}"
+           " wall time (mean ± sd) | train img/s | peak RSS |", "|---|---|---|" + ("---|" if views else "") + "---|---|---|"]
     for recipe, rs in by_recipe.items():
         accs = [100 * r[key] for r in rs]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         walls = [r["wall_time_s"] / 60 for r in rs]
         wall_sd = f" ± {statistics.stdev(walls):.2f}" if len(walls) > 1 else ""
+        with_views = f" {statistics.mean(100 * r['val_views_accuracy'] for r in rs):.2f}% |" if views else ""
         out.append(f"| {recipe} | {len(rs)} | {statistics.mean(accs):.2f}% ± {sd:.2f} "
-                   f"({', '.join(f'{a:.2f}' for a in accs)}) | {statistics.mean(walls):.2f}{wall_sd} min "
+                   f"({', '.join(f'{a:.2f}' for a in accs)}) |{with_views} {statistics.mean(walls):.2f}{wall_sd} min "
                    f"| {statistics.mean(r['train_images_per_s'] for r in rs):.0f} | {max(r['peak_rss_mb'] for r in rs)} MB |")
     return "\n".join(out)
 
@@ -156,9 +174,14 @@ def main() -> None:
     p.add_argument("--validation-only", action="store_true",
                    help="for choosing settings: record and show the best validation accuracy, not the test's "
                         "(the runs still evaluate the test split; its accuracy and the run's closing table go unread)")
+    p.add_argument("--val-views", metavar="TTA", choices=["flip", "shift", "flip-shift"],
+                   help="with --validation-only: also the best weights' validation accuracy with these test views "
+                        "(and the run's --tta-below), for choosing test views without the test split")
     p.add_argument("--isa", choices=["avx2"], help="cap the kernels to AVX2, as on a CPU without AVX-512 (see above)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more `cnnkit train` flags for every run")
     args = p.parse_args()
+    if args.val_views and not args.validation_only:
+        p.error("--val-views is for choosing: use it with --validation-only")
     extra = [a for a in args.extra if a != "--"]
     if args.isa:  # before machine() and the runs, which inherit it
         os.environ.update(AVX2_ONLY)
@@ -179,6 +202,7 @@ def main() -> None:
               f"{' --no-base' if args.no_base else ''}{' --interleave' if args.interleave else ''}"
               f"{' --fresh-cache' if args.fresh_cache else ''}"
               f"{' --validation-only' if args.validation_only else ''}"
+              f"{' --val-views ' + args.val_views if args.val_views else ''}"
               f"{' --isa ' + args.isa if args.isa else ''}"
               f"{' -- ' + ' '.join(extra) if extra else ''}`\n\n")
     rows = []
@@ -186,7 +210,8 @@ def main() -> None:
     if args.interleave:  # seed by seed: each seed's variants back to back
         order.sort(key=lambda r: args.seeds.index(r[2]))
     for recipe, (suffix, flags), seed in order:
-        row = run_one(recipe, seed, extra + flags, args.runs_dir, args.fresh_cache, args.validation_only)
+        row = run_one(recipe, seed, extra + flags, args.runs_dir, args.fresh_cache, args.validation_only,
+                      args.val_views)
         row["recipe"] += suffix
         rows.append(row)
         record(args.label, header, rows, where)  # after every run: an interrupted benchmark keeps what it measured

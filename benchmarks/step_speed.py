@@ -44,6 +44,8 @@ CASES = [  # (label, channels, size, widths, precision, channels_last, compile)
     ("cifar10-fast net", 3, 32, (64, 256, 256), "fp32", False, False),
     ("cifar10-fast net", 3, 32, (64, 256, 256), "fp32", True, True),
     ("cifar10-quick net", 3, 32, (64, 128, 256), "fp32", True, False),
+    ("cifar10 narrower net", 3, 32, (48, 96, 192), "fp32", True, False),  # #24: CIFAR-10 in 10 minutes in fp32
+    ("cifar10 narrower net", 3, 32, (32, 64, 128), "fp32", True, False),
     ("fmnist-fast net", 1, 28, (64, 128, 256), "fp32", True, False),
     ("fmnist-quick net", 1, 28, (32, 64, 128), "fp32", False, False),
     ("fmnist-quick net", 1, 28, (32, 64, 128), "fp32", True, True),

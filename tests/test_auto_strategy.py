@@ -61,6 +61,18 @@ class FakeLoop:
         self.stopped = (reason, now)
 
 
+def test_the_trained_strategies_train_the_best_single_backbone_on_the_views_the_run_trains_on():
+    cfg = Config.from_dict({"model": "m0"})
+    pair = {"model": "a+b", "cv_accuracy": 0.99}  # side by side: a probe's alone
+    finalist = {"model": "a", "cv_accuracy": 0.90, "screen_accuracy": 0.93}  # both views
+    screened_out = {"model": "b", "cv_accuracy": 0.91}  # plain views alone: not comparable
+    record = RunRecord(model="a", selection={"candidates": [finalist, screened_out, pair]})
+    assert choose_strategy.best_single_backbone(record, cfg) == "a"
+    unscreened = RunRecord(model="b", selection={"candidates": [{"model": "a", "cv_accuracy": 0.90}, screened_out]})
+    assert choose_strategy.best_single_backbone(unscreened, cfg) == "b"
+    assert choose_strategy.best_single_backbone(RunRecord(model="m0"), cfg) == "m0"
+
+
 def test_a_fold_that_cannot_end_by_the_deadline_is_stopped():
     loop, hook = FakeLoop(), Deadline(time.perf_counter() + 60)
     hook.on_run_start(loop)

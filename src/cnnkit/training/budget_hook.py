@@ -11,11 +11,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import torch
-
 from cnnkit import distributed
 from cnnkit.analysis import ROBUSTNESS_PASSES, robustness_sample_count
-from cnnkit.augment import tta_views
+from cnnkit.augment import tta_view_count
 from cnnkit.budget import (EXTRAS_SHARE, REPLAN_PAST, Costs, calibration_window, describe_plan, epoch_weight,
                            estimate_costs, final_seconds, first_settled_epoch, fit_extras, fit_steps, recent_epoch_s,
                            replan_after_epoch, run_end_s)
@@ -26,10 +24,6 @@ if TYPE_CHECKING:
     from cnnkit.training.build import Setup
 
 log = logging.getLogger(__name__)
-
-
-def tta_view_count(mode: str) -> int:
-    return len(tta_views(torch.zeros(1, 1, 2, 2), mode))
 
 
 class TimeBudget(Hook):

@@ -14,7 +14,9 @@ candidate, scored on the rows already computed: chosen only where the folds pref
 
 Under `--time-budget` the candidates may take 60% of it: one whose features would not fit (its
 multiply-adds against the first candidate's measured time; screened, with room kept for the mirror
-images every candidate may yet need) is left out, and the log says so.
+images every candidate may yet need) is left out, and the log says so. The pair side by side runs
+both backbones over the test images and the report's, so it is a candidate only where that fits in
+what the budget leaves after choosing.
 The held-out test split is never looked at. The choice, its estimate and every candidate's score
 go into the run record (run.json): the run's configuration stays what it was asked to be.
 """
@@ -30,9 +32,11 @@ import numpy as np
 import torch
 
 from cnnkit import probe
+from cnnkit.analysis import ROBUSTNESS_PASSES, robustness_sample_count
+from cnnkit.augment import tta_view_count
+from cnnkit.budget import final_seconds, parse_duration
 from cnnkit.config import Config
 from cnnkit.models import create_model
-from cnnkit.budget import parse_duration
 from cnnkit.models.concat import SEPARATOR
 from cnnkit.models.pretrained import input_size
 from cnnkit.preprocess import make_preprocess
@@ -75,8 +79,14 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
         rows = _finalists(rows, cfg, splits, labels, device, precision, features)
     scored = [r for r in rows if not screen or "screen_accuracy" in r]  # on the views the run trains on
     if cfg.probe_concat and len(scored) > 1:
-        rows.append(_concat_candidate(scored, features, labels, cfg))
-        scored.append(rows[-1])
+        top = sorted(scored, key=lambda r: r["cv_accuracy"], reverse=True)[:2]
+        after_s = pair_after_seconds(top, len(labels), evaluated_images(cfg, splits), cfg.report)
+        if budget_s is None or time.perf_counter() - started + after_s <= parse_duration(cfg.time_budget):
+            rows.append(_concat_candidate(top, features, labels, cfg))
+            scored.append(rows[-1])
+        else:
+            log.info("  the two best side by side: left out, both backbones over the test and report images would "
+                     "take about %.0f s, more than the time budget %s leaves", after_s, cfg.time_budget)
     best = max(scored, key=lambda r: r["cv_accuracy"])  # a tie: the first, a single backbone before two
     log.info("linear probe on %s: the best of %d candidates by %d-fold cross-validation on %d images",
              best["model"], len(rows), cfg.cv_folds, len(labels))
@@ -87,11 +97,10 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     return replace(cfg, model=best["model"], model_args=model_args or cfg.model_args), record
 
 
-def _concat_candidate(scored: list[dict[str, Any]], features: dict[str, Features], labels: np.ndarray,
+def _concat_candidate(top: list[dict[str, Any]], features: dict[str, Features], labels: np.ndarray,
                       cfg: Config) -> dict[str, Any]:
-    """The two best backbones' features side by side (models.concat), scored as the others: their
-    rows are already computed, so this costs the folds' fits alone."""
-    top = sorted(scored, key=lambda r: r["cv_accuracy"], reverse=True)[:2]
+    """The two best backbones' (`top`) features side by side (models.concat), scored as the others:
+    their rows are already computed, so this costs the folds' fits alone."""
     names = [n for n in cfg.probe_candidates if n in {r["model"] for r in top}]  # the recipe's order
     t0 = time.perf_counter()
     plain = np.concatenate([features[n][0] for n in names], 1)
@@ -108,6 +117,23 @@ def fits_in_budget(elapsed_s: float, rows: list[dict[str, Any]], guess_s: float,
     views): those of the candidates already scored are kept free, and the new one's counted."""
     reserved = sum(r["seconds"] for r in rows) if screen else 0.0
     return elapsed_s + reserved + candidate_seconds(guess_s, screen) <= budget_s
+
+
+def evaluated_images(cfg: Config, splits: Any) -> int:
+    """Images the chosen model runs over after choosing: the test split on each of its test views,
+    and the report's robustness samples on each of their passes."""
+    test = len(splits.test)
+    robust = robustness_sample_count(cfg.report_robustness_samples, test, len(splits.train) + test,
+                                     len(np.unique(splits.train.labels))) if cfg.report else 0
+    return test * tta_view_count(cfg.tta) + robust * ROBUSTNESS_PASSES
+
+
+def pair_after_seconds(top: list[dict[str, Any]], images: int, evaluated: int, report: bool) -> float:
+    """The test and the report of the pair side by side: each member's seconds per image and view
+    while choosing (its `images` training and validation images on its views, its folds' fits
+    included, so an upper bound), times the `evaluated` images, and the test's and report's own work."""
+    per_image = sum(r["seconds"] / (images * (2 if r["views"] != "plain" else 1)) for r in top)
+    return final_seconds(evaluated, per_image, report)
 
 
 def candidate_seconds(guess_s: float, screen: bool) -> float:

@@ -72,7 +72,7 @@ def choose_strategy(cfg: Config, started: float | None = None) -> tuple[Config, 
     if probe_cfg is not None:
         chosen = record.selection["chosen"]  # type: ignore[index]
         rows.append(_row(PROBE, chosen["model"], chosen["fold_accuracies"][:folds], record.selection["seconds"]))
-    backbone = _best_single_backbone(record, cfg)
+    backbone = best_single_backbone(record, cfg)
     trained, held_out = [s for s in TRAINED_ORDER if s in cfg.auto_strategies], 0
     if trained:
         ds, fold_data = _folds(cfg, folds)
@@ -100,10 +100,12 @@ def _probe(cfg: Config) -> tuple[Config, RunRecord]:
     return chosen, record
 
 
-def _best_single_backbone(record: RunRecord, cfg: Config) -> str:
+def best_single_backbone(record: RunRecord, cfg: Config) -> str:
     """What the trained strategies train: the probe's best backbone that is one backbone (side by
-    side they are a probe's alone), else the run's model."""
+    side they are a probe's alone), else the run's model. Screened, the best of the finalists: their
+    scores are on both views, a screened-out backbone's on plain views alone, and the two differ."""
     rows = [r for r in (record.selection or {}).get("candidates", []) if SEPARATOR not in r["model"]]
+    rows = [r for r in rows if "screen_accuracy" in r] or rows
     return max(rows, key=lambda r: r["cv_accuracy"])["model"] if rows else cfg.model
 
 

@@ -35,9 +35,19 @@ def test_bad_fp32_tables_are_refused_when_the_recipe_loads(table, message):
 
 
 def test_every_recipes_fp32_table_is_valid():
+    from cnnkit.augment import build_augment
+    from cnnkit.models import create_model
+
     for name in recipe_names():
         cfg = load_recipe(name)
         assert set(cfg.fp32) <= set(Config.__dataclass_fields__)
+        if not cfg.fp32:
+            continue
+        used = rt.settings_for_this_cpu(apply_overrides(cfg, {"precision": "fp32"}))  # checked as a recipe is
+        assert all(getattr(used, key) == value for key, value in cfg.fp32.items()), name
+        build_augment(used.augment)  # its augmentation ops and their parameters exist
+        if not used.pretrained:  # its model builds with its arguments
+            create_model(used.model, 10, 3, 32, **used.model_args)
 
 
 def test_onednn_capped_below_bf16_counts_as_a_cpu_without_it(monkeypatch):

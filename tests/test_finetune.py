@@ -279,6 +279,25 @@ def test_probe_fits_linear_and_hidden_layer_heads_on_raw_features(hidden):
     assert (predicted == vy).mean() == pytest.approx(fit["val_accuracy"], abs=0.01)
 
 
+def test_linear_head_path_stops_once_validation_falls(monkeypatch):
+    """Along the path from the largest decay down, the first fall in validation accuracy ends it:
+    the fits after it are not made, and the best before it is kept."""
+    import numpy as np
+
+    from cnnkit import probe
+
+    scores = iter([0.80, 0.85, 0.84, 0.99])  # a fourth fit would win: it must not be made
+    fits = []
+    monkeypatch.setattr(probe, "_accuracy", lambda head, x, y: next(scores))
+    real_fit = probe._fit_lbfgs
+    monkeypatch.setattr(probe, "_fit_lbfgs", lambda *a, **k: (fits.append(a[3]), real_fit(*a, **k)))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 8)).astype(np.float32), np.arange(60) % 3
+    fit = probe.fit_head(nn.Linear(8, 3), x, y, x[:9], y[:9], weight_decays=(1e-4, 1e-3, 1e-2, 1e-1), quiet=True)
+    assert fits == [1e-1, 1e-2, 1e-3]
+    assert fit["weight_decay"] == 1e-2 and fit["val_accuracy"] == 0.85
+
+
 def test_grad_cam_works_when_every_parameter_is_frozen():
     """The report's Grad-CAM on a model trained with --strategy frozen (no parameter needs a gradient)."""
     import numpy as np

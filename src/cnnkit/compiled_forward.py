@@ -3,13 +3,15 @@ into the graph, for inference on the CPU.
 
 On a CPU without bf16 a linear probe's cost is the frozen backbone's fp32 forward passes. Frozen,
 Inductor folds each BatchNorm into its convolution and fuses the activations into them; eager
-PyTorch runs them as separate passes over memory. EfficientNet-Lite0's features at 192 px ran at
-196-198 images/s against eager channels-last's 150-154 on the 2-core Zen 4 capped to AVX2 (random
-weights, batch 64: benchmarks/RESULTS.md `compiled-features`), while torch.compile without frozen
-weights gained little (161-164) and `options={"freezing": True}` less than the global setting
-(159-166), so the global setting is patched around the calls. The compile costs 10-30 s for each
-model and input shape (Inductor caches it on disk for the next run), so it pays on thousands of
-images (cifar10-probe), not on a photo folder of hundreds: a switch, `--inference-engine compile`.
+PyTorch runs them as separate passes over memory. cifar10-probe's features (Lite0 at 192 px, 32-px
+images resized on the way in, batch 64) ran at 169.5 images/s against eager channels-last's 134.9
+(1.26x) on the 2-core Zen 4 capped to AVX2, after 20 s of compiling (benchmarks/RESULTS.md
+`compiled-features`), and the whole cifar10-probe run took 8.83 minutes against 10.10
+(`zen4-fp32-cifar10-probe-compile`). Without frozen weights torch.compile gained little, and
+`options={"freezing": True}` did not freeze as the global setting does (a one-off check), so that
+setting is patched around the calls. The compile is paid for each model and input shape (Inductor
+caches it on disk for the next run), so it pays on thousands of images, not on a photo folder of
+hundreds: a switch, `--inference-engine compile`.
 
 What is cnnkit's own here is only the glue, as in cnnkit.onnx_forward: one compiled module is kept,
 keyed by a digest of its weights (frozen weights are constants of the code: a new head or a loaded

@@ -5,6 +5,7 @@ a new compile when the weights change, and eager torch when a module does not co
 from __future__ import annotations
 
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from cnnkit.models.fastnet import FastNet
 from cnnkit.preprocess import make_preprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore")
+needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")),
+                                    reason="torch.compile needs a C++ compiler: apt-get install g++")
 
 
 def _images(n: int) -> np.ndarray:
@@ -50,6 +53,7 @@ def counted_compiles(monkeypatch):
     return counts
 
 
+@needs_compiler
 def test_compiled_logits_are_torch_logits_with_one_compile(counted_compiles):
     model = FastNet(10, 1, 28, widths=(8, 16, 16)).eval()
     images = _images(45)  # batches of 16, 16 and 13 (padded to 16)
@@ -68,6 +72,7 @@ def test_compiled_logits_are_torch_logits_with_one_compile(counted_compiles):
     assert counted_compiles["graphs"] == 1
 
 
+@needs_compiler
 def test_changed_weights_compile_again(counted_compiles):
     model = FastNet(10, 1, 28, widths=(8, 16, 16)).eval()
     images = _images(16)
@@ -102,3 +107,23 @@ def test_a_run_asks_for_it_on_the_cpu_only():
     cfg.validate()
     assert InferenceSettings.for_run(cfg.to_dict(), "cpu").engine == "compile"
     assert InferenceSettings.for_run(cfg.to_dict(), "cuda").engine == "torch"
+
+
+@needs_compiler
+def test_a_module_with_the_same_weights_does_not_reuse_another_modules_compile():
+    """`cnnkit evaluate` in the process that trained: the loaded model has the trained one's weights,
+    but the trained one is back in training mode (BatchNorm on batch statistics) and is not it."""
+    import copy
+
+    trained = FastNet(10, 1, 28, widths=(8, 16, 16)).eval()
+    images = _images(16)
+    pre = make_preprocess(Config(dataset="fashion-mnist", model="fastnet"), images)
+    with torch.no_grad():
+        for m in trained.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+    loaded = copy.deepcopy(trained)
+    predict_logits(trained, pre, images, engine="compile")
+    trained.train()
+    got = predict_logits(loaded, pre, images, engine="compile")
+    assert torch.allclose(got, predict_logits(loaded, pre, images), atol=1e-4, rtol=1e-4)

@@ -2,6 +2,7 @@
 and the small-split warnings, on a small folder of real pictures (Fashion-MNIST garments)."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -120,20 +121,24 @@ def test_screening_skips_the_mirror_images_of_a_backbone_clearly_behind(photos, 
 
 
 @pytest.mark.slow
-def test_onnxruntime_features_give_the_probe_torch_gives(photos, tmp_path, capsys):
+@pytest.mark.parametrize("engine, says", [("onnxruntime", "under ONNX Runtime"),
+                                          ("compile", "compiled by torch.compile")])
+def test_other_engines_give_the_probe_torch_gives(photos, tmp_path, capsys, engine, says):
     if offline_weights_path(CANDIDATES[0]) is None:
         pytest.skip("pip install 'cnnkit[weights]'")
+    if engine == "compile" and not (shutil.which("g++") or shutil.which("clang++")):
+        pytest.skip("torch.compile needs a C++ compiler: apt-get install g++")
     summaries = {}
-    for engine in ("torch", "onnxruntime"):
+    for name in ("torch", engine):
         assert main(["train", "--recipe", "photos", "--data-dir", str(photos), "--image-size", "48", "--input-size",
                      "64", "--probe-candidates", json.dumps(CANDIDATES[:1]), "--cv-folds", "3", "--report", "false",
-                     "--precision", "fp32", "--inference-engine", engine, "--output", str(tmp_path), "--name", engine]) == 0
-        summaries[engine] = json.loads((tmp_path / engine / "summary.json").read_text())
-    assert "under ONNX Runtime" in capsys.readouterr().err
-    assert summaries["onnxruntime"]["cv_accuracy"] == summaries["torch"]["cv_accuracy"]
-    assert summaries["onnxruntime"]["test_accuracy"] == summaries["torch"]["test_accuracy"]
-    assert main(["--quiet", "evaluate", str(tmp_path / "onnxruntime"), "--json"]) == 0  # the run's engine again
-    assert json.loads(capsys.readouterr().out)["accuracy"] == summaries["onnxruntime"]["test_accuracy"]
+                     "--precision", "fp32", "--inference-engine", name, "--output", str(tmp_path), "--name", name]) == 0
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert says in capsys.readouterr().err
+    assert summaries[engine]["cv_accuracy"] == summaries["torch"]["cv_accuracy"]
+    assert summaries[engine]["test_accuracy"] == summaries["torch"]["test_accuracy"]
+    assert main(["--quiet", "evaluate", str(tmp_path / engine), "--json"]) == 0  # the run's engine again
+    assert json.loads(capsys.readouterr().out)["accuracy"] == summaries[engine]["test_accuracy"]
 
 
 def test_a_budget_keeps_room_for_the_mirror_images_of_the_screened_candidates():

@@ -14,8 +14,8 @@ caches it on disk for the next run), so it pays on thousands of images, not on a
 hundreds: a switch, `--inference-engine compile`.
 
 What is cnnkit's own here is only the glue, as in cnnkit.onnx_forward: one compiled module is kept,
-keyed by a digest of its weights (frozen weights are constants of the code: a new head or a loaded
-checkpoint compiles again), and a shorter batch is padded to the first batch's size, so that one
+keyed by the module and a digest of its weights (frozen weights are constants of the code: a new head
+or a loaded checkpoint compiles again), and a shorter batch is padded to the first batch's size, so that one
 shape compiles (a last, smaller batch, or `tta_below`'s unsure images, would each compile again);
 a batch under half that size runs eagerly instead. A module that does not compile (no C++ compiler,
 an unsupported operator) runs eagerly, with one warning.
@@ -40,7 +40,10 @@ _KEPT: dict[str, Any] = {}  # the one compiled module: {"key": ..., "fn": ..., "
 def compiled_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function like `module`'s forward that runs it compiled with frozen weights. `module` must be
     in eval mode, called under torch.no_grad, and must not change while the function is used."""
-    key = weights_digest(module)
+    # The module itself and its weights: a module with equal weights (the same run's model loaded
+    # again by `cnnkit evaluate` in one process) must not reuse a compile that holds another module,
+    # whose mode may have changed since (a module back in training mode recompiles with batch statistics).
+    key = (id(module), weights_digest(module))
     if _KEPT.get("key") != key:
         if _KEPT:  # the last module's code would stay in dynamo's cache, which holds 8 per function
             torch._dynamo.reset()

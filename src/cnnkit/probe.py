@@ -72,9 +72,9 @@ def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: n
     hidden-layer head (Linear, ReLU, Linear) by Adam for each; both on standardised features. The
     best validation accuracy wins, or with `keep` that decay's head (cross-validation chose it, and
     the validation images are among the training rows). Without `keep` a linear head's path stops at
-    the first decay whose accuracy falls below the best so far: on cifar10-probe's 48,000 rows each L-BFGS fit
-    costs 25-40 s on a 2-core CPU, and the largest decay wins there (a later, smaller one would have to
-    win back what the first step down lost)."""
+    the first decay whose accuracy falls below the best so far: on cifar10-probe's 48,000 rows each
+    L-BFGS fit costs about 30 s on a 2-core CPU, and the largest decay wins there (a later, smaller
+    one would have to win back what the first step down lost)."""
     xs, vx, mean, std = _standardised(train_x, val_x)
     y, vy = torch.from_numpy(train_y).long(), torch.from_numpy(val_y).long()
     linear = isinstance(head, nn.Linear)

@@ -97,18 +97,13 @@ def predict_logits(
     was_training = model.training
     model.eval()
     fn: Callable[[torch.Tensor], torch.Tensor] = outputs or model
-    if engine == "onnxruntime" and device.type == "cpu" and isinstance(fn, nn.Module):
-        from cnnkit.onnx_forward import onnx_forward
-
-        fn.eval()
-        fn, precision, channels_last = onnx_forward(fn), "fp32", False
-    if channels_last:
+    cpu_engine = engine != "torch" and device.type == "cpu" and isinstance(fn, nn.Module)
+    if cpu_engine and engine == "onnxruntime":  # fp32, on contiguous inputs
+        precision, channels_last = "fp32", False
+    if channels_last:  # before a compile: the frozen weights keep the layout they had
         model.to(memory_format=torch.channels_last)
-    if engine == "compile" and device.type == "cpu" and isinstance(fn, nn.Module):
-        from cnnkit.compiled_forward import compiled_forward
-
-        fn.eval()
-        fn = compiled_forward(fn)
+    if cpu_engine:
+        fn = _cpu_engine_forward(fn.eval(), engine)
     images = torch.as_tensor(images)
     starts = range(0, len(images), batch_size)
     out = []
@@ -126,3 +121,16 @@ def predict_logits(
         out.append(logits.cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def _cpu_engine_forward(module: nn.Module, engine: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module`'s forward under the CPU's engine for fixed weights, imported only when a run asks
+    for it: ONNX Runtime (cnnkit.onnx_forward) or torch.compile with frozen weights
+    (cnnkit.compiled_forward)."""
+    if engine == "onnxruntime":
+        from cnnkit.onnx_forward import onnx_forward
+
+        return onnx_forward(module)
+    from cnnkit.compiled_forward import compiled_forward
+
+    return compiled_forward(module)

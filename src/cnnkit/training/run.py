@@ -105,6 +105,12 @@ def standard_hooks(setup: Setup, started_at: float, resuming: bool) -> list[Hook
                     MetricsLog(setup.run_dir, setup.dist.is_main, cfg.tensorboard), Checkpointer(setup)]
 
 
+ENGINE_NOTES = {  # what the log says of a run's CPU engine for fixed weights (cnnkit.inference)
+    "onnxruntime": "under ONNX Runtime, fp32",
+    "compile": "compiled by torch.compile with frozen weights (10-30 s of compiling for each model)",
+}
+
+
 def run_training(setup: Setup, checkpoint: Checkpoint | None = None, extra_hooks: Sequence[Hook] = (),
                  started_at: float | None = None) -> TrainResult:
     started_at = started_at if started_at is not None else time.perf_counter()
@@ -118,12 +124,9 @@ def run_training(setup: Setup, checkpoint: Checkpoint | None = None, extra_hooks
         log.info("resuming %s at %s of %d", setup.run_dir, where, loop.epochs)
     log.info("model %s: %s parameters; device %s, %s; run folder %s", cfg.model,
              f"{count_parameters(setup.model):,}", describe_device(setup.device), setup.precision, setup.run_dir)
-    if setup.inference.engine == "onnxruntime":
-        log.info("forward passes with fixed weights (a probe's features, the test, the report) under ONNX "
-                 "Runtime, fp32")
-    elif setup.inference.engine == "compile":
-        log.info("forward passes with fixed weights (a probe's features, the test, the report) compiled by "
-                 "torch.compile with frozen weights (10-30 s of compiling for each model)")
+    if setup.inference.engine in ENGINE_NOTES:
+        log.info("forward passes with fixed weights (a probe's features, the test, the report) %s",
+                 ENGINE_NOTES[setup.inference.engine])
     if cfg.strategy == "linear-probe":  # minutes of feature extraction, nothing to checkpoint midway
         _fit_probe(setup, loop)
     else:

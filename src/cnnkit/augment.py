@@ -141,8 +141,13 @@ def alternating_hflip(x: Tensor, g: torch.Generator, *, ids: Tensor | None = Non
     image is in depends on (seed, sample id). Without sample ids (previews) it is a random flip."""
     if ids is None:
         return _random_flip(x, g, -1)
-    flip = (_hash32(ids.to(torch.int64) + seed * 1_000_003) + epoch) % 2 == 1
+    flip = alternating_flip_mask(ids, epoch, seed)
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+def alternating_flip_mask(ids: Tensor, epoch: int, seed: int) -> Tensor:
+    """Which of the samples `ids` alternating_hflip mirrors in `epoch` (bool, one per sample)."""
+    return (_hash32(ids.to(torch.int64) + seed * 1_000_003) + epoch) % 2 == 1
 
 
 def _hash32(k: Tensor) -> Tensor:

@@ -85,6 +85,8 @@ class Config:
     unfreeze_epochs: float = opt(1.0, "gradual: epochs between unfreezing one more block, from the top down")
     keep_frozen: int = opt(0, "finetune, gradual: this many layer groups nearest the input never train (faster; Lite0 has 9)")
     frozen_batchnorm: bool = opt(False, "finetune, gradual: every BatchNorm layer keeps its ImageNet statistics (inference mode) also once its layers train (only its scale and shift learn): small batches of few photos give noisy statistics")
+    cache_frozen: bool = opt(False, "finetune, gradual, frozen with keep_frozen: the frozen groups' outputs for each training image and its mirror are computed once and kept in memory (bf16); the steps then run only the layers that train. Flips stay exact, translate becomes a shift of the kept maps by whole cells, other augmentation is refused")
+    cache_frozen_gb: float = opt(4.0, "cache_frozen's memory bound in GB: a run whose kept outputs would need more trains through every layer (a warning says so)")
     layer_lr_decay: float = opt(1.0, "discriminative learning rates: each layer group below the head learns this many times slower than the one above")
     probe_candidates: list[str] = opt([], "linear-probe: pretrained backbones to choose from by k-fold cross-validation on the training images, e.g. '[\"tf_efficientnet_lite0\", \"tf_efficientnet_lite2\"]' (empty: only --model)")
     probe_flip: bool = opt(False, "linear-probe: mirrored training images as extra rows of features (use with --tta flip)")
@@ -198,6 +200,8 @@ class Config:
             raise ConfigError(f"probe_screen counts standard deviations of the folds' accuracy (e.g. 1.0); got {self.probe_screen}")
         if self.keep_frozen < 0:
             raise ConfigError(f"keep_frozen must not be negative; got {self.keep_frozen}")
+        if self.cache_frozen_gb <= 0:
+            raise ConfigError(f"cache_frozen_gb is a memory bound in GB and must be positive; got {self.cache_frozen_gb}")
         if self.head_epochs < 0 or self.unfreeze_epochs <= 0:
             raise ConfigError("head_epochs must not be negative and unfreeze_epochs must be positive")
         if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:

@@ -32,6 +32,7 @@ from cnnkit.models.pretrained import load_pretrained
 from cnnkit.preprocess import Preprocess, make_preprocess
 from cnnkit.runs import RunRecord, run_splits
 from cnnkit.runtime import configure_threads_and_determinism, resolve_device, training_precision, versions
+from cnnkit.training.frozen_cache import cached_step
 from cnnkit.training.optim import make_optimizer
 from cnnkit.training.step import TrainStep
 
@@ -108,6 +109,7 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
     step = TrainStep(net, preprocess, build_augment(cfg.augment), _loss(cfg, splits, len(ds.classes), device),
                      len(ds.classes), device, precision, cfg.channels_last, cfg.seed,
                      progressive_sizes=cfg.progressive_sizes)
+    step = cached_step(cfg, step, model, unfreezer, len(splits.train))
     record = record or RunRecord()
     if run_dir is None:
         run_dir = distributed.broadcast(_new_run_dir(asked or cfg) if dist.is_main else None, dist)

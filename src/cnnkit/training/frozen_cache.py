@@ -5,9 +5,9 @@ BatchNorm layers keep their ImageNet statistics: they are a fixed function of th
 a training image's output from them is the same in every epoch, up to augmentation. This step
 computes it once per image and orientation (the image and its mirror, each when a batch first
 asks for it), keeps it in memory in bf16, and otherwise runs only the layers that train, forward
-and backward. Lite0 at 160 px with the top 4 of 9 groups training, on a CPU capped to AVX2:
-~52 images/s through the whole network, ~139 from kept outputs, their computing ~154
-(benchmarks/RESULTS.md, `transfer-speed-cached`).
+and backward. Lite0 at 160 px with the top 4 of 9 groups training, on a 2-core Zen 4 capped to
+AVX2: 97 images/s through the whole network, 154 from kept outputs, 335 through the frozen part
+alone, which is what keeping costs (benchmarks/RESULTS.md, `transfer-speed-cached`).
 
 What it does to augmentation: flips stay exact (both orientations are kept); `translate` by p
 pixels becomes a shift of the kept maps by whole cells (one cell is the lower layers' stride, 16
@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -56,7 +57,8 @@ class FrozenSplit:
         self.model, self.stages = model, stages
         self.bottom = nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:stages])
         frozen = {n for n, g in unfreezer.ids.items() if g < keep_frozen}
-        names = {n for n, p in model.named_parameters() if any(p is q for q in self.bottom.parameters())}
+        cut = {id(p) for p in self.bottom.parameters()}
+        names = {n for n, p in model.named_parameters() if id(p) in cut}
         if names != frozen:  # the cut must be exactly the groups that never train
             raise ConfigError(f"cache_frozen: the first {keep_frozen} layer groups of {type(model).__name__} are not "
                               "its stem and first stages; drop --cache-frozen")
@@ -123,20 +125,18 @@ class FrozenCacheStep(TrainStep):
         self.bottom_images += len(where)
 
 
-class eval_mode:  # noqa: N801  (used as a context manager, like torch.no_grad)
+@contextmanager
+def eval_mode(net: nn.Module) -> Iterator[None]:
     """Every module of `net` in inference mode for the block, each back to its own mode after:
     the frozen BatchNorm layers are in inference mode already, other modules (dropout, drop path)
     must be too for the outputs to be a fixed function of the image."""
-
-    def __init__(self, net: nn.Module):
-        self.modes = {m: m.training for m in net.modules()}
-
-    def __enter__(self) -> None:
-        for m in self.modes:
-            m.training = False
-
-    def __exit__(self, *exc: object) -> None:
-        for m, mode in self.modes.items():
+    modes = {m: m.training for m in net.modules()}
+    for m in modes:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
             m.training = mode
 
 

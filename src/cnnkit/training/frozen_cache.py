@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnkit.augment import Augment, alternating_flip_mask, translate
+from cnnkit.augment import DEFAULT_P, Augment, alternating_flip_mask, op_params, translate
 from cnnkit.errors import ConfigError
 from cnnkit.finetune import Unfreezer
 from cnnkit.inference import autocast, forward
@@ -87,7 +87,11 @@ class FrozenCacheStep(TrainStep):
         self.flip_rule = flip_rule(step.augment, step.seed)
         self.kept: torch.Tensor | None = None  # (images, 2 orientations, C, H, W), bf16, allocated at first use
         self.filled = torch.zeros(images, 2, dtype=torch.bool)
-        self.bottom_images = 0  # images passed through the bottom (each (image, flip) once)
+
+    @property
+    def bottom_images(self) -> int:
+        """Images passed through the bottom so far (each (image, flip) once)."""
+        return int(self.filled.sum())
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, rng: torch.Generator, *,
                  ids: torch.Tensor | None = None, epoch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +126,6 @@ class FrozenCacheStep(TrainStep):
                      "x".join(map(str, h.shape[1:])), self.kept.numel() * 2 / 1e9)
         self.kept[ids[where].to(self.device), flips[where].to(self.device)] = h.to(torch.bfloat16)
         self.filled[ids[where], flips[where]] = True
-        self.bottom_images += len(where)
 
 
 @contextmanager
@@ -146,7 +149,7 @@ def flip_rule(augment: Augment, seed: int) -> Callable[[torch.Tensor, int, torch
         if spec["op"] == "alternating_hflip":
             return lambda ids, epoch, rng: alternating_flip_mask(ids, epoch, seed)
         if spec["op"] == "hflip":
-            p = float(spec.get("p", 0.5))
+            p = float(spec.get("p", DEFAULT_P["hflip"]))
             return lambda ids, epoch, rng: torch.rand(len(ids), generator=rng) < p
     return lambda ids, epoch, rng: torch.zeros(len(ids), dtype=torch.bool)
 
@@ -166,9 +169,10 @@ def cell_shift(augment: Augment, preprocess: Preprocess, bottom_stride: int) -> 
     """translate's pixels as whole cells of the kept maps (at least one), and its fill."""
     for spec in augment.ops:
         if spec["op"] == "translate":
-            pixels = int(spec.get("pixels", 2)) * preprocess.input_size / preprocess.data_size
-            return max(1, round(pixels / bottom_stride)), spec.get("fill", "reflect")
-    return 0, "reflect"
+            params = {**op_params(translate), **spec}  # the op's own defaults where the recipe sets none
+            pixels = int(params["pixels"]) * preprocess.input_size / preprocess.data_size
+            return max(1, round(pixels / bottom_stride)), params["fill"]
+    return 0, op_params(translate)["fill"]
 
 
 def cached_step(cfg: Any, step: TrainStep, model: nn.Module, unfreezer: Unfreezer | None, images: int) -> TrainStep:

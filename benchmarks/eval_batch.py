@@ -40,8 +40,9 @@ def one_case(model_name: str, size: int, data_size: int, images: int, batch: int
 
     reuse_freed_memory()
     torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False, num_classes=10).eval()
+    model = timm.create_model(model_name, pretrained=False).eval()
     load_pretrained(model, model_name)
+    model.reset_classifier(10)  # a CIFAR-10 run's head
     model.to(memory_format=torch.channels_last)
     w = preprocessing(model_name)
     pre = Preprocess(data_size=data_size, data_channels=3, input_size=size, model_channels=3,
@@ -84,7 +85,7 @@ def main() -> None:
             if engine == "compile":  # a first run's compile, not one cached by an earlier case
                 env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-bench-")
             out = subprocess.run([sys.executable, *sys.argv, "--one", f"{engine}:{batch}"], env=env, check=True,
-                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                                 stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
             r = json.loads(out)
             rows.append(f"| {args.model} | {args.data_size} -> {args.size} px | {engine} | {args.precision} | {batch} | "
                         f"{r['first_s']:.1f} s | {r['second_s']:.1f} s | {args.images / r['second_s']:.0f} | "

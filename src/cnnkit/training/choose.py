@@ -172,7 +172,7 @@ def _candidate(cfg: Config, splits: Any, labels: np.ndarray, device: torch.devic
     on its plain views alone or (`flip`) with the mirrored ones as the run will train on them.
     Its features go into `keep` (for the backbones side by side)."""
     t0 = time.perf_counter()
-    plain, flipped = _features(cfg if flip else replace(cfg, probe_flip=False, tta="none"), splits, device, precision)
+    plain, flipped = candidate_features(cfg if flip else replace(cfg, probe_flip=False, tta="none"), splits, device, precision)
     keep[cfg.model] = (plain, flipped)
     return _score(cfg.model, plain, flipped, labels, cfg, t0, {"macs": _macs(cfg.model, cfg)} if macs else {})
 
@@ -191,7 +191,7 @@ def _score(model: str, plain: np.ndarray, flipped: np.ndarray | None, labels: np
     return row
 
 
-def _features(cfg: Config, splits: Any, device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
+def candidate_features(cfg: Config, splits: Any, device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Training and validation images' features (and mirrored ones) by the candidate backbone."""
     model, source = imagenet_model(cfg)  # as the run's own build makes it, model_args included
     model.to(device)

@@ -1,0 +1,69 @@
+"""The photo default's probe at other input sizes: each backbone's k-fold cross-validated accuracy on
+a folder's training images (plain and mirrored rows, as the photos recipe scores its candidates),
+over several fold seeds. The test split is not read. #22 asks whether the input size is worth
+choosing by cross-validation, as the backbone is.
+
+    python benchmarks/probe_sizes.py --data-dir /tmp/data/flowers12 \\
+        tf_efficientnet_lite0@224 tf_efficientnet_lite0@192 tf_efficientnet_lite2@260 tf_efficientnet_lite2@224
+
+Images are decoded once at `--image-size` (the photos recipe's 260) and each candidate resizes them
+to its own input, as a run does. Writes the block `probe-sizes` of benchmarks/RESULTS.md (or --label).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from run_recipes import measured_header, restart_capped_to_avx2, write_block
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("candidates", nargs="+", help="BACKBONE@SIZE, e.g. tf_efficientnet_lite0@192")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--image-size", type=int, default=260, help="the size images are decoded at")
+    p.add_argument("--fold-seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--isa", choices=["avx2"], help="cap PyTorch's kernels to AVX2")
+    p.add_argument("--label", default="probe-sizes")
+    args = p.parse_args()
+    if args.isa:
+        restart_capped_to_avx2()
+    from cnnkit import probe
+    from cnnkit.allocator import reuse_freed_memory
+    from cnnkit.config import load_recipe
+    from cnnkit.runs import run_splits
+    from cnnkit.training.choose import candidate_features
+
+    reuse_freed_memory()
+    cfg = replace(load_recipe("photos"), data_dir=args.data_dir, image_size=args.image_size, precision="fp32")
+    _, splits = run_splits(cfg.to_dict())
+    labels = np.concatenate([splits.train.labels, splits.val.labels])
+    folds = cfg.cv_folds
+    rows = [f"| backbone | input | {folds}-fold accuracy, fold seeds {', '.join(map(str, args.fold_seeds))} | mean "
+            "| features (plain and mirrored) |", "|---|---|---|---|---|"]
+    for spec in args.candidates:
+        name, size = spec.split("@")
+        t0 = time.perf_counter()
+        plain, flipped = candidate_features(replace(cfg, model=name, input_size=int(size)), splits,
+                                            torch.device("cpu"), "fp32")
+        seconds = time.perf_counter() - t0
+        best = [max(np.mean(a) for a in probe.fold_accuracies(plain, flipped, labels, folds, seed,
+                                                              cfg.label_smoothing, probe.WEIGHT_DECAYS).values())
+                for seed in args.fold_seeds]
+        rows.append(f"| {name} | {size} px | {', '.join(f'{100 * b:.2f}' for b in best)} | "
+                    f"{100 * np.mean(best):.2f}% | {seconds:.0f} s |")
+        print(rows[-1], flush=True)
+    block = measured_header("probe_sizes.py", " ".join(sys.argv[1:]),
+                            f"{len(labels)} training images; each estimate at its best weight decay") + "\n".join(rows)
+    write_block(args.label, block)
+    print(block)
+
+
+if __name__ == "__main__":
+    main()

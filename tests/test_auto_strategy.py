@@ -102,9 +102,9 @@ def test_auto_measures_every_strategy_on_the_probes_folds_and_trains_the_best(ph
     photos = relabelled(photos, tmp_path / "relabelled")  # the probe at chance: a trained one wins
     seen = []
 
-    def fold_accuracy(cfg, ds, fold, what, deadline=None):  # the folds' results, set: the choice is tested
+    def fold_accuracy(cfg, ds, fold, what, deadline=None):  # the folds' results by epoch, set: the choice is tested
         seen.append((cfg.strategy, cfg.model, cfg.epochs, sorted(fold.test.labels.tolist()), len(fold.train)))
-        return {"frozen": 0.0, "gradual": 0.97, "finetune": 0.98}[cfg.strategy]
+        return {"frozen": [0.0, 0.0], "gradual": [0.97, 0.96], "finetune": [0.95, 0.98]}[cfg.strategy]
 
     monkeypatch.setattr(choose_strategy, "fold_accuracy", fold_accuracy)
     args = ["train", "--recipe", "photos", "--data-dir", str(photos), *SMALL, "--strategy", "auto",
@@ -127,7 +127,12 @@ def test_auto_measures_every_strategy_on_the_probes_folds_and_trains_the_best(ph
     held = record["strategy_selection"]["held_out_images"]
     assert held == len(seen[0][3]) + len(seen[1][3])  # 98% is 98 ± 2.5 on 32 images: 97% is within it
     assert record["strategy"] == record["strategy_selection"]["chosen"] == "gradual"  # the cheaper of the two
-    assert summary["strategy_choice"]["chosen"] == "gradual" and summary["epochs_run"] == 2
+    assert rows["gradual"]["epoch"] == 1 and rows["gradual"]["epoch_accuracies"] == [0.97, 0.96]
+    assert rows["finetune"]["epoch"] == 2 and rows["finetune"]["accuracy"] == 0.98
+    # gradual's folds were best after its first epoch: the final run stops there, its schedule that of 2 epochs
+    assert record["stop_after_epoch"] == 1 and "stopped after epoch 1 of 2" in err
+    assert summary["strategy_choice"]["chosen"] == "gradual" and summary["epochs_run"] == 1
+    assert summary["schedule_steps"] == 2 * summary["steps_per_epoch"]
     assert "cv_accuracy" not in summary  # the probe's estimate is not this run's
     meta = json.loads((run / "checkpoints" / "best.json").read_text())
     assert meta["config"]["strategy"] == "gradual" and meta["config"]["lr"] == 0.01
@@ -135,7 +140,19 @@ def test_auto_measures_every_strategy_on_the_probes_folds_and_trains_the_best(ph
         run / "report.html").read_text()  # the report says so
     seen.clear()
     assert main([*args[:-1], "b", "--auto-margin", "0"]) == 0  # the best mean, whatever the noise
-    assert json.loads((tmp_path / "b" / "run.json").read_text())["strategy"] == "finetune"
+    record = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert record["strategy"] == "finetune" and record["stop_after_epoch"] is None  # best after its last epoch
+
+
+def test_the_epoch_to_stop_after_is_where_the_folds_mean_was_best():
+    assert choose_strategy.best_epoch([[0.5, 0.9, 0.8], [0.6, 0.8, 0.9]]) == 2  # means 0.55, 0.85, 0.85: the earlier
+    assert choose_strategy.best_epoch([[0.5, 0.7, 0.9]]) == 3
+    assert choose_strategy.best_epoch([[0.5, 0.9, 0.8]], lookahead=True) == 3  # slow weights come at the last epoch
+    base = load_recipe("photos").to_dict()
+    with pytest.raises(ConfigError, match="stop_after_epoch ends a run before its last epoch"):
+        Config.from_dict({**base, "stop_after_epoch": 2, "lookahead": True})
+    with pytest.raises(ConfigError, match="stop_after_epoch must be at least 1"):
+        Config.from_dict({**base, "stop_after_epoch": 0})
 
 
 @pytest.mark.slow
@@ -148,6 +165,7 @@ def test_auto_trains_real_folds_and_keeps_the_probe_when_a_budget_leaves_no_time
     rows = json.loads((tmp_path / "real" / "run.json").read_text())["strategy_selection"]["candidates"]
     assert [r["strategy"] for r in rows] == ["linear-probe", "finetune"]
     assert 0 <= rows[1]["accuracy"] <= 1 and len(rows[1]["fold_accuracies"]) == 1 and rows[1]["seconds"] > 0
+    assert len(rows[1]["epoch_accuracies"]) == 2 and rows[1]["accuracy"] == max(rows[1]["epoch_accuracies"])
     capsys.readouterr()
     assert main([*common, "--time-budget", "1s", "--name", "budget"]) == 0
     assert "finetune: left out" in capsys.readouterr().err

@@ -120,6 +120,7 @@ class Config:
     grad_clip: float | None = opt(None, "clip the gradient norm to this value")
     last_epoch_fraction: float = opt(1.0, "data selection: the last epoch trains on this fraction of the training images, those with the highest loss in the epoch before it (e.g. 0.7: the last epoch costs 0.7 of one). 1.0: every image. Off under --time-budget (the budget plans the length) and --class-balance sampler")
     early_stopping_patience: int | None = opt(None, "stop after this many epochs without a better validation accuracy")
+    stop_after_epoch: int | None = opt(None, "end the run after this epoch, its learning-rate schedule still that of all its epochs (--strategy auto sets it where its folds' held-out accuracy was best at an earlier epoch)")
     augment: str | list[dict[str, Any]] = opt("none", "preset (none, seed, light, strong) or list of ops; see `cnnkit augment ops`")
     tta: str = opt("none", "test-time augmentation for the test evaluation: none | flip | shift | flip-shift (validation during training goes without)")
     tta_below: float | None = opt(None, "test-time views only for the images whose top probability from the image alone is below this (e.g. 0.9; the CIFAR-10 speed record does this): the others cost one forward pass")
@@ -161,7 +162,7 @@ class Config:
         if not 0 < self.val_fraction < 1 or not 0 < self.test_fraction < 1:
             raise ConfigError("val_fraction and test_fraction must lie between 0 and 1")
         for key in ("max_train_samples", "max_eval_samples", "image_size", "input_size", "threads", "early_stopping_patience",
-                    "report_robustness_samples"):
+                    "report_robustness_samples", "stop_after_epoch"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key} must be at least 1; got {value}")
@@ -170,6 +171,9 @@ class Config:
         if not 0 < self.last_epoch_fraction <= 1:
             raise ConfigError(f"last_epoch_fraction is a fraction of the training images in (0, 1] (1.0: all); "
                               f"got {self.last_epoch_fraction}")
+        if self.stop_after_epoch is not None and self.lookahead:
+            raise ConfigError("stop_after_epoch ends a run before its last epoch, where Lookahead hands the model its "
+                              "slow weights; set --lookahead false, or leave stop_after_epoch unset")
         if self.checkpoint_every_minutes is not None and self.checkpoint_every_minutes < 0:
             raise ConfigError(f"checkpoint_every_minutes must not be negative; got {self.checkpoint_every_minutes}")
         if self.strategy != "full" and not self.pretrained:

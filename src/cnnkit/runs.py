@@ -46,6 +46,7 @@ class RunRecord:
     selection: dict[str, Any] | None = None  # ... its estimate and every candidate's
     strategy: str | None = None  # the strategy --strategy auto chose (training/choose_strategy.py)
     strategy_selection: dict[str, Any] | None = None  # ... and every strategy's accuracy on the folds
+    stop_after_epoch: int | None = None  # ... and the epoch at which its folds were best, where earlier than the last
 
     def planned(self, steps: int, epochs: int, planned_time_s: float) -> None:
         self.planned_steps, self.epochs, self.planned_time_s = steps, epochs, round(planned_time_s, 1)

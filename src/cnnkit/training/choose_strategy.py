@@ -8,7 +8,10 @@ on a larger or stranger set training the backbone can pay.
 2. Each trained strategy of `auto_strategies` (frozen, gradual, finetune, in that order: the
    cheapest first) is trained on the same folds' training images and tested on their held-out
    images, `auto_folds` of the `cv_folds` folds (each fold is a whole training run), with the run's
-   own training settings (epochs, lr, augment, ...) on the probe's best single backbone.
+   own training settings (epochs, lr, augment, ...) on the probe's best single backbone. Each fold is
+   tested after every epoch; a strategy's accuracy is at the epoch where the folds' mean was best,
+   and if it wins, its final run stops after that epoch (`stop_after_epoch`, the schedule unchanged):
+   early stopping on the folds' signal.
 3. Every candidate is judged on the same held-out images (the probe on the first `auto_folds`
    folds, as the trained ones), and the cheapest within one standard error of the best mean wins
    (`auto_margin`; the one-standard-error rule). The test split is never looked at.
@@ -51,7 +54,7 @@ from cnnkit.runs import RunRecord, run_splits
 from cnnkit.training.build import build
 from cnnkit.training.choose import CANDIDATES_SHARE, choose_backbone
 from cnnkit.training.hooks import LookaheadHook, LrSchedule, Unfreeze
-from cnnkit.training.loop import Hook, Loop
+from cnnkit.training.loop import EpochEnd, Hook, Loop
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,8 @@ def choose_strategy(cfg: Config, started: float | None = None) -> tuple[Config, 
     if best["strategy"] == PROBE:
         assert probe_cfg is not None
         return probe_cfg, replace(record, strategy=PROBE, strategy_selection=selection)
-    record = RunRecord(model=backbone, strategy=best["strategy"], strategy_selection=selection)
+    stop = best["epoch"] if best["epoch"] < best["epochs"] else None  # the folds were best before the last epoch
+    record = RunRecord(model=backbone, strategy=best["strategy"], strategy_selection=selection, stop_after_epoch=stop)
     return Config.from_dict(record.settings(cfg.to_dict()), "--strategy auto's choice"), record
 
 
@@ -112,9 +116,9 @@ def best_single_backbone(record: RunRecord, cfg: Config) -> str:
 def _trained(cfg: Config, strategy: str, backbone: str) -> Config:
     """A trained strategy's folds' configuration: the final run's (`RunRecord.settings`: the run's
     own with `auto_trained` in place), each fold training all its epochs (data selection, early
-    stopping and the budget's planning are the final run's)."""
+    stopping, where to stop and the budget's planning are the final run's)."""
     final = RunRecord(model=backbone, strategy=strategy).settings(cfg.to_dict())
-    return Config.from_dict({**final, "last_epoch_fraction": 1.0, "early_stopping_patience": None,
+    return Config.from_dict({**final, "last_epoch_fraction": 1.0, "early_stopping_patience": None, "stop_after_epoch": None,
                              "time_budget": None, "report": False}, f"--strategy auto's {strategy}")
 
 
@@ -134,41 +138,54 @@ def _folds(cfg: Config, folds: int) -> tuple[Dataset, list[Splits]]:
 
 def _measure(cfg: Config, ds: Dataset, folds: list[Splits], deadline: float | None,
              budget: str | None) -> dict[str, Any]:
-    """A trained strategy's row: its accuracy on each fold's held-out images, or why it was left out."""
-    t0, accuracies = time.perf_counter(), []
+    """A trained strategy's row: its accuracy on each fold's held-out images at the epoch where their
+    mean was best (`best_epoch`), or why it was left out."""
+    t0, curves = time.perf_counter(), []
     for k, fold in enumerate(folds):
-        accuracy = fold_accuracy(cfg, ds, fold, f"{cfg.strategy}, fold {k + 1}/{len(folds)}", deadline)
-        if accuracy is None:
+        curve = fold_accuracy(cfg, ds, fold, f"{cfg.strategy}, fold {k + 1}/{len(folds)}", deadline)
+        if curve is None:
             log.info("  %s: left out, fold %d could not end within the %.0f%% of the time budget %s that choosing "
                      "may take", cfg.strategy, k + 1, 100 * CANDIDATES_SHARE, budget)
-            return {**_row(cfg.strategy, cfg.model, accuracies, time.perf_counter() - t0),
+            return {**_row(cfg.strategy, cfg.model, [c[-1] for c in curves], time.perf_counter() - t0),
                     "left_out": "its folds would not end within the time budget"}
-        accuracies.append(accuracy)
+        curves.append(curve)
         took, left = time.perf_counter() - t0, len(folds) - k - 1
-        log.info("  %s, fold %d: %.2f%% of %d held-out images, %.0f s%s", cfg.strategy, k + 1, 100 * accuracy,
+        log.info("  %s, fold %d: %.2f%% of %d held-out images, %.0f s%s", cfg.strategy, k + 1, 100 * curve[-1],
                  len(fold.test), took / (k + 1), f" (about {took / (k + 1) * left:.0f} s for its other {left} fold{'s' * (left > 1)})" if left else "")
-    return _row(cfg.strategy, cfg.model, accuracies, time.perf_counter() - t0)
+    epoch = best_epoch(curves, cfg.lookahead)
+    if epoch < cfg.epochs:
+        log.info("  %s: its folds' held-out accuracy was best after epoch %d of %d (%.2f%% against %.2f%% after the "
+                 "last); its final run stops there", cfg.strategy, epoch, cfg.epochs,
+                 100 * np.mean([c[epoch - 1] for c in curves]), 100 * np.mean([c[-1] for c in curves]))
+    return _row(cfg.strategy, cfg.model, [c[epoch - 1] for c in curves], time.perf_counter() - t0, epoch=epoch,
+                epochs=cfg.epochs, epoch_accuracies=[round(float(np.mean(a)), 4) for a in zip(*curves)])
 
 
-def fold_accuracy(cfg: Config, ds: Dataset, fold: Splits, what: str, deadline: float | None = None) -> float | None:
+def best_epoch(curves: list[list[float]], lookahead: bool = False) -> int:
+    """The epoch (from 1) whose held-out accuracy, averaged over the folds, was best; of equals the
+    earliest (cheaper, and no better on these images). With Lookahead only the last counts: the model
+    takes its slow weights at the end of the run's last epoch, so an earlier one is not what it measured."""
+    means = np.mean(np.array(curves, dtype=float), axis=0)
+    return len(means) if lookahead else int(np.argmax(means)) + 1
+
+
+def fold_accuracy(cfg: Config, ds: Dataset, fold: Splits, what: str,
+                  deadline: float | None = None) -> list[float] | None:
     """Train `cfg` on the fold's training images, as a run would (no checkpoints, metrics or
-    validation: a fold is a measurement), and test it on its held-out images with the run's
-    test-time views. None when it was stopped for the deadline."""
+    validation: a fold is a measurement), testing it on its held-out images with the run's test-time
+    views after every epoch: the accuracies by epoch. None when it was stopped for the deadline."""
     with tempfile.TemporaryDirectory(prefix="cnnkit-fold-") as tmp, _quiet():
         setup = build(cfg, Path(tmp), data=(ds, fold))
         stop = Deadline(deadline)
+        held_out = HeldOutByEpoch(fold.test, cfg.tta)
         hooks: list[Hook] = [LrSchedule()]
         if setup.unfreezer is not None:
             hooks.append(Unfreeze(setup.unfreezer, cfg.strategy))
         if cfg.lookahead:
             hooks.append(LookaheadHook(setup.model))
-        loop = Loop(setup, [*hooks, stop, StepProgress(what)], cfg.epochs * len(setup.loader), validate=False)
+        loop = Loop(setup, [*hooks, stop, held_out, StepProgress(what)], cfg.epochs * len(setup.loader), validate=False)
         loop.fit()
-        if stop.missed:
-            return None
-        logits = predict_logits(setup.model, setup.preprocess, fold.test.images, device=setup.device, tta=cfg.tta,
-                                **setup.inference.kwargs())
-    return float((logits.argmax(1).numpy() == fold.test.labels).mean())
+    return None if stop.missed else held_out.accuracies
 
 
 def _row(strategy: str, model: str, accuracies: list[float], seconds: float, **extra: Any) -> dict[str, Any]:
@@ -210,10 +227,26 @@ def _winner(rows: list[dict[str, Any]], cfg: Config, started: float, held_out: i
 def describe_choice(selection: dict[str, Any]) -> str:
     """The choice in a line (log, result table, report): the winner, and every strategy's mean."""
     rows = ", ".join(f"{r['strategy']} left out" if "left_out" in r else f"{r['strategy']} {100 * r['accuracy']:.2f}%"
+                     + (f" after epoch {r['epoch']} of {r['epochs']}" if r.get("epoch", 0) < r.get("epochs", 0) else "")
                      for r in selection["candidates"])
     margin = selection.get("margin", 0)
     rule = f"the cheapest within {margin:g} standard error of the best mean" if margin else "the best mean"
     return f"{selection['chosen']}, {rule} on {selection['folds']} of {selection['of']} folds ({rows})"
+
+
+class HeldOutByEpoch(Hook):
+    """A fold's held-out accuracy after each epoch, with the run's test-time views: where it was best
+    is when the final run stops (`best_epoch`), early stopping on the folds' signal rather than on a
+    validation split too small to tell epochs apart."""
+
+    def __init__(self, held_out: Split, tta: str):
+        self.held_out, self.tta, self.accuracies = held_out, tta, []
+
+    def on_epoch_end(self, loop: Loop, end: EpochEnd) -> None:
+        setup = loop.setup
+        logits = predict_logits(setup.model, setup.preprocess, self.held_out.images, device=setup.device,
+                                tta=self.tta, **setup.inference.kwargs())
+        self.accuracies.append(float((logits.argmax(1).numpy() == self.held_out.labels).mean()))
 
 
 class Deadline(Hook):

@@ -109,6 +109,19 @@ class BestEpoch(Hook):
             state["best_val_accuracy"], state["best_epoch"], state["bad_epochs"])
 
 
+class StopAfterEpoch(Hook):
+    """Ends the run after epoch `epoch`, its learning-rate schedule still planned for all its epochs:
+    the run then has the weights --strategy auto's folds measured best at that epoch of that schedule."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, loop: Loop, end: EpochEnd) -> None:
+        if end.epoch >= self.epoch and end.epoch < loop.epochs:
+            loop.request_stop(f"stopped after epoch {end.epoch} of {loop.epochs} (stop_after_epoch: the folds' "
+                              "held-out accuracy was best there)")
+
+
 class MetricsLog(Hook):
     """metrics.jsonl (a line an epoch), the progress bar, the epoch's log line and TensorBoard."""
 

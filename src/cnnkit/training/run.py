@@ -38,8 +38,8 @@ from cnnkit.training.build import Setup, build
 from cnnkit.training import data_selection
 from cnnkit.training.choose import choose_backbone
 from cnnkit.training.choose_strategy import choose_strategy
-from cnnkit.training.hooks import (BestEpoch, Checkpointer, LookaheadHook, LrSchedule, MetricsLog, Unfreeze,
-                                   append_metrics, saved_loop_state)
+from cnnkit.training.hooks import (BestEpoch, Checkpointer, LookaheadHook, LrSchedule, MetricsLog, StopAfterEpoch,
+                                   Unfreeze, append_metrics, saved_loop_state)
 from cnnkit.training.loop import Hook, Loop, TrainState
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,8 @@ def standard_hooks(setup: Setup, started_at: float, resuming: bool) -> list[Hook
         hooks.append(TimeBudget(setup, parse_duration(cfg.time_budget), started_at, settled))
     if cfg.lookahead:
         hooks.append(LookaheadHook(setup.model))
+    if cfg.stop_after_epoch:
+        hooks.append(StopAfterEpoch(cfg.stop_after_epoch))
     return hooks + [BestEpoch(cfg.early_stopping_patience, cfg.final_fit),
                     MetricsLog(setup.run_dir, setup.dist.is_main, cfg.tensorboard), Checkpointer(setup)]
 

@@ -244,8 +244,9 @@ class HeldOutByEpoch(Hook):
 
     def on_epoch_end(self, loop: Loop, end: EpochEnd) -> None:
         setup = loop.setup
+        # PyTorch's own forward: the weights change every epoch (a compiled or exported model would be made again)
         logits = predict_logits(setup.model, setup.preprocess, self.held_out.images, device=setup.device,
-                                tta=self.tta, **setup.inference.kwargs())
+                                tta=self.tta, **setup.inference.in_torch().kwargs())
         self.accuracies.append(float((logits.argmax(1).numpy() == self.held_out.labels).mean()))
 
 

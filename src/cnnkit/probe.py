@@ -83,7 +83,6 @@ def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: n
     xs, vx, mean, std = _standardised(train_x, val_x)
     y, vy = torch.from_numpy(train_y).long(), torch.from_numpy(val_y).long()
     linear = isinstance(head, nn.Linear)
-    xs, vx = xs.to(FIT_DTYPE), vx.to(FIT_DTYPE)
     best: dict[str, Any] = {"val_accuracy": -1.0}
     for wd, candidate in (_lbfgs_path(copy.deepcopy(head).to(FIT_DTYPE), xs, y, weight_decays, label_smoothing) if linear
                           else _adam_fits(head, xs, y, weight_decays, label_smoothing)):
@@ -107,11 +106,11 @@ def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: n
 
 def _standardised(train_x: np.ndarray, val_x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                   torch.Tensor]:
-    """Both sets of features scaled by the training rows' mean and standard deviation (float64),
-    and those statistics."""
+    """Both sets of features scaled by the training rows' mean and standard deviation (computed in
+    float64, the scaled features in FIT_DTYPE), and those statistics (float64, for the fold-in)."""
     x = torch.from_numpy(train_x).double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    return (x - mean) / std, (torch.from_numpy(val_x).double() - mean) / std, mean, std
+    return ((x - mean) / std).to(FIT_DTYPE), ((torch.from_numpy(val_x).double() - mean) / std).to(FIT_DTYPE), mean, std
 
 
 @torch.no_grad()
@@ -225,7 +224,6 @@ def _fold_accuracies(x: np.ndarray, y: np.ndarray, held: np.ndarray, held_y: np.
                      weight_decays: tuple[float, ...]) -> dict[float, float]:
     """One fold's held-out accuracy of a linear head at each weight decay, along `_lbfgs_path`."""
     xs, vx, _, _ = _standardised(x, held)
-    xs, vx = xs.to(FIT_DTYPE), vx.to(FIT_DTYPE)
     yt, vy = torch.from_numpy(y).long(), torch.from_numpy(held_y).long()
     head = nn.Linear(x.shape[1], int(max(y.max(), held_y.max())) + 1).to(FIT_DTYPE)
     return {wd: _accuracy(fitted, vx, vy) for wd, fitted in _lbfgs_path(head, xs, yt, weight_decays, label_smoothing)}

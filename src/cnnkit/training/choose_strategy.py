@@ -226,12 +226,17 @@ def _winner(rows: list[dict[str, Any]], cfg: Config, started: float, held_out: i
 
 def describe_choice(selection: dict[str, Any]) -> str:
     """The choice in a line (log, result table, report): the winner, and every strategy's mean."""
-    rows = ", ".join(f"{r['strategy']} left out" if "left_out" in r else f"{r['strategy']} {100 * r['accuracy']:.2f}%"
-                     + (f" after epoch {r['epoch']} of {r['epochs']}" if r.get("epoch", 0) < r.get("epochs", 0) else "")
-                     for r in selection["candidates"])
+    rows = ", ".join(_describe_row(r) for r in selection["candidates"])
     margin = selection.get("margin", 0)
     rule = f"the cheapest within {margin:g} standard error of the best mean" if margin else "the best mean"
     return f"{selection['chosen']}, {rule} on {selection['folds']} of {selection['of']} folds ({rows})"
+
+
+def _describe_row(row: dict[str, Any]) -> str:
+    if "left_out" in row:
+        return f"{row['strategy']} left out"
+    stopped = row.get("epoch", 0) < row.get("epochs", 0)  # a trained strategy best before its last epoch
+    return f"{row['strategy']} {100 * row['accuracy']:.2f}%" + (f" after epoch {row['epoch']} of {row['epochs']}" if stopped else "")
 
 
 class HeldOutByEpoch(Hook):

@@ -1,7 +1,10 @@
 """The photo default's probe at other input sizes: each backbone's k-fold cross-validated accuracy on
 a folder's training images (plain and mirrored rows, as the photos recipe scores its candidates),
 over several fold seeds. The test split is not read. #22 asks whether the input size is worth
-choosing by cross-validation, as the backbone is.
+choosing by cross-validation, as the backbone is. `--pooled-blocks 0 3` also scores each candidate with
+its last blocks' pooled outputs joined to its features (models.block_pooled); `--recipe cifar10-probe
+--max-train-samples 15000` does the same on a subset of a recipe's own dataset (mirrored rows as the
+recipe's `probe_flip` says).
 
     python benchmarks/probe_sizes.py --data-dir /tmp/data/flowers12 \\
         tf_efficientnet_lite0@224 tf_efficientnet_lite0@192 tf_efficientnet_lite2@260 tf_efficientnet_lite2@224
@@ -27,7 +30,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("candidates", nargs="+", help="BACKBONE@SIZE, e.g. tf_efficientnet_lite0@192")
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--image-size", type=int, default=260, help="the size images are decoded at")
+    p.add_argument("--recipe", default="photos", help="whose dataset, decay path and views")
+    p.add_argument("--image-size", type=int, help="the size images are decoded at (photos: 260)")
+    p.add_argument("--max-train-samples", type=int, help="a stratified subset of the training images")
+    p.add_argument("--pooled-blocks", type=int, nargs="+", default=[0],
+                   help="score each candidate with this many of its last blocks' pooled outputs joined (0: none)")
     p.add_argument("--fold-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--isa", choices=["avx2"], help="cap PyTorch's kernels to AVX2")
     p.add_argument("--label", default="probe-sizes")
@@ -41,22 +48,24 @@ def main() -> None:
     from cnnkit.training.choose import candidate_features
 
     reuse_freed_memory()
-    cfg = replace(load_recipe("photos"), data_dir=args.data_dir, image_size=args.image_size, precision="fp32")
+    cfg = replace(load_recipe(args.recipe), data_dir=args.data_dir, precision="fp32", max_train_samples=args.max_train_samples,
+                  image_size=args.image_size or load_recipe(args.recipe).image_size)
     _, splits = run_splits(cfg.to_dict())
     labels = np.concatenate([splits.train.labels, splits.val.labels])
     folds = cfg.cv_folds
-    rows = [f"| backbone | input | {folds}-fold accuracy, fold seeds {', '.join(map(str, args.fold_seeds))} | mean "
-            "| features (plain and mirrored) |", "|---|---|---|---|---|"]
-    for spec in args.candidates:
+    rows = [f"| backbone | input | pooled blocks | {folds}-fold accuracy, fold seeds {', '.join(map(str, args.fold_seeds))} "
+            f"| mean | features{' (plain and mirrored)' if cfg.probe_flip else ''} |", "|---|---|---|---|---|---|"]
+    for spec, blocks in ((spec, b) for spec in args.candidates for b in args.pooled_blocks):
         name, size = spec.split("@")
         t0 = time.perf_counter()
-        plain, flipped = candidate_features(replace(cfg, model=name, input_size=int(size)), splits,
-                                            torch.device("cpu"), "fp32")
+        model_args = {**cfg.model_args, "pooled_blocks": blocks} if blocks else cfg.model_args
+        plain, flipped = candidate_features(replace(cfg, model=name, input_size=int(size), model_args=model_args),
+                                            splits, torch.device("cpu"), "fp32")
         seconds = time.perf_counter() - t0
         best = [max(np.mean(a) for a in probe.fold_accuracies(plain, flipped, labels, folds, seed,
                                                               cfg.label_smoothing, probe.WEIGHT_DECAYS).values())
                 for seed in args.fold_seeds]
-        rows.append(f"| {name} | {size} px | {', '.join(f'{100 * b:.2f}' for b in best)} | "
+        rows.append(f"| {name} | {size} px | {blocks} | {', '.join(f'{100 * b:.2f}' for b in best)} | "
                     f"{100 * np.mean(best):.2f}% | {seconds:.0f} s |")
         print(rows[-1], flush=True)
     block = measured_header("probe_sizes.py", " ".join(sys.argv[1:]),

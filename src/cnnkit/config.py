@@ -186,6 +186,9 @@ class Config:
         if "+" in self.model and self.strategy not in ("linear-probe", "auto"):  # models.concat's name (torch-free here)
             raise ConfigError(f"model {self.model}: backbones side by side are a linear probe's (--strategy "
                               "linear-probe); name one backbone to fine-tune")
+        if self.model_args.get("pooled_blocks") and self.strategy not in ("linear-probe", "auto"):  # models.block_pooled
+            raise ConfigError("model argument pooled_blocks widens a linear probe's features (--strategy linear-probe, or "
+                              "auto, whose trained strategies leave it out); fine-tuning trains the backbone's own head")
         if self.probe_candidates and self.strategy not in ("linear-probe", "auto"):
             raise ConfigError("probe_candidates chooses a backbone for --strategy linear-probe (or auto); set that "
                               "strategy, or leave probe_candidates empty")

@@ -19,6 +19,7 @@ from torch import nn
 from cnnkit.data.cache import cache_key, cached_arrays
 from cnnkit.errors import ConfigError
 from cnnkit.inference import inference_engine, predict_logits
+from cnnkit.models.block_pooled import ARG as POOLED_BLOCKS
 from cnnkit.models.concat import SOURCES_SEPARATOR, ConcatBackbones, member_names
 from cnnkit.preprocess import Preprocess
 
@@ -59,8 +60,9 @@ def cached_features(model: nn.Module, preprocess: Preprocess, images: np.ndarray
     of the images. The engine is the run's (`inference_engine`; ONNX Runtime runs in fp32)."""
     engine = inference_engine(cfg.to_dict(), device)
     precision = "fp32" if engine == "onnxruntime" else precision
+    blocks = cfg.model_args.get(POOLED_BLOCKS)  # wider rows (models.block_pooled); other arguments leave them as they are
     key = cache_key(model=cfg.model, weights=weights_source, preprocess=preprocess.to_dict(), tta=cfg.tta,
-                    precision=precision, engine=engine,
+                    precision=precision, engine=engine, **({POOLED_BLOCKS: blocks} if blocks else {}),
                     images=zlib.crc32(memoryview(np.ascontiguousarray(images)).cast("B")), shape=list(images.shape))
     arrays, _ = cached_arrays(f"features-{cfg.model}", key, lambda: (
         {"features": features(model, preprocess, images, device=device, precision=precision, tta=cfg.tta,

@@ -59,6 +59,8 @@ class RunRecord:
         decided = {k: v for k, v in self.to_dict().items() if v is not None and k in cfg}
         if decided.get("strategy", "linear-probe") != "linear-probe":  # auto chose to train: as it trained its folds
             decided = {**cfg.get("auto_trained", {}), **decided, "probe_candidates": [], "probe_concat": False}
+            args = decided.get("model_args", cfg.get("model_args", {}))
+            decided["model_args"] = {k: v for k, v in args.items() if k != "pooled_blocks"}  # a probe's (models.block_pooled)
         return {**cfg, **decided}
 
     def save(self, run_dir: Path) -> None:

@@ -8,6 +8,8 @@ from typing import Any
 from torch import nn
 
 from cnnkit.errors import ConfigError
+from cnnkit.models.block_pooled import ARG as POOLED_BLOCKS
+from cnnkit.models.block_pooled import BlockPooled
 from cnnkit.models.concat import create_concat, is_concat, member_names
 from cnnkit.models.fastnet import FastNet
 from cnnkit.models.seed_cnn import SeedCNN
@@ -35,7 +37,8 @@ def check_model_name(name: str) -> None:
 
 def create_model(name: str, num_classes: int, in_channels: int, input_size: int, **kwargs: Any) -> nn.Module:
     """Build a randomly initialised model. Names not of cnnkit's own are looked up in timm; for
-    those, `head_hidden=N` puts a hidden layer of N units (ReLU) before the classifier."""
+    those, `head_hidden=N` puts a hidden layer of N units (ReLU) before the classifier, and
+    `pooled_blocks=N` joins the pooled outputs of its last N blocks to its features (models.block_pooled)."""
     if name in OWN_MODELS:
         try:
             return OWN_MODELS[name](num_classes=num_classes, in_channels=in_channels, input_size=input_size, **kwargs)
@@ -50,10 +53,15 @@ def create_model(name: str, num_classes: int, in_channels: int, input_size: int,
         if hidden:
             replace_head(model, num_classes, hidden)
         return model
+    blocks = kwargs.pop(POOLED_BLOCKS, None)
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise ConfigError(f"model {name}: cannot build it with {kwargs or 'default arguments'}: {e}") from None
+        model = timm.create_model(name, pretrained=False, num_classes=0 if blocks else num_classes,
+                                  in_chans=in_channels, **kwargs)
+        if blocks:
+            model = BlockPooled(model, blocks, num_classes)
+    except (TypeError, ValueError, AssertionError, RuntimeError, AttributeError, NotImplementedError) as e:
+        args = {**kwargs, POOLED_BLOCKS: blocks} if blocks else kwargs
+        raise ConfigError(f"model {name}: cannot build it with {args or 'default arguments'}: {e}") from None
     if hidden:
         replace_head(model, num_classes, hidden)
     return model

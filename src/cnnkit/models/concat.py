@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnkit.models.block_pooled import ARG as POOLED_BLOCKS
+from cnnkit.models.block_pooled import BlockPooled
+
 SEPARATOR = "+"
 SOURCES_SEPARATOR = " + "  # where each member's weights came from, in one string (load_pretrained's answer)
 
@@ -79,6 +82,9 @@ def create_concat(name: str, num_classes: int, in_channels: int, **kwargs: Any) 
     names = member_names(name)
     sizes = kwargs.pop("member_sizes", None) or [input_size(n) for n in names]
     kwargs.pop("head_hidden", None)  # the classifier is the wrapper's (replace_head adds the hidden layer)
+    blocks = kwargs.pop(POOLED_BLOCKS, None)  # each member's features with its last blocks' (models.block_pooled)
     interpolation = str(preprocessing(names[0])["interpolation"])
     members = [timm.create_model(n, pretrained=False, num_classes=0, in_chans=in_channels, **kwargs) for n in names]
+    if blocks:
+        members = [BlockPooled(m, blocks, 0) for m in members]
     return ConcatBackbones(members, sizes, num_classes, interpolation)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from cnnkit.errors import ConfigError
+from cnnkit.models.block_pooled import BlockPooled
 from cnnkit.models.concat import SOURCES_SEPARATOR, ConcatBackbones, is_concat, member_names
 
 
@@ -120,6 +121,8 @@ def load_pretrained(model: nn.Module, name: str, weights: str | Path | None = No
     """
     if isinstance(model, ConcatBackbones):
         return _load_members(model, name, weights)
+    if isinstance(model, BlockPooled):  # its head is on wider features than ImageNet's: a new one, as a probe's
+        return _load_headless(model.model, name, weights)
     target = model.state_dict()
     if weights is not None:
         sd = read_state_dict(Path(weights))
@@ -145,17 +148,21 @@ def load_pretrained(model: nn.Module, name: str, weights: str | Path | None = No
 
 
 def _load_members(model: ConcatBackbones, name: str, weights: str | Path | None) -> str:
-    """Each member's weights, loaded into a 1000-class copy (the registry's files map onto timm's
-    model in order, head included) whose classifier is then dropped."""
-    import timm
-
+    """Each member's weights (`_load_headless`)."""
     if weights is not None:
         raise ConfigError(f"--weights names one file; {name} has {len(model.members)} backbones, whose weights "
                           "come from the offline registry or timm")
-    sources = []
-    for member, member_name in zip(model.members, member_names(name)):
-        full = timm.create_model(member_name, pretrained=False, num_classes=1000)
-        sources.append(load_pretrained(full, member_name))
-        full.reset_classifier(0)
-        member.load_state_dict(full.state_dict())
-    return SOURCES_SEPARATOR.join(sources)
+    return SOURCES_SEPARATOR.join(_load_headless(m.model if isinstance(m, BlockPooled) else m, member_name)
+                                  for m, member_name in zip(model.members, member_names(name)))
+
+
+def _load_headless(backbone: nn.Module, name: str, weights: str | Path | None = None) -> str:
+    """ImageNet weights for a timm model without its classifier, loaded into a 1000-class copy (the
+    registry's files map onto timm's model in order, head included) whose classifier is then dropped."""
+    import timm
+
+    full = timm.create_model(name, pretrained=False, num_classes=1000)
+    source = load_pretrained(full, name, weights)
+    full.reset_classifier(0)
+    backbone.load_state_dict(full.state_dict())
+    return source

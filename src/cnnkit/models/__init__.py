@@ -59,7 +59,7 @@ def create_model(name: str, num_classes: int, in_channels: int, input_size: int,
                                   in_chans=in_channels, **kwargs)
         if blocks:
             model = BlockPooled(model, blocks, num_classes)
-    except (TypeError, ValueError, AssertionError, RuntimeError, AttributeError, NotImplementedError) as e:
+    except (TypeError, ValueError, AssertionError, RuntimeError, NotImplementedError) as e:
         args = {**kwargs, POOLED_BLOCKS: blocks} if blocks else kwargs
         raise ConfigError(f"model {name}: cannot build it with {args or 'default arguments'}: {e}") from None
     if hidden:

@@ -34,6 +34,8 @@ class BlockPooled(FeaturesHead):
         super().__init__()
         if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
             raise ValueError(f"{ARG} counts blocks (at least 1); got {blocks}")
+        if not hasattr(model, "forward_intermediates"):
+            raise ValueError(f"{ARG}: {type(model).__name__} has no forward_intermediates (timm's way to its blocks' outputs)")
         self.model, self.blocks = model, int(blocks)
         # timm's EfficientNets and MobileNets index every block with extra_blocks; other families their stages
         self._every_block = "extra_blocks" in inspect.signature(model.forward_intermediates).parameters

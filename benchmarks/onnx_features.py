@@ -9,7 +9,9 @@ fast, and Lite2 in bf16 31 images/s here against 74 in a run's report): PyTorch 
 PyTorch in bf16 where the CPU has it natively,
 `engine="onnxruntime"` (fp32; its first call exports the model, timed separately), and with
 `--compile` `engine="compile"` (fp32; its first call compiles, timed separately, with Inductor's
-disk cache in a fresh folder as on a first run). `--size` puts every backbone at one input size and
+disk cache in a fresh folder as on a first run), and with `--int8` `engine="int8"` (cnnkit.int8_forward: its
+first call quantizes, calibrates on that batch and compiles, timed separately; random images calibrate
+it here, so only its rate counts, not its accuracy). `--size` puts every backbone at one input size and
 `--data-size` makes the images that small (CIFAR-10's 32 px, resized on the way in, as
 cifar10-probe's are). Writes the block `onnx-features` of benchmarks/RESULTS.md (or --label).
 
@@ -17,6 +19,8 @@ cifar10-probe's are). Writes the block `onnx-features` of benchmarks/RESULTS.md 
     python benchmarks/onnx_features.py --isa avx2 --label onnx-features-avx2
     python benchmarks/onnx_features.py --isa avx2 --compile --backbones 1 --size 192 --data-size 32 \
         --images 640 --label compiled-features
+    python benchmarks/onnx_features.py --isa avx2 --compile --int8 --backbones 1 --size 192 --data-size 32 \
+        --images 640 --label int8-features
 
 `--isa avx2` caps PyTorch's kernels (MKL, oneDNN, ATen) to AVX2 as on a CPU without AVX-512.
 ONNX Runtime has no such switch (its kernels pick the widest instructions the CPU has), so
@@ -48,7 +52,7 @@ MODELS = [("tf_efficientnet_lite0", 224), ("tf_efficientnet_lite1", 240), ("tf_e
 
 def rate(model: torch.nn.Module, size: int, images: np.ndarray, engine: str, precision: str) -> tuple[float, float]:
     """(images per second, seconds of the first batch: export and session for ONNX Runtime, the
-    compile for torch.compile)."""
+    compile for torch.compile, quantizing and compiling for int8)."""
     pre = Preprocess(data_size=images.shape[-1], data_channels=3, input_size=size, model_channels=3, mean=(0.5,) * 3,
                      std=(0.5,) * 3)
     kwargs = {"batch_size": 64, "precision": precision, "channels_last": engine != "onnxruntime", "engine": engine,
@@ -66,6 +70,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=192, help="images timed per case (after a first batch)")
     p.add_argument("--isa", choices=["avx2"], help="cap PyTorch's kernels to AVX2 (not ONNX Runtime's)")
     p.add_argument("--compile", action="store_true", help="also engine compile (torch.compile, frozen weights)")
+    p.add_argument("--int8", action="store_true", help="also engine int8 (cnnkit.int8_forward)")
     p.add_argument("--backbones", type=int, default=len(MODELS), help="the first this many of Lite0, Lite1, Lite2")
     p.add_argument("--size", type=int, help="every backbone's input size (default: each its own)")
     p.add_argument("--data-size", type=int, help="the images' own size, resized to the input (default: the input's)")
@@ -75,10 +80,11 @@ def main() -> None:
         restart_capped_to_avx2()
     if not reuse_freed_memory():  # as cnnkit runs (cnnkit.allocator)
         raise SystemExit("malloc tuning is not available here (it needs Linux with glibc)")
-    if args.compile:  # a first run's compile, not one cached by an earlier run
+    if args.compile or args.int8:  # a first run's compile, not one cached by an earlier run
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-bench-")
     cases = [("torch", "fp32")] + ([("torch", "bf16")] if cpu_has_native_bf16() else []) + [("onnxruntime", "fp32")]
     cases += [("compile", "fp32")] if args.compile else []
+    cases += [("int8", "fp32")] if args.int8 else []
     rows = ["| backbone | input | engine | precision | features img/s | first batch | against torch fp32 |",
             "|---|---|---|---|---|---|---|"]
     for name, own_size in MODELS[: args.backbones]:

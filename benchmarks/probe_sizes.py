@@ -60,8 +60,8 @@ def main() -> None:
         name, size = spec.split("@")
         t0 = time.perf_counter()
         model_args = {**cfg.model_args, "pooled_blocks": blocks} if blocks else cfg.model_args
-        plain, flipped = candidate_features(replace(cfg, model=name, input_size=int(size), model_args=model_args),
-                                            splits, torch.device("cpu"), "fp32")
+        plain, flipped = candidate_features(replace(cfg, model=name, input_size=int(size), model_args=model_args,
+                                                    probe_blocks=0), splits, torch.device("cpu"), "fp32")[0]
         seconds = time.perf_counter() - t0
         best = [max(np.mean(a) for a in probe.fold_accuracies(plain, flipped, labels, folds, seed,
                                                               cfg.label_smoothing, probe.WEIGHT_DECAYS).values())

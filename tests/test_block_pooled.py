@@ -87,3 +87,38 @@ def test_strategies_that_train_the_backbone_refuse_block_features_and_auto_leave
     assert fresh.training and fresh.model.training and int(fresh.model.bn1.num_batches_tracked) == 0
     with pytest.raises(ConfigError, match="pooled_blocks counts blocks"):
         create_model(LITE0, 3, 3, 64, pooled_blocks=0.5)
+
+
+def test_the_folds_choose_block_features_per_backbone_from_the_same_forward_passes(photos, tmp_path, isolated_home,
+                                                                                   monkeypatch):
+    needs_weights(LITE0, LITE1)
+    import cnnkit.probe as probe
+
+    passes: list[str] = []  # each call that runs a backbone over the training images
+    real = probe.features
+    monkeypatch.setattr(probe, "features", lambda *a, **k: passes.append(k.get("what", "")) or real(*a, **k))
+    assert main(["train", "--recipe", "photos", "--data-dir", str(photos), "--image-size", "48", "--input-size", "64",
+                 "--probe-candidates", json.dumps([LITE0, LITE1]), "--probe-blocks", "2", "--probe-screen", "1000",
+                 "--output", str(tmp_path), "--name", "chosen", "--report", "false"]) == 0
+    run = tmp_path / "chosen"
+    record = json.loads((run / "run.json").read_text())
+    chosen, candidates = record["selection"]["chosen"], record["selection"]["candidates"]
+    assert len(candidates) == 3  # Lite0, Lite1, the two side by side: each scored with and without the blocks
+    for row in candidates:
+        with_blocks = row.get("pooled_blocks", 0)
+        assert row["other_blocks"]["pooled_blocks"] == (0 if with_blocks else 2)
+        assert row["cv_accuracy"] >= row["other_blocks"]["cv_accuracy"]  # the better of the two is the row
+    model_args = json.loads((run / "checkpoints" / "best.json").read_text())["model_args"]
+    assert model_args.get("pooled_blocks") == chosen.get("pooled_blocks")
+    # one pass per backbone over the training images and one over their mirror images, the run's own included
+    assert sorted(p for p in passes if p.startswith("train")) == sorted(["train", "train (mirrored)"] * 2)
+
+
+def test_probe_blocks_and_the_pooled_blocks_argument_are_one_or_the_other():
+    with pytest.raises(ConfigError, match="give one of the two"):
+        apply_overrides(load_recipe("photos"), {"probe_blocks": 2, "model_args": {"pooled_blocks": 2}})
+    with pytest.raises(ConfigError, match="probe_blocks counts blocks"):
+        apply_overrides(load_recipe("photos"), {"probe_blocks": -1})
+    trained = RunRecord(model=LITE0, strategy="finetune").settings(
+        apply_overrides(load_recipe("photos"), {"strategy": "auto", "probe_blocks": 2}).to_dict())
+    assert trained["probe_blocks"] == 0

@@ -37,9 +37,13 @@ log = logging.getLogger(__name__)
 _KEPT: dict[str, Any] = {}  # the one compiled module: {"key": ..., "fn": ..., "batch": ..., "failed": ...}
 
 
-def compiled_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def compiled_forward(module: nn.Module, fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function like `module`'s forward that runs it compiled with frozen weights. `module` must be
-    in eval mode, called under torch.no_grad, and must not change while the function is used."""
+    in eval mode, called under torch.no_grad, and must not change while the function is used. Where it
+    does not compile, and for batches under half the first one's size, `fallback` runs (default: the
+    module eagerly; an int8 module's reference form would be slower than its fp32 original)."""
+    eager = fallback or module
     # The module itself and its weights: a module with equal weights (the same run's model loaded
     # again by `cnnkit evaluate` in one process) must not reuse a compile that holds another module,
     # whose mode may have changed since (a module back in training mode recompiles with batch statistics).
@@ -55,7 +59,7 @@ def compiled_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
         n = len(x)
         kept["batch"] = kept["batch"] or n
         if kept["failed"] or n > kept["batch"] or 2 * n < kept["batch"]:
-            return module(x)
+            return eager(x)
         try:
             with _quiet_compiler(), torch._inductor.config.patch(freezing=True):
                 return kept["fn"](_padded(x, kept["batch"]))[:n]
@@ -63,7 +67,7 @@ def compiled_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
             log.warning("torch.compile: %s did not compile (%s); it runs eagerly", type(module).__name__,
                         str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__)
             kept["failed"] = True
-            return module(x)
+            return eager(x)
 
     return run
 

@@ -31,7 +31,7 @@ CHOICES = {
     "on_nonfinite": ("stop", "skip"),
     "strategy": ("full", "linear-probe", "frozen", "finetune", "gradual", "auto"),
     "grey_input": ("repeat", "sum"),
-    "inference_engine": ("torch", "onnxruntime", "compile"),
+    "inference_engine": ("torch", "onnxruntime", "compile", "int8"),
 }
 
 
@@ -91,6 +91,7 @@ class Config:
     probe_candidates: list[str] = opt([], "linear-probe: pretrained backbones to choose from by k-fold cross-validation on the training images, e.g. '[\"tf_efficientnet_lite0\", \"tf_efficientnet_lite2\"]' (empty: only --model)")
     probe_flip: bool = opt(False, "linear-probe: mirrored training images as extra rows of features (use with --tta flip)")
     probe_screen: float | None = opt(None, "linear-probe with candidates and probe_flip: score the candidates on their plain views first, and compute the mirrored views only of those within this many standard deviations (of the best one's folds) of the best, e.g. 1.0; unset: every candidate's")
+    probe_blocks: int = opt(0, "linear-probe with candidates: also score each backbone with its last N blocks' pooled outputs joined to its features (model argument pooled_blocks, models.block_pooled), from the same forward passes; cross-validation chooses with or without (0: without)")
     probe_concat: bool = opt(False, "linear-probe with candidates: one more candidate, the features of the two best backbones side by side under one linear head (both backbones run at test time), chosen only where cross-validation prefers it")
     cv_folds: int = opt(5, "linear-probe with candidates: folds of the cross-validation that chooses backbone and weight decay")
     auto_strategies: list[str] = opt(list(AUTO_STRATEGIES), "--strategy auto: the strategies measured; the trained ones (frozen, gradual, finetune) with the run's epochs, lr, augment and the like, on the probe's best single backbone")
@@ -127,7 +128,7 @@ class Config:
     fp32: dict[str, Any] = opt({}, "a recipe's settings for CPUs without native bf16, where --precision auto trains in fp32 (about 3 times slower): used there in place of the recipe's own, except fields set on the command line; --fp32 {} trains with the recipe's own")
     precision: str = opt("fp32", "fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA) | auto (bf16 where the CPU or GPU has it natively, else fp32 on CPUs, fp16 on GPUs)")
     channels_last: bool = opt(False, "memory format; often faster for convolutions")
-    inference_engine: str = opt("torch", "what runs the forward passes on a CPU once weights are fixed (a linear probe's features, the test, the report, evaluate): torch | onnxruntime (fp32; on the capped Xeon of docs/cpus.md 1.3-1.6x PyTorch's fp32 for EfficientNet-Lite features, slower than bf16 where the CPU has it) | compile (torch.compile with frozen weights: 1.26x for Lite0's features on an AVX2 CPU after 20 s of compiling, for thousands of images; needs a C++ compiler)")
+    inference_engine: str = opt("torch", "what runs the forward passes on a CPU once weights are fixed (a linear probe's features, the test, the report, evaluate): torch | onnxruntime (fp32; on the capped Xeon of docs/cpus.md 1.3-1.6x PyTorch's fp32 for EfficientNet-Lite features, slower than bf16 where the CPU has it) | compile (torch.compile with frozen weights: 1.26x for Lite0's features on an AVX2 CPU after 20 s of compiling, for thousands of images; needs a C++ compiler) | int8 (the same in int8, calibrated on the first batch and checked against fp32; needs torchao: pip install 'cnnkit[int8]')")
     compile: bool = opt(False, "torch.compile the training model (compile time counts; needs a C++ compiler on the CPU)")
     time_budget: str | None = opt(None, "e.g. 5m, 90s, 1h: fit the steps (and so the schedule) to end the whole run, test and report included, within it")
     sync_batchnorm: bool = opt(False, "distributed runs: BatchNorm statistics over the global batch, not each process's share")
@@ -203,6 +204,11 @@ class Config:
         if self.auto_folds is not None and not 1 <= self.auto_folds <= self.cv_folds:
             raise ConfigError(f"auto_folds is how many of the {self.cv_folds} folds (cv_folds) the trained strategies "
                               f"are measured on, 1 to {self.cv_folds}; got {self.auto_folds}")
+        if isinstance(self.probe_blocks, bool) or not isinstance(self.probe_blocks, int) or self.probe_blocks < 0:
+            raise ConfigError(f"probe_blocks counts blocks (e.g. 3; 0: none); got {self.probe_blocks}")
+        if self.probe_blocks and self.model_args.get("pooled_blocks"):
+            raise ConfigError("probe_blocks lets cross-validation choose the blocks' features; the model argument "
+                              "pooled_blocks sets them for every candidate: give one of the two")
         if self.probe_screen is not None and self.probe_screen < 0:
             raise ConfigError(f"probe_screen counts standard deviations of the folds' accuracy (e.g. 1.0); got {self.probe_screen}")
         if self.keep_frozen < 0:

@@ -30,7 +30,8 @@ class InferenceSettings:
     channels_last: bool = False
     batch_size: int = 1024
     tta_below: float | None = None  # test-time views only for the images less sure than this
-    engine: str = "torch"  # or the CPU's "onnxruntime" (cnnkit.onnx_forward, fp32), "compile" (cnnkit.compiled_forward)
+    engine: str = "torch"  # or the CPU's "onnxruntime" (cnnkit.onnx_forward, fp32), "compile" (cnnkit.compiled_forward),
+    # "int8" (cnnkit.int8_forward)
 
     @classmethod
     def for_run(cls, cfg: dict[str, Any], device: torch.device | str) -> InferenceSettings:
@@ -53,8 +54,8 @@ class InferenceSettings:
 
 def inference_engine(cfg: dict[str, Any], device: torch.device | str) -> str:
     """What runs a run's forward passes after training: its `inference_engine` on a CPU (ONNX
-    Runtime, cnnkit.onnx_forward, and compiled frozen weights, cnnkit.compiled_forward, are the
-    CPU's), always torch on a GPU."""
+    Runtime, cnnkit.onnx_forward, compiled frozen weights, cnnkit.compiled_forward, and those in int8,
+    cnnkit.int8_forward, are the CPU's), always torch on a GPU."""
     return "torch" if torch.device(device).type != "cpu" else cfg.get("inference_engine", "torch")
 
 
@@ -92,7 +93,8 @@ def predict_logits(
     features: a module, for `engine`); `description` shows a progress bar. `channels_last` puts the
     inputs, and the model in place, in channels-last memory format. `engine="onnxruntime"` runs the
     forward passes on the CPU under ONNX Runtime, in fp32 (cnnkit.onnx_forward); `engine="compile"`
-    compiled by torch.compile with frozen weights (cnnkit.compiled_forward)."""
+    compiled by torch.compile with frozen weights (cnnkit.compiled_forward); `engine="int8"` the same
+    in int8, calibrated on the first batch (cnnkit.int8_forward)."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -100,6 +102,8 @@ def predict_logits(
     cpu_engine = engine != "torch" and device.type == "cpu" and isinstance(fn, nn.Module)
     if cpu_engine and engine == "onnxruntime":  # fp32, on contiguous inputs
         precision, channels_last = "fp32", False
+    if cpu_engine and engine == "int8":  # its own precision: no autocast around it
+        precision = "fp32"
     if channels_last:  # before a compile: the frozen weights keep the layout they had
         model.to(memory_format=torch.channels_last)
     if cpu_engine:
@@ -125,12 +129,16 @@ def predict_logits(
 
 def _cpu_engine_forward(module: nn.Module, engine: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """`module`'s forward under the CPU's engine for fixed weights, imported only when a run asks
-    for it: ONNX Runtime (cnnkit.onnx_forward) or torch.compile with frozen weights
-    (cnnkit.compiled_forward)."""
+    for it: ONNX Runtime (cnnkit.onnx_forward), torch.compile with frozen weights
+    (cnnkit.compiled_forward), or that in int8 (cnnkit.int8_forward)."""
     if engine == "onnxruntime":
         from cnnkit.onnx_forward import onnx_forward
 
         return onnx_forward(module)
+    if engine == "int8":
+        from cnnkit.int8_forward import int8_forward
+
+        return int8_forward(module)
     from cnnkit.compiled_forward import compiled_forward
 
     return compiled_forward(module)

@@ -60,15 +60,34 @@ def cached_features(model: nn.Module, preprocess: Preprocess, images: np.ndarray
     of the images. The engine is the run's (`inference_engine`; ONNX Runtime runs in fp32)."""
     engine = inference_engine(cfg.to_dict(), device)
     precision = "fp32" if engine == "onnxruntime" else precision
-    blocks = cfg.model_args.get(POOLED_BLOCKS)  # wider rows (models.block_pooled); other arguments leave them as they are
-    key = cache_key(model=cfg.model, weights=weights_source, preprocess=preprocess.to_dict(), tta=cfg.tta,
-                    precision=precision, engine=engine, **({POOLED_BLOCKS: blocks} if blocks else {}),
-                    images=zlib.crc32(memoryview(np.ascontiguousarray(images)).cast("B")), shape=list(images.shape))
-    arrays, _ = cached_arrays(f"features-{cfg.model}", key, lambda: (
+    arrays, _ = cached_arrays(f"features-{cfg.model}", _features_key(preprocess, images, cfg, device, weights_source,
+                                                                     precision), lambda: (
         {"features": features(model, preprocess, images, device=device, precision=precision, tta=cfg.tta,
                               channels_last=cfg.channels_last, batch_size=cfg.eval_batch_size, what=what,
                               engine=engine)}, {}))
     return arrays["features"]
+
+
+def _features_key(preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device, weights_source: str,
+                  precision: str) -> str:
+    engine = inference_engine(cfg.to_dict(), device)
+    precision = "fp32" if engine == "onnxruntime" else precision
+    blocks = cfg.model_args.get(POOLED_BLOCKS)  # wider rows (models.block_pooled); other arguments leave them as they are
+    return cache_key(model=cfg.model, weights=weights_source, preprocess=preprocess.to_dict(), tta=cfg.tta,
+                     precision=precision, engine=engine, **({POOLED_BLOCKS: blocks} if blocks else {}),
+                     images=zlib.crc32(memoryview(np.ascontiguousarray(images)).cast("B")), shape=list(images.shape))
+
+
+def store_rows(preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device, weights_source: str,
+               precision: str, plain: np.ndarray, flipped: np.ndarray | None) -> None:
+    """Keep rows computed another way (a single backbone's) where `probe_rows` with these arguments
+    would look for them: the plain features cut from wider rows (probe_blocks), so that a run
+    which chose them does not pass its images through the backbone again."""
+    single = replace_tta(cfg) if cfg.probe_flip else cfg
+    views = [(images, plain)] + ([(np.ascontiguousarray(images[..., ::-1]), flipped)] if cfg.probe_flip else [])
+    for imgs, rows in views:
+        cached_arrays(f"features-{cfg.model}", _features_key(preprocess, imgs, single, device, weights_source, precision),
+                      lambda rows=rows: ({"features": rows}, {}))
 
 
 def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,

@@ -58,7 +58,8 @@ class RunRecord:
         """The configuration with the decisions applied: how the run actually trained and tests."""
         decided = {k: v for k, v in self.to_dict().items() if v is not None and k in cfg}
         if decided.get("strategy", "linear-probe") != "linear-probe":  # auto chose to train: as it trained its folds
-            decided = {**cfg.get("auto_trained", {}), **decided, "probe_candidates": [], "probe_concat": False}
+            decided = {**cfg.get("auto_trained", {}), **decided, "probe_candidates": [], "probe_concat": False,
+                       "probe_blocks": 0}
             args = decided.get("model_args", cfg.get("model_args", {}))
             decided["model_args"] = {k: v for k, v in args.items() if k != "pooled_blocks"}  # a probe's (models.block_pooled)
         return {**cfg, **decided}

@@ -35,6 +35,7 @@ from cnnkit import probe
 from cnnkit.budget import final_seconds, parse_duration
 from cnnkit.config import Config
 from cnnkit.models import create_model
+from cnnkit.models.block_pooled import ARG as POOLED_BLOCKS
 from cnnkit.models.concat import SEPARATOR
 from cnnkit.models.pretrained import input_size
 from cnnkit.preprocess import make_preprocess
@@ -51,6 +52,7 @@ CANDIDATES_SHARE = 0.6
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)  # 1e-4 won every fold of flowers12 when it was the smallest
 
 Features = tuple[np.ndarray, np.ndarray | None]  # a candidate's training rows: plain views, mirrored ones
+Variants = dict[int, Features]  # by how many blocks' pooled outputs the rows hold (0: the backbone's features alone)
 
 
 def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
@@ -64,7 +66,7 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     budget_s = total_s * CANDIDATES_SHARE if total_s is not None else None
     started = time.perf_counter()
     screen = cfg.probe_screen is not None and cfg.probe_flip and len(cfg.probe_candidates) > 1
-    features: dict[str, Features] = {}  # each candidate's rows, on the views it was last scored on
+    features: dict[str, Variants] = {}  # each candidate's rows, on the views it was last scored on
     for name in cfg.probe_candidates:
         if rows and budget_s is not None:
             guess = _guess_seconds(rows[0], name, cfg)
@@ -91,24 +93,28 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     best = max(scored, key=lambda r: r["cv_accuracy"])  # a tie: the first, a single backbone before two
     log.info("linear probe on %s: the best of %d candidates by %d-fold cross-validation on %d images",
              best["model"], len(rows), cfg.cv_folds, len(labels))
-    model_args = {**cfg.model_args, "member_sizes": best["member_sizes"]} if "member_sizes" in best else None
+    model_args = ({**cfg.model_args, **{k: best[k] for k in ("member_sizes", POOLED_BLOCKS) if k in best}}
+                  if "member_sizes" in best or POOLED_BLOCKS in best else None)
     record = RunRecord(model=best["model"], model_args=model_args,
                        selection={"folds": cfg.cv_folds, "images": int(len(labels)),
                                   "weight_decays": list(WEIGHT_DECAYS), "chosen": best, "candidates": rows})
     return replace(cfg, model=best["model"], model_args=model_args or cfg.model_args), record
 
 
-def _concat_candidate(top: list[dict[str, Any]], features: dict[str, Features], labels: np.ndarray,
+def _concat_candidate(top: list[dict[str, Any]], features: dict[str, Variants], labels: np.ndarray,
                       cfg: Config) -> dict[str, Any]:
     """The two best backbones' (`top`) features side by side (models.concat), scored as the others:
-    their rows are already computed, so this costs the folds' fits alone."""
+    their rows are already computed, so this costs the folds' fits alone. With probe_blocks, both
+    with their blocks' outputs or both without (models.concat gives its members one model_args)."""
     names = [n for n in cfg.probe_candidates if n in {r["model"] for r in top}]  # the recipe's order
     t0 = time.perf_counter()
-    plain = np.concatenate([features[n][0] for n in names], 1)
-    flips = [features[n][1] for n in names]
-    flipped = None if any(f is None for f in flips) else np.concatenate(flips, 1)  # type: ignore[arg-type]
+    variants = {}
+    for blocks in features[names[0]]:
+        plain = np.concatenate([features[n][blocks][0] for n in names], 1)
+        flips = [features[n][blocks][1] for n in names]
+        variants[blocks] = plain, None if any(f is None for f in flips) else np.concatenate(flips, 1)  # type: ignore[arg-type]
     sizes = [input_size(n, cfg.input_size) for n in names]  # as each one's rows were made
-    return _score(SEPARATOR.join(names), plain, flipped, labels, cfg, t0, {"member_sizes": sizes})
+    return _best_variant(SEPARATOR.join(names), variants, labels, cfg, t0, {"member_sizes": sizes})
 
 
 def fits_in_budget(elapsed_s: float, rows: list[dict[str, Any]], guess_s: float, screen: bool,
@@ -149,9 +155,11 @@ def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.
     """The rows again: those within `probe_screen` standard deviations (the spread of the best one's
     folds) of the best plain-view estimate now scored with their mirrored views too, and marked
     with their `screen_accuracy`; the others as they were. The margin is the folds' own noise, so a
-    small set (wide spread) keeps its candidates and a large one drops those clearly behind."""
+    small set (wide spread) keeps its candidates and a large one drops those clearly behind; it is at
+    least one image of a fold, since folds that all read the same (a best of 100% on every fold: a
+    spread of 0) would otherwise keep only exact ties."""
     top = max(rows, key=lambda r: r["cv_accuracy"])
-    floor = top["cv_accuracy"] - cfg.probe_screen * top["cv_sd"]
+    floor = top["cv_accuracy"] - max(cfg.probe_screen * top["cv_sd"], cfg.cv_folds / len(labels))
     out = []
     for r in rows:
         if r["cv_accuracy"] < floor:
@@ -172,34 +180,68 @@ def _candidate(cfg: Config, splits: Any, labels: np.ndarray, device: torch.devic
     on its plain views alone or (`flip`) with the mirrored ones as the run will train on them.
     Its features go into `keep` (for the backbones side by side)."""
     t0 = time.perf_counter()
-    plain, flipped = candidate_features(cfg if flip else replace(cfg, probe_flip=False, tta="none"), splits, device, precision)
-    keep[cfg.model] = (plain, flipped)
-    return _score(cfg.model, plain, flipped, labels, cfg, t0, {"macs": _macs(cfg.model, cfg)} if macs else {})
+    variants = candidate_features(cfg if flip else replace(cfg, probe_flip=False, tta="none"), splits, device, precision)
+    keep[cfg.model] = variants
+    return _best_variant(cfg.model, variants, labels, cfg, t0, {"macs": _macs(cfg.model, cfg)} if macs else {})
+
+
+def _best_variant(model: str, variants: Variants, labels: np.ndarray, cfg: Config, t0: float,
+                  extra: dict[str, Any]) -> dict[str, Any]:
+    """The candidate's row: its features alone, or with probe_blocks the better of them and them joined
+    by its blocks' pooled outputs (a tie: without), the other's estimate kept in the row. Its seconds
+    are both's (one forward pass, two sets of fits), so a time budget counts a backbone once."""
+    if len(variants) == 1:
+        return _score(model, *variants[0], labels, cfg, t0, extra)
+    rows = {blocks: _score(model, *rows, labels, cfg, t0, extra, blocks) for blocks, rows in variants.items()}
+    best = max(rows, key=lambda b: (rows[b]["cv_accuracy"], -b))
+    other = rows[min(rows)] if best else rows[max(rows)]
+    return {**rows[best], "seconds": round(time.perf_counter() - t0, 1),
+            "other_blocks": {POOLED_BLOCKS: other.get(POOLED_BLOCKS, 0), "cv_accuracy": other["cv_accuracy"],
+                             "cv_sd": other["cv_sd"]}}
 
 
 def _score(model: str, plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray, cfg: Config, t0: float,
-           extra: dict[str, Any]) -> dict[str, Any]:
+           extra: dict[str, Any], blocks: int = 0) -> dict[str, Any]:
     folds = probe.fold_accuracies(plain, flipped, labels, cfg.cv_folds, cfg.seed, cfg.label_smoothing, WEIGHT_DECAYS)
     wd, accuracies = max(folds.items(), key=lambda kv: (np.mean(kv[1]), -kv[0]))  # a tie: the smaller decay
     mean, sd = float(np.mean(accuracies)), float(np.std(accuracies))
     row = {"model": model, "cv_accuracy": round(mean, 4), "cv_sd": round(sd, 4), "weight_decay": wd,
            "fold_accuracies": [round(a, 4) for a in accuracies],
            "views": "plain and mirrored" if flipped is not None else "plain", "features": int(plain.shape[1]),
-           "seconds": round(time.perf_counter() - t0, 1), **extra}
-    log.info("  %s: %d-fold cross-validated accuracy %.2f%% ± %.2f (weight decay %g, %s views), %.0f s", model,
-             cfg.cv_folds, 100 * mean, 100 * sd, wd, row["views"], row["seconds"])
+           "seconds": round(time.perf_counter() - t0, 1), **extra, **({POOLED_BLOCKS: blocks} if blocks else {})}
+    log.info("  %s%s: %d-fold cross-validated accuracy %.2f%% ± %.2f (weight decay %g, %s views), %.0f s", model,
+             f" with its last {blocks} blocks' pooled outputs" if blocks else "", cfg.cv_folds, 100 * mean, 100 * sd,
+             wd, row["views"], row["seconds"])
     return row
 
 
-def candidate_features(cfg: Config, splits: Any, device: torch.device, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Training and validation images' features (and mirrored ones) by the candidate backbone."""
-    model, source = imagenet_model(cfg)  # as the run's own build makes it, model_args included
+def candidate_features(cfg: Config, splits: Any, device: torch.device, precision: str) -> Variants:
+    """Training and validation images' features (and mirrored ones) by the candidate backbone: {0:
+    them}, and with probe_blocks N {N: them joined by its last N blocks' pooled outputs} too, from
+    the same forward passes. The features alone are the wide rows' last columns (models.block_pooled);
+    they are cached as the backbone's own, so a run that chooses them reads them from there."""
+    wide = replace(cfg, model_args={**cfg.model_args, POOLED_BLOCKS: cfg.probe_blocks}) if cfg.probe_blocks else cfg
+    model, source = imagenet_model(wide)  # as the run's own build makes it, model_args included
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     pre = make_preprocess(cfg, splits.train.images)
-    parts = [probe.probe_rows(model, pre, split.images, cfg, device, source, what, precision)
-             for what, split in (("train", splits.train), ("validation", splits.val))]
+    splits_ = (("train", splits.train), ("validation", splits.val))
+    parts = [probe.probe_rows(model, pre, split.images, wide, device, source, what, precision) for what, split in splits_]
+    if not cfg.probe_blocks:
+        return {0: _joined(parts)}
+    width = model.num_features - sum(model.block_widths)  # the backbone's own features, the last columns
+
+    def own(rows: np.ndarray | None) -> np.ndarray | None:
+        return None if rows is None else np.ascontiguousarray(rows[:, -width:])
+
+    alone = [(own(p), own(f)) for p, f in parts]
+    for (_, split), (p, f) in zip(splits_, alone):
+        probe.store_rows(pre, split.images, cfg, device, source, precision, p, f)
+    return {0: _joined(alone), cfg.probe_blocks: _joined(parts)}  # type: ignore[arg-type]
+
+
+def _joined(parts: list[tuple[np.ndarray, np.ndarray | None]]) -> Features:
+    """The training and the validation images' rows, one after the other."""
     plain = np.concatenate([p for p, _ in parts])
-    flipped = None if parts[0][1] is None else np.concatenate([f for _, f in parts])
-    return plain, flipped
+    return plain, None if parts[0][1] is None else np.concatenate([f for _, f in parts])

@@ -110,6 +110,7 @@ def standard_hooks(setup: Setup, started_at: float, resuming: bool) -> list[Hook
 ENGINE_NOTES = {  # what the log says of a run's CPU engine for fixed weights (cnnkit.inference)
     "onnxruntime": "under ONNX Runtime, fp32",
     "compile": "compiled by torch.compile with frozen weights (10-30 s of compiling for each model)",
+    "int8": "in int8, calibrated on the first batch, compiled by torch.compile (10-30 s for each model)",
 }
 
 

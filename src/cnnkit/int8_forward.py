@@ -61,14 +61,16 @@ def int8_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         _KEPT.clear()
         _KEPT.update(key=key, module=None, built=False)
     kept = _KEPT
+    compiled: list[Callable[[torch.Tensor], torch.Tensor]] = []  # made at the first batch, once a call (not a batch)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if not kept["built"]:
             kept["module"] = quantized(module, x)
             kept["built"] = True
-        if kept["module"] is None:
-            return compiled_forward(module)(x)
-        return compiled_forward(kept["module"], fallback=module)(x)
+        if not compiled:
+            compiled.append(compiled_forward(module) if kept["module"] is None
+                            else compiled_forward(kept["module"], fallback=module))
+        return compiled[0](x)
 
     return run
 

@@ -58,8 +58,7 @@ def cached_features(model: nn.Module, preprocess: Preprocess, images: np.ndarray
                     weights_source: str, what: str, precision: str) -> np.ndarray:
     """Features are cached: keyed by model, weights, preprocessing, TTA, the engine and a checksum
     of the images. The engine is the run's (`inference_engine`; ONNX Runtime runs in fp32)."""
-    engine = inference_engine(cfg.to_dict(), device)
-    precision = "fp32" if engine == "onnxruntime" else precision
+    engine, precision = _engine_precision(cfg, device, precision)
     arrays, _ = cached_arrays(f"features-{cfg.model}", _features_key(preprocess, images, cfg, device, weights_source,
                                                                      precision), lambda: (
         {"features": features(model, preprocess, images, device=device, precision=precision, tta=cfg.tta,
@@ -70,12 +69,17 @@ def cached_features(model: nn.Module, preprocess: Preprocess, images: np.ndarray
 
 def _features_key(preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device, weights_source: str,
                   precision: str) -> str:
-    engine = inference_engine(cfg.to_dict(), device)
-    precision = "fp32" if engine == "onnxruntime" else precision
+    engine, precision = _engine_precision(cfg, device, precision)
     blocks = cfg.model_args.get(POOLED_BLOCKS)  # wider rows (models.block_pooled); other arguments leave them as they are
     return cache_key(model=cfg.model, weights=weights_source, preprocess=preprocess.to_dict(), tta=cfg.tta,
                      precision=precision, engine=engine, **({POOLED_BLOCKS: blocks} if blocks else {}),
                      images=zlib.crc32(memoryview(np.ascontiguousarray(images)).cast("B")), shape=list(images.shape))
+
+
+def _engine_precision(cfg: Any, device: torch.device, precision: str) -> tuple[str, str]:
+    """The run's engine for fixed weights and the precision it computes in (ONNX Runtime: fp32)."""
+    engine = inference_engine(cfg.to_dict(), device)
+    return engine, "fp32" if engine == "onnxruntime" else precision
 
 
 def store_rows(preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device, weights_source: str,

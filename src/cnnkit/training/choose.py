@@ -194,7 +194,7 @@ def _best_variant(model: str, variants: Variants, labels: np.ndarray, cfg: Confi
         return _score(model, *variants[0], labels, cfg, t0, extra)
     rows = {blocks: _score(model, *rows, labels, cfg, t0, extra, blocks) for blocks, rows in variants.items()}
     best = max(rows, key=lambda b: (rows[b]["cv_accuracy"], -b))
-    other = rows[min(rows)] if best else rows[max(rows)]
+    other = next(row for blocks, row in rows.items() if blocks != best)
     return {**rows[best], "seconds": round(time.perf_counter() - t0, 1),
             "other_blocks": {POOLED_BLOCKS: other.get(POOLED_BLOCKS, 0), "cv_accuracy": other["cv_accuracy"],
                              "cv_sd": other["cv_sd"]}}

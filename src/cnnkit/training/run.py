@@ -41,6 +41,7 @@ from cnnkit.training.choose_strategy import choose_strategy
 from cnnkit.training.hooks import (BestEpoch, Checkpointer, LookaheadHook, LrSchedule, MetricsLog, StopAfterEpoch,
                                    Unfreeze, append_metrics, saved_loop_state)
 from cnnkit.training.loop import Hook, Loop, TrainState
+from cnnkit.training.probe_budget import Rows, budgeted_rows
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +153,13 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
     cfg, state, splits = setup.cfg, loop.state, setup.splits
     probe.check(cfg, setup.model)
     t0 = time.perf_counter()
-    feats = {name: probe.probe_rows(setup.model, setup.preprocess, split.images, cfg, setup.device,
-                                    setup.weights_source, name, setup.precision)
-             for name, split in (("train", splits.train), ("validation", splits.val))}
-    rows = {name: _probe_rows(plain, flipped, split.labels)
-            for (name, (plain, flipped)), split in zip(feats.items(), (splits.train, splits.val))}
-    held = {name: plain if flipped is None else (plain + flipped) / 2 for name, (plain, flipped) in feats.items()}
     selection = setup.record.selection or {}
     chosen = selection.get("chosen")
+    feats, train_labels = _probe_features(setup, loop, budgeted=not chosen)
+    rows = {"train": _probe_rows(*feats["train"], train_labels),
+            "validation": _probe_rows(*feats["validation"], splits.val.labels)}
+    held = {name: plain if flipped is None else (plain + flipped) / 2 for name, (plain, flipped) in feats.items()}
+    t_fit = time.perf_counter()
     if chosen:  # cross-validated: every non-test image trains the head, at the decay the folds chose,
         x = np.concatenate([rows["train"][0], rows["validation"][0]])  # along the folds' path to it
         y = np.concatenate([rows["train"][1], rows["validation"][1]])
@@ -170,6 +170,7 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
     else:
         fit = probe.fit_head(setup.model.get_classifier(), *rows["train"], held["validation"], splits.val.labels,
                              cfg.label_smoothing)
+    fit_s = time.perf_counter() - t_fit
     state.epoch = 1
     state.train_time_s = state.epoch_time_s = time.perf_counter() - t0
     val = loop.validate()
@@ -180,13 +181,35 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
     append_metrics(setup.run_dir, {
         "epoch": 1, "step": 0, "lr": 0.0, "train_loss": float("nan"), "train_accuracy": float("nan"),
         "val_loss": val["loss"], "val_accuracy": val["accuracy"], "epoch_time_s": round(state.epoch_time_s, 3),
-        "train_images_per_s": round(len(splits.train) / max(state.epoch_time_s, 1e-9), 1),
+        "train_images_per_s": round(len(train_labels) / max(state.epoch_time_s, 1e-9), 1),
         "weight_decay": fit["weight_decay"]})
     checkpointer = _find(loop, Checkpointer)
     checkpointer.save(loop, "best")
     checkpointer.save(loop, "last")
-    log.info("linear probe: %s accuracy %.2f%% (weight decay %g), %.0f s", "cross-validated" if chosen
-             else "validation", 100 * val["accuracy"], fit["weight_decay"], state.epoch_time_s)
+    log.info("linear probe: %s accuracy %.2f%% (weight decay %g), %.0f s (the head's fit %.1f s)", "cross-validated"
+             if chosen else "validation", 100 * val["accuracy"], fit["weight_decay"], state.epoch_time_s, fit_s)
+
+
+def _probe_features(setup: Setup, loop: Loop, budgeted: bool) -> tuple[dict[str, Rows], np.ndarray]:
+    """The validation and training images' rows (cnnkit.probe.probe_rows), and the training rows'
+    labels: under --time-budget, where `budgeted`, as many training images as fit (training/probe_budget.py)."""
+    from cnnkit import probe
+
+    cfg, splits = setup.cfg, setup.splits
+
+    def rows_of(images: np.ndarray, what: str) -> Rows:
+        return probe.probe_rows(setup.model, setup.preprocess, images, cfg, setup.device, setup.weights_source, what,
+                                setup.precision)
+
+    t0 = time.perf_counter()
+    feats = {"validation": rows_of(splits.val.images, "validation")}  # first: it absorbs the engine's compile
+    budget = _find(loop, TimeBudget)
+    if budget is None or not budgeted:  # a backbone chosen by cross-validation has all its rows computed already
+        feats["train"] = rows_of(splits.train.images, "train")
+        return feats, splits.train.labels
+    view_s = (time.perf_counter() - t0) / max(len(splits.val) * (2 if cfg.probe_flip else 1), 1)
+    feats["train"], labels = budgeted_rows(setup, budget, rows_of, view_s)
+    return feats, labels
 
 
 def _probe_rows(plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -254,6 +277,7 @@ def _summary(setup: Setup, loop: Loop, test: dict[str, Any], started_at: float) 
         "steps_run": state.step, "steps_per_epoch": len(setup.loader), "schedule_steps": loop.total_steps,
         **({"time_budget_s": budget.budget_s, "planned_time_s": round(budget.planned_time_s, 1)} if budget else {}),
         **_cv_summary(setup.record.selection),
+        **({"probe_images": setup.record.probe_images} if setup.record.probe_images else {}),
         **({"strategy_choice": setup.record.strategy_selection} if setup.record.strategy_selection else {}),
         "device": describe_device(setup.device), "precision": setup.precision,
         "finished_at": datetime.now().isoformat(timespec="seconds"), "versions": versions(), "notes": splits.notes,

@@ -1,0 +1,96 @@
+"""`--time-budget` for a linear probe: how many training images the head learns from.
+
+A probe has no epochs to plan: its cost is the frozen backbone's forward passes over the training
+images (and their mirror images, with `probe_flip`), then the head's fit, the test and the report.
+So under a budget the training images are taken in a seeded, class-balanced random order, in chunks,
+and the features stop where the rest of the run would no longer end in time: each chunk's measured
+rate re-plans the count (`budget.probe_images`), as a trained run's epochs re-plan its steps. The
+validation features come first (they choose the head's weight decay whatever the count), and absorb
+the engine's compile. Test-time views and robustness samples are fitted to their share of the
+budget first, as in a trained run (TimeBudget.fit_extras).
+
+A probe whose backbone was chosen by cross-validation (`probe_candidates`, `--strategy auto`) is
+not cut: choosing already kept within its share of the budget, and computed every training row.
+The count goes into the run record (run.json, `probe_images`) and the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cnnkit.analysis import class_balanced_order
+from cnnkit.budget import final_seconds, probe_end_s, probe_images
+
+if TYPE_CHECKING:
+    from cnnkit.training.budget_hook import TimeBudget
+    from cnnkit.training.build import Setup
+
+log = logging.getLogger(__name__)
+
+# Training images per chunk: the clock is read between chunks (5-15 s of forward passes on a 2-core CPU).
+CHUNK = 1024
+LEAST_PER_CLASS = 10  # however short the budget: a head needs rows of every class
+
+Rows = tuple[np.ndarray, np.ndarray | None]  # plain views' features, mirrored ones' (probe_flip)
+
+
+def budget_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """The training images' indices in the order a budget takes them: shuffled by the run's seed, then
+    each class in turn, so that any prefix holds the classes about equally (a folder's split is sorted
+    by class and file name)."""
+    shuffled = np.random.default_rng(seed).permutation(len(labels))
+    return shuffled[class_balanced_order(np.asarray(labels)[shuffled])]
+
+
+def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarray, str], Rows],
+                  image_s: float) -> tuple[Rows, np.ndarray]:
+    """The training rows that fit in the budget, and their labels. `rows_of(images, what)` computes
+    (or loads from the cache) the rows of some images; `image_s` is a first guess of one forward
+    pass's seconds (the validation features', compile included), replaced by the chunks' own rate."""
+    cfg, train = setup.cfg, setup.splits.train
+    views = 2 if cfg.probe_flip else 1
+    budget.fit_extras(image_s)
+    order = budget_order(train.labels, cfg.seed)
+    least = min(len(order), LEAST_PER_CLASS * len(np.unique(train.labels)))
+    parts: list[Rows] = []
+    done = 0
+    while done < len(order):
+        elapsed = time.perf_counter() - budget.started_at
+        final_s = final_seconds(budget.final_images(), image_s, cfg.report)
+        target = max(least, min(len(order), probe_images(budget.budget_s, elapsed, done, views * image_s, final_s)))
+        if target <= done:
+            break
+        take = order[done: min(target, done + CHUNK)]
+        t0 = time.perf_counter()
+        parts.append(rows_of(train.images[take], f"train {done + 1:,}-{done + len(take):,}"))
+        image_s = (time.perf_counter() - t0) / (views * len(take))  # the last chunk's: earlier ones may be cached
+        done += len(take)
+    plain = np.concatenate([p for p, _ in parts])
+    flipped = None if parts[0][1] is None else np.concatenate([f for _, f in parts])  # type: ignore[misc]
+    _record(setup, budget, done, len(order), image_s)
+    return (plain, flipped), train.labels[order[:done]]
+
+
+def _record(setup: Setup, budget: TimeBudget, used: int, available: int, image_s: float) -> None:
+    """Into the run record and the log: the images used, and when the run should end (`image_s`:
+    one forward pass)."""
+    cfg = setup.cfg
+    views = 2 if cfg.probe_flip else 1
+    setup.record.probe_images = used
+    elapsed = time.perf_counter() - budget.started_at
+    final_s = final_seconds(budget.final_images(), image_s, cfg.report)
+    budget.planned_time_s = probe_end_s(elapsed, used, used, views * image_s, final_s)
+    setup.record.planned_time_s = round(budget.planned_time_s, 1)
+    setup.record.save(setup.run_dir)
+    log.info("time budget %s: the head learns from %s of the %s training images (%s), features at %.0f "
+             "forward passes/s; the run should end after %.0f s", cfg.time_budget, f"{used:,}", f"{available:,}",
+             "all of them" if used == available else "a class-balanced random sample",
+             1 / image_s, budget.planned_time_s)
+    if budget.planned_time_s > budget.budget_s:
+        log.warning("time budget %s: the run cannot end in time: it will end after about %.0f s here. A larger "
+                    "budget or a smaller input size fits.", cfg.time_budget, budget.planned_time_s)

@@ -86,6 +86,32 @@ def test_changed_weights_compile_again(counted_compiles):
     assert counted_compiles["graphs"] == 2
 
 
+class _Wrapped(torch.nn.Module):
+    """A wrapper made anew around a model for each call, as probe.PooledFeatures is."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * 2
+
+
+@needs_compiler
+def test_a_new_wrapper_around_the_same_model_reuses_its_compile(counted_compiles):
+    model = FastNet(10, 1, 28, widths=(8, 16, 16)).eval()
+    images = _images(32)
+    pre = make_preprocess(Config(dataset="fashion-mnist", model="fastnet"), images)
+    chunks = [predict_logits(model, pre, images[i: i + 16], batch_size=16, outputs=_Wrapped(model).eval(),
+                             engine="compile") for i in (0, 16)]  # a budgeted probe's chunks
+    assert torch.allclose(torch.cat(chunks), 2 * predict_logits(model, pre, images), atol=1e-4, rtol=1e-4)
+    assert counted_compiles["graphs"] == 1
+    other = FastNet(10, 1, 28, widths=(8, 16, 16)).eval()
+    other.load_state_dict(model.state_dict())  # equal weights, another model: compiled for itself
+    predict_logits(other, pre, images[:16], batch_size=16, outputs=_Wrapped(other).eval(), engine="compile")
+    assert counted_compiles["graphs"] == 2
+
+
 def test_a_module_that_does_not_compile_runs_eagerly(monkeypatch, caplog):
     def broken(module, **kwargs):
         def fn(x):

@@ -44,10 +44,7 @@ def compiled_forward(module: nn.Module, fallback: Callable[[torch.Tensor], torch
     does not compile, and for batches under half the first one's size, `fallback` runs (default: the
     module eagerly; an int8 module's reference form would be slower than its fp32 original)."""
     eager = fallback or module
-    # The module itself and its weights: a module with equal weights (the same run's model loaded
-    # again by `cnnkit evaluate` in one process) must not reuse a compile that holds another module,
-    # whose mode may have changed since (a module back in training mode recompiles with batch statistics).
-    key = (id(module), weights_digest(module))
+    key = (*_identity(module), weights_digest(module))
     if _KEPT.get("key") != key:
         if _KEPT:  # the last module's code would stay in dynamo's cache, which holds 8 per function
             torch._dynamo.reset()
@@ -70,6 +67,17 @@ def compiled_forward(module: nn.Module, fallback: Callable[[torch.Tensor], torch
             return eager(x)
 
     return run
+
+
+def _identity(module: nn.Module) -> tuple[str, int]:
+    """Which module a compile holds: its type and its parameters themselves (the first one's object).
+    A module with equal weights (the same run's model loaded again by `cnnkit evaluate` in one process)
+    must not reuse a compile that holds another module, whose mode may have changed since (a module
+    back in training mode recompiles with batch statistics); but a wrapper made anew around the same
+    model for each call (probe.PooledFeatures: a budgeted probe's chunks) must, or each call would
+    compile again. The kept compile holds its module, so the parameter's id cannot be reused."""
+    first = next(module.parameters(), None)
+    return type(module).__qualname__, id(first) if first is not None else id(module)
 
 
 def _padded(x: torch.Tensor, batch: int) -> torch.Tensor:

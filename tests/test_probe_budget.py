@@ -65,6 +65,7 @@ def test_a_probe_under_a_time_budget_learns_from_the_images_that_fit(tmp_path, i
     # 3,000 images would take 15 s of features alone: the budget holds a part of them, chunk by chunk
     assert 100 <= used < 3000 and summary["probe_images"] == used and summary["train_samples"] == 3000
     assert seen[0] == 200 and sum(seen[1:]) == used and max(seen[1:]) <= 256  # validation first, then the chunks
-    assert 0 < summary["planned_time_s"] <= budget and summary["total_time_s"] <= budget
+    assert summary["total_time_s"] <= budget  # and the plan foresaw it (the head's fit is guessed from the rate)
+    assert summary["planned_time_s"] == pytest.approx(summary["total_time_s"], rel=0.25)
     assert summary["best_val_accuracy"] > 0.5
     assert [r for r in caplog.records if f"learns from {used:,} of the 3,000" in r.getMessage()]

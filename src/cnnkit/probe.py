@@ -87,11 +87,9 @@ def store_rows(preprocess: Preprocess, images: np.ndarray, cfg: Any, device: tor
     """Keep rows computed another way (a single backbone's) where `probe_rows` with these arguments
     would look for them: the plain features cut from wider rows (probe_blocks), so that a run
     which chose them does not pass its images through the backbone again."""
-    single = replace_tta(cfg) if cfg.probe_flip else cfg
-    views = [(images, plain)] + ([(np.ascontiguousarray(images[..., ::-1]), flipped)] if cfg.probe_flip else [])
-    for imgs, rows in views:
-        cached_arrays(f"features-{cfg.model}", _features_key(preprocess, imgs, single, device, weights_source, precision),
-                      lambda rows=rows: ({"features": rows}, {}))
+    for (imgs, view_cfg, _), rows in zip(_row_views(images, cfg), (plain, flipped)):
+        cached_arrays(f"features-{cfg.model}", _features_key(preprocess, imgs, view_cfg, device, weights_source,
+                                                             precision), lambda rows=rows: ({"features": rows}, {}))
 
 
 def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
@@ -261,12 +259,19 @@ def probe_rows(model: nn.Module, preprocess: Preprocess, images: np.ndarray, cfg
     member's rows at its own size, side by side (the cache then holds what choosing computed)."""
     if isinstance(model, ConcatBackbones):
         return _concat_rows(model, preprocess, images, cfg, device, weights_source, what, precision)
+    rows = [cached_features(model, preprocess, imgs, view_cfg, device, weights_source, what + suffix, precision)
+            for imgs, view_cfg, suffix in _row_views(images, cfg)]
+    return rows[0], rows[1] if len(rows) > 1 else None
+
+
+def _row_views(images: np.ndarray, cfg: Any) -> list[tuple[np.ndarray, Any, str]]:
+    """(images, configuration, what) of each view a probe's rows are the features of: the images,
+    averaged over cfg.tta's views; or, with cfg.probe_flip, the images and their mirror images, each
+    a single view whose features are rows of their own."""
     if not cfg.probe_flip:
-        return cached_features(model, preprocess, images, cfg, device, weights_source, what, precision), None
-    plain = cached_features(model, preprocess, images, replace_tta(cfg), device, weights_source, what, precision)
-    mirrored = np.ascontiguousarray(images[..., ::-1])
-    return plain, cached_features(model, preprocess, mirrored, replace_tta(cfg), device, weights_source,
-                                  f"{what} (mirrored)", precision)
+        return [(images, cfg, "")]
+    single = replace_tta(cfg)
+    return [(images, single, ""), (np.ascontiguousarray(images[..., ::-1]), single, " (mirrored)")]
 
 
 def replace_tta(cfg: Any) -> Any:

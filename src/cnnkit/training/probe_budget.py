@@ -6,8 +6,9 @@ So under a budget the training images are taken in a seeded, class-balanced rand
 and the features stop where the rest of the run would no longer end in time: each chunk's measured
 rate re-plans the count (`budget.probe_images`), as a trained run's epochs re-plan its steps. The
 validation features come first (they choose the head's weight decay whatever the count), and absorb
-the engine's compile. Test-time views and robustness samples are fitted to their share of the
-budget first, as in a trained run (TimeBudget.fit_extras).
+the engine's compile (counted again for the test, whose model compiles too). Test-time views and
+robustness samples are fitted to their share of the budget after the first chunk, as in a trained run
+(TimeBudget.fit_extras).
 
 A probe whose backbone was chosen by cross-validation (`probe_candidates`, `--strategy auto`) is
 not cut: choosing already kept within its share of the budget, and computed every training row.
@@ -47,21 +48,24 @@ def budget_order(labels: np.ndarray, seed: int) -> np.ndarray:
     return shuffled[class_balanced_order(np.asarray(labels)[shuffled])]
 
 
-def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarray, str], Rows],
-                  image_s: float) -> tuple[Rows, np.ndarray]:
+def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarray, str], Rows], val_s: float,
+                  val_passes: int) -> tuple[Rows, np.ndarray]:
     """The training rows that fit in the budget, and their labels. `rows_of(images, what)` computes
-    (or loads from the cache) the rows of some images; `image_s` is a first guess of one forward
-    pass's seconds (the validation features', compile included), replaced by the chunks' own rate."""
+    (or loads from the cache) the rows of some images. The validation's rows took `val_s` for
+    `val_passes` forward passes: a first guess of a pass's time (too long by the engine's compile),
+    replaced by each chunk's own. Under a CPU engine other than eager torch, what the validation took
+    beyond its passes' share is counted again for the test: the whole model compiles (or exports)
+    there as the backbone did here."""
     cfg, train = setup.cfg, setup.splits.train
     views = 2 if cfg.probe_flip else 1
-    budget.fit_extras(image_s)
+    image_s, overhead_s = val_s / max(val_passes, 1), 0.0
     order = budget_order(train.labels, cfg.seed)
     least = min(len(order), LEAST_PER_CLASS * len(np.unique(train.labels)))
     parts: list[Rows] = []
     done = 0
     while done < len(order):
         elapsed = time.perf_counter() - budget.started_at
-        final_s = final_seconds(budget.final_images(), image_s, cfg.report)
+        final_s = final_seconds(budget.final_images(), image_s, cfg.report) + overhead_s
         target = max(least, min(len(order), probe_images(budget.budget_s, elapsed, done, views * image_s, final_s)))
         if target <= done:
             break
@@ -69,21 +73,25 @@ def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarra
         t0 = time.perf_counter()
         parts.append(rows_of(train.images[take], f"train {done + 1:,}-{done + len(take):,}"))
         image_s = (time.perf_counter() - t0) / (views * len(take))  # the last chunk's: earlier ones may be cached
+        if setup.inference.engine != "torch":  # eager torch compiles nothing for the test
+            overhead_s = max(0.0, val_s - val_passes * image_s)
+        if not done:  # fewer test views and robustness samples where they would take more than their share
+            budget.fit_extras(image_s)
         done += len(take)
     plain = np.concatenate([p for p, _ in parts])
     flipped = None if parts[0][1] is None else np.concatenate([f for _, f in parts])  # type: ignore[misc]
-    _record(setup, budget, done, len(order), image_s)
+    _record(setup, budget, done, len(order), image_s, overhead_s)
     return (plain, flipped), train.labels[order[:done]]
 
 
-def _record(setup: Setup, budget: TimeBudget, used: int, available: int, image_s: float) -> None:
+def _record(setup: Setup, budget: TimeBudget, used: int, available: int, image_s: float, overhead_s: float) -> None:
     """Into the run record and the log: the images used, and when the run should end (`image_s`:
-    one forward pass)."""
+    one forward pass; `overhead_s`: the test's compile)."""
     cfg = setup.cfg
     views = 2 if cfg.probe_flip else 1
     setup.record.probe_images = used
     elapsed = time.perf_counter() - budget.started_at
-    final_s = final_seconds(budget.final_images(), image_s, cfg.report)
+    final_s = final_seconds(budget.final_images(), image_s, cfg.report) + overhead_s
     budget.planned_time_s = probe_end_s(elapsed, used, used, views * image_s, final_s)
     setup.record.planned_time_s = round(budget.planned_time_s, 1)
     setup.record.save(setup.run_dir)

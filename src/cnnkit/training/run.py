@@ -207,8 +207,8 @@ def _probe_features(setup: Setup, loop: Loop, budgeted: bool) -> tuple[dict[str,
     if budget is None or not budgeted:  # a backbone chosen by cross-validation has all its rows computed already
         feats["train"] = rows_of(splits.train.images, "train")
         return feats, splits.train.labels
-    view_s = (time.perf_counter() - t0) / max(len(splits.val) * (2 if cfg.probe_flip else 1), 1)
-    feats["train"], labels = budgeted_rows(setup, budget, rows_of, view_s)
+    feats["train"], labels = budgeted_rows(setup, budget, rows_of, time.perf_counter() - t0,
+                                           len(splits.val) * (2 if cfg.probe_flip else 1))
     return feats, labels
 
 

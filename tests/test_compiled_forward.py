@@ -112,6 +112,18 @@ def test_a_new_wrapper_around_the_same_model_reuses_its_compile(counted_compiles
     assert counted_compiles["graphs"] == 2
 
 
+@needs_compiler
+def test_a_function_made_for_one_module_keeps_running_it_after_another_compiles():
+    first, second = (FastNet(10, 1, 28, widths=(8, 16, 16)).eval() for _ in range(2))
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        run_first = cf.compiled_forward(first)
+        run_first(x)
+        cf.compiled_forward(second)(x)  # the one kept compile is now the second's
+        assert torch.allclose(run_first(x), first(x), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(first(x), second(x), atol=1e-2)
+
+
 def test_a_module_that_does_not_compile_runs_eagerly(monkeypatch, caplog):
     def broken(module, **kwargs):
         def fn(x):

@@ -34,7 +34,7 @@ from cnnkit.onnx_forward import weights_digest
 
 log = logging.getLogger(__name__)
 
-_KEPT: dict[str, Any] = {}  # the one compiled module: {"key": ..., "fn": ..., "batch": ..., "failed": ...}
+_KEPT: dict[str, dict[str, Any]] = {}  # "last": the one compiled module, {"key", "fn", "batch", "failed"}
 
 
 def compiled_forward(module: nn.Module, fallback: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -45,12 +45,12 @@ def compiled_forward(module: nn.Module, fallback: Callable[[torch.Tensor], torch
     module eagerly; an int8 module's reference form would be slower than its fp32 original)."""
     eager = fallback or module
     key = (*_identity(module), weights_digest(module))
-    if _KEPT.get("key") != key:
-        if _KEPT:  # the last module's code would stay in dynamo's cache, which holds 8 per function
+    kept = _KEPT.get("last")
+    if kept is None or kept["key"] != key:
+        if kept is not None:  # the last module's code would stay in dynamo's cache, which holds 8 per function
             torch._dynamo.reset()
-        _KEPT.clear()
-        _KEPT.update(key=key, fn=torch.compile(module, dynamic=False), batch=None, failed=False)
-    kept = _KEPT
+        # a new entry, not the old one changed: a function made for the last module keeps running that one
+        kept = _KEPT["last"] = {"key": key, "fn": torch.compile(module, dynamic=False), "batch": None, "failed": False}
 
     def run(x: torch.Tensor) -> torch.Tensor:
         n = len(x)

@@ -130,7 +130,7 @@ class Config:
     channels_last: bool = opt(False, "memory format; often faster for convolutions")
     inference_engine: str = opt("torch", "what runs the forward passes on a CPU once weights are fixed (a linear probe's features, the test, the report, evaluate): torch | onnxruntime (fp32; on the capped Xeon of docs/cpus.md 1.3-1.6x PyTorch's fp32 for EfficientNet-Lite features, slower than bf16 where the CPU has it) | compile (torch.compile with frozen weights: 1.26x for Lite0's features on an AVX2 CPU after 20 s of compiling, for thousands of images; needs a C++ compiler) | int8 (the same in int8, calibrated on the first batch and checked against fp32; needs torchao: pip install 'cnnkit[int8]')")
     compile: bool = opt(False, "torch.compile the training model (compile time counts; needs a C++ compiler on the CPU)")
-    time_budget: str | None = opt(None, "e.g. 5m, 90s, 1h: fit the steps (and so the schedule) to end the whole run, test and report included, within it")
+    time_budget: str | None = opt(None, "e.g. 5m, 90s, 1h: fit the steps (and so the schedule) to end the whole run, test and report included, within it; a linear probe's head learns from as many training images as fit")
     sync_batchnorm: bool = opt(False, "distributed runs: BatchNorm statistics over the global batch, not each process's share")
     # -- robustness
     deterministic: bool = opt(False, "torch deterministic algorithms (an interrupted + resumed run equals an uninterrupted one)")

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 CHECK_SIMILARITY = 0.98  # the int8 outputs' mean cosine similarity to fp32's below which fp32 runs instead
 FLOAT_FIRST, FLOAT_LAST = 3, 1  # convolutions of each backbone kept in fp32, at its start and at its end
 
-_KEPT: dict[str, Any] = {}  # the one quantized module: {"key": ..., "module": the int8 module or None (fp32)}
+_KEPT: dict[str, dict[str, Any]] = {}  # "last": the one quantized module, {"key", "module" (None: fp32), "built"}
 
 
 def int8_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -57,10 +57,9 @@ def int8_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     # validation and test features, which must all go through one quantization, calibrated once. The int8
     # module is a converted copy of the module in eval mode, so a later change of mode does not reach it.
     key = weights_digest(module)
-    if _KEPT.get("key") != key:
-        _KEPT.clear()
-        _KEPT.update(key=key, module=None, built=False)
-    kept = _KEPT
+    kept = _KEPT.get("last")
+    if kept is None or kept["key"] != key:  # a new entry: a function made for the last module keeps its own
+        kept = _KEPT["last"] = {"key": key, "module": None, "built": False}
     compiled: list[Callable[[torch.Tensor], torch.Tensor]] = []  # made at the first batch, once a call (not a batch)
 
     def run(x: torch.Tensor) -> torch.Tensor:

@@ -286,7 +286,8 @@ def write_page(run_dir: Path, metrics: dict[str, Any], classes: list[str], pair_
              ("strategy", describe_choice(summary["strategy_choice"]) + " (--strategy auto)"
               if "strategy_choice" in summary else cfg["strategy"]),
              ("augmentation", json.dumps(cfg["augment"])), ("precision", cfg["precision"]),
-             ("training samples", summary.get("train_samples", "?")), ("seed", cfg["seed"])]
+             ("training samples", f"{summary['probe_images']:,} of {summary['train_samples']:,} (as many as the time "
+              "budget held)" if "probe_images" in summary else summary.get("train_samples", "?")), ("seed", cfg["seed"])]
     def pct(key: str, value: float) -> str:
         return _num(key, f"{100 * value:.2f}%")
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Training images per chunk: the clock is read between chunks (5-15 s of forward passes on a 2-core CPU).
-CHUNK = 1024
+CHUNK = 1024  # a multiple of the recipes' evaluation batches
 LEAST_PER_CLASS = 10  # however short the budget: a head needs rows of every class
 
 Rows = tuple[np.ndarray, np.ndarray | None]  # plain views' features, mirrored ones' (probe_flip)
@@ -62,6 +62,7 @@ def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarra
     order = budget_order(train.labels, cfg.seed)
     least = min(len(order), LEAST_PER_CLASS * len(np.unique(train.labels)))
     parts: list[Rows] = []
+    timed: list[tuple[float, int]] = []  # each chunk's seconds and forward passes
     done = 0
     while done < len(order):
         elapsed = time.perf_counter() - budget.started_at
@@ -69,10 +70,12 @@ def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarra
         target = max(least, min(len(order), probe_images(budget.budget_s, elapsed, done, views * image_s, final_s)))
         if target <= done:
             break
-        take = order[done: min(target, done + CHUNK)]
+        batch = cfg.eval_batch_size  # whole batches: a last, padded one costs a whole one
+        take = order[done: done + min(CHUNK, -(-(target - done) // batch) * batch)]
         t0 = time.perf_counter()
         parts.append(rows_of(train.images[take], f"train {done + 1:,}-{done + len(take):,}"))
-        image_s = (time.perf_counter() - t0) / (views * len(take))  # the last chunk's: earlier ones may be cached
+        timed.append((time.perf_counter() - t0, views * len(take)))
+        image_s = sum(t for t, _ in timed[-3:]) / sum(n for _, n in timed[-3:])  # the last chunks' (earlier ones may be cached)
         if setup.inference.engine != "torch":  # eager torch compiles nothing for the test
             overhead_s = max(0.0, val_s - val_passes * image_s)
         if not done:  # fewer test views and robustness samples where they would take more than their share

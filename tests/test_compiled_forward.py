@@ -117,6 +117,7 @@ def test_a_function_made_for_one_module_keeps_running_it_after_another_compiles(
     first, second = (FastNet(10, 1, 28, widths=(8, 16, 16)).eval() for _ in range(2))
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
+        second.head.weight.mul_(-100)  # logits far from the first's (a new net's are all near zero)
         run_first = cf.compiled_forward(first)
         run_first(x)
         cf.compiled_forward(second)(x)  # the one kept compile is now the second's

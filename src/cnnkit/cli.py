@@ -296,7 +296,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                           f"{100 * s['test_accuracy_ci95'][0]:.1f}-{100 * s['test_accuracy_ci95'][1]:.1f}%)"),
         ("time", f"{s.get('total_time_s', s['wall_time_s']):.0f} s in all, {s['train_time_s']:.0f} s training, "
                  f"on {s['device']}"),
-        *([("time budget", f"{s['time_budget_s']:.0f} s; planned {s['planned_time_s']:.0f} s"
+        *([("time budget", f"{s['time_budget_s']:.0f} s"
+                           + (f"; planned {s['planned_time_s']:.0f} s" if "planned_time_s" in s else "")
                            + (f"; the head learnt from {s['probe_images']:,} of the {s['train_samples']:,} training "
                               "images" if "probe_images" in s else ""))] if "time_budget_s" in s else []),
     ]:

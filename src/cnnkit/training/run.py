@@ -255,8 +255,8 @@ def _test_and_report(setup: Setup, loop: Loop, started_at: float) -> TrainResult
     write_json_atomic(setup.run_dir / "summary.json", summary)
     budget = _find(loop, TimeBudget)
     if budget is not None:
-        log.info("time budget %s: planned %.0f s, took %.0f s", cfg.time_budget, budget.planned_time_s,
-                 summary["total_time_s"])
+        log.info("time budget %s: %stook %.0f s", cfg.time_budget, f"planned {budget.planned_time_s:.0f} s, "
+                 if budget.planned_time_s else "", summary["total_time_s"])  # a probe chosen by the folds has no plan
     return TrainResult(setup.run_dir, state, test, summary)
 
 
@@ -275,7 +275,8 @@ def _summary(setup: Setup, loop: Loop, test: dict[str, Any], started_at: float) 
         "train_time_s": round(state.train_time_s, 2), "skipped_steps": state.skipped_steps,
         "wall_time_s": round(time.perf_counter() - started_at, 2),  # this invocation, data loading included
         "steps_run": state.step, "steps_per_epoch": len(setup.loader), "schedule_steps": loop.total_steps,
-        **({"time_budget_s": budget.budget_s, "planned_time_s": round(budget.planned_time_s, 1)} if budget else {}),
+        **({"time_budget_s": budget.budget_s} if budget else {}),
+        **({"planned_time_s": round(budget.planned_time_s, 1)} if budget and budget.planned_time_s else {}),
         **_cv_summary(setup.record.selection),
         **({"probe_images": setup.record.probe_images} if setup.record.probe_images else {}),
         **({"strategy_choice": setup.record.strategy_selection} if setup.record.strategy_selection else {}),

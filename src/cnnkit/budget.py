@@ -113,6 +113,9 @@ def final_seconds(final_images: int, eval_image_s: float, report: bool) -> float
 # A linear probe's head fit (the L-BFGS path over its rows) in seconds per training image, against
 # that image's forward passes: both are the CPU's dense fp32 arithmetic, so the ratio carries from one
 # CPU to another better than seconds do (it grows with the features' width, not the backbone's depth).
+# Set from cifar10-probe's (capped to AVX2): about 30 s an L-BFGS fit of 48,000 rows, two fits along the path
+# (probe.fit_head), against about 450 s of their features; its runs under a 5-minute budget then ended 8-23 s
+# inside it (zen4-fp32-cifar10-probe-budget5m). An estimate: the budget's margin takes up its error.
 PROBE_FIT_RATIO = 0.15
 
 

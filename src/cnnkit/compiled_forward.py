@@ -14,8 +14,8 @@ caches it on disk for the next run), so it pays on thousands of images, not on a
 hundreds: a switch, `--inference-engine compile`.
 
 What is cnnkit's own here is only the glue, as in cnnkit.onnx_forward: one compiled module is kept,
-keyed by the module and a digest of its weights (frozen weights are constants of the code: a new head
-or a loaded checkpoint compiles again), and a shorter batch is padded to the first batch's size, so that one
+keyed by the module (its type and parameters) and a digest of its weights (frozen weights are constants
+of the code: a new head or a loaded checkpoint compiles again), and a shorter batch is padded to the first batch's size, so that one
 shape compiles (a last, smaller batch, or `tta_below`'s unsure images, would each compile again);
 a batch under half that size runs eagerly instead. A module that does not compile (no C++ compiler,
 an unsupported operator) runs eagerly, with one warning.

@@ -3,7 +3,7 @@
 A probe has no epochs to plan: its cost is the frozen backbone's forward passes over the training
 images (and their mirror images, with `probe_flip`), then the head's fit, the test and the report.
 So under a budget the training images are taken in a seeded, class-balanced random order, in chunks,
-and the features stop where the rest of the run would no longer end in time: each chunk's measured
+and the features stop where the rest of the run would no longer end in time: the last chunks' measured
 rate re-plans the count (`budget.probe_images`), as a trained run's epochs re-plan its steps. The
 validation features come first (they choose the head's weight decay whatever the count), and absorb
 the engine's compile (counted again for the test, whose model compiles too). Test-time views and

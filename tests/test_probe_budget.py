@@ -36,10 +36,12 @@ def test_the_budget_takes_the_images_class_balanced_and_shuffled_by_the_seed():
 
 
 @pytest.mark.slow
-def test_a_probe_under_a_time_budget_learns_from_the_images_that_fit(tmp_path, isolated_home, monkeypatch, caplog):
-    from cnnkit import probe
+def test_a_probe_under_a_time_budget_learns_from_the_images_that_fit(tmp_path, isolated_home, monkeypatch, caplog,
+                                                                      capsys):
+    from cnnkit import cli, probe
     from cnnkit.config import apply_overrides, load_recipe
     from cnnkit.runs import RunRecord
+    from cnnkit import training
     from cnnkit.training import probe_budget, train
 
     if offline_weights_path("tf_efficientnet_lite0") is None:
@@ -53,19 +55,26 @@ def test_a_probe_under_a_time_budget_learns_from_the_images_that_fit(tmp_path, i
 
     monkeypatch.setattr(probe, "probe_rows", slow_rows)
     monkeypatch.setattr(probe_budget, "CHUNK", 256)
-    budget = 20
+    budget = 30
     cfg = apply_overrides(load_recipe("fmnist-baseline"), {
         "model": "tf_efficientnet_lite0", "pretrained": True, "strategy": "linear-probe", "input_size": 48,
-        "max_train_samples": 3000, "max_eval_samples": 200, "report": False, "output": str(tmp_path), "name": "b",
+        "max_train_samples": 3000, "max_eval_samples": 200, "report": True, "report_robustness_samples": 40, "output": str(tmp_path), "name": "b",
         "time_budget": f"{budget}s"})
     with caplog.at_level(logging.INFO, logger="cnnkit"):
         result = train(cfg)
     used = RunRecord.load(result.run_dir).probe_images
     summary = json.loads((result.run_dir / "summary.json").read_text())
-    # 3,000 images would take 15 s of features alone: the budget holds a part of them, chunk by chunk
+    # 3,000 images would take 15 s of features alone, beside the report: the budget holds a part of them, chunk by chunk
     assert 100 <= used < 3000 and summary["probe_images"] == used and summary["train_samples"] == 3000
     assert seen[0] == 200 and sum(seen[1:]) == used and max(seen[1:]) <= 256  # validation first, then the chunks
-    assert summary["total_time_s"] <= budget  # and the plan foresaw it (the head's fit is guessed from the rate)
-    assert summary["planned_time_s"] == pytest.approx(summary["total_time_s"], rel=0.25)
+    # the plan ends within the budget, and the run did (the plan reckons the test's and report's images at the
+    # slowed features' rate, so here it ends late: pessimistic, not optimistic)
+    assert summary["total_time_s"] <= summary["planned_time_s"] <= budget
     assert summary["best_val_accuracy"] > 0.5
     assert [r for r in caplog.records if f"learns from {used:,} of the 3,000" in r.getMessage()]
+    assert f"{used:,} of 3,000 (as many as the time budget held)" in (result.run_dir / "report.html").read_text()
+    monkeypatch.setattr(training, "train", lambda *args, **kwargs: result)  # the closing table of this run
+    capsys.readouterr()
+    assert cli.main(["--quiet", "train", "--recipe", "fmnist-baseline"]) == 0
+    table = " ".join(capsys.readouterr().out.split())
+    assert "learnt" in table and f"{used:,}" in table

@@ -25,6 +25,8 @@ from cnnkit.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
+Rows = tuple[np.ndarray, np.ndarray | None]  # a probe's rows: the images' features, their mirror images' (probe_flip)
+
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)  # chosen on the validation split
 # The heads are fitted in float32 on standardised features (the statistics and the fold-in in float64). On
 # flowers12's folds (Lite0, Lite2 and both side by side, mirrored rows, 5 folds x 4 decays, fold seeds 0-1,
@@ -253,7 +255,7 @@ def _fold_accuracies(x: np.ndarray, y: np.ndarray, held: np.ndarray, held_y: np.
 
 
 def probe_rows(model: nn.Module, preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device,
-               weights_source: str, what: str, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
+               weights_source: str, what: str, precision: str) -> Rows:
     """Features of the images (averaged over cfg.tta's views) or, with cfg.probe_flip, of the images
     and of their mirror images, each a row of its own (all cached). Backbones side by side: each
     member's rows at its own size, side by side (the cache then holds what choosing computed)."""
@@ -262,6 +264,11 @@ def probe_rows(model: nn.Module, preprocess: Preprocess, images: np.ndarray, cfg
     rows = [cached_features(model, preprocess, imgs, view_cfg, device, weights_source, what + suffix, precision)
             for imgs, view_cfg, suffix in _row_views(images, cfg)]
     return rows[0], rows[1] if len(rows) > 1 else None
+
+
+def views_per_image(cfg: Any) -> int:
+    """Forward passes a probe's rows take an image: its own, and with cfg.probe_flip its mirror image's."""
+    return 2 if cfg.probe_flip else 1
 
 
 def _row_views(images: np.ndarray, cfg: Any) -> list[tuple[np.ndarray, Any, str]]:
@@ -282,7 +289,7 @@ def replace_tta(cfg: Any) -> Any:
 
 
 def _concat_rows(model: ConcatBackbones, preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device,
-                 weights_source: str, what: str, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
+                 weights_source: str, what: str, precision: str) -> Rows:
     import dataclasses
 
     sources = weights_source.split(SOURCES_SEPARATOR)

@@ -51,8 +51,7 @@ log = logging.getLogger(__name__)
 CANDIDATES_SHARE = 0.6
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)  # 1e-4 won every fold of flowers12 when it was the smallest
 
-Features = tuple[np.ndarray, np.ndarray | None]  # a candidate's training rows: plain views, mirrored ones
-Variants = dict[int, Features]  # by how many blocks' pooled outputs the rows hold (0: the backbone's features alone)
+Variants = dict[int, probe.Rows]  # a candidate's training rows, by how many blocks' pooled outputs the rows hold (0: the backbone's features alone)
 
 
 def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
@@ -151,7 +150,7 @@ def _guess_seconds(first: dict[str, Any], name: str, cfg: Config) -> float:
 
 
 def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.ndarray, device: torch.device,
-               precision: str, keep: dict[str, Features]) -> list[dict[str, Any]]:
+               precision: str, keep: dict[str, Variants]) -> list[dict[str, Any]]:
     """The rows again: those within `probe_screen` standard deviations (the spread of the best one's
     folds) of the best plain-view estimate now scored with their mirrored views too, and marked
     with their `screen_accuracy`; the others as they were. The margin is the folds' own noise, so a
@@ -175,7 +174,7 @@ def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.
 
 
 def _candidate(cfg: Config, splits: Any, labels: np.ndarray, device: torch.device, precision: str, flip: bool,
-               macs: bool, keep: dict[str, Features]) -> dict[str, Any]:
+               macs: bool, keep: dict[str, Variants]) -> dict[str, Any]:
     """One backbone's row of the choice: its cross-validated accuracy at the best weight decay,
     on its plain views alone or (`flip`) with the mirrored ones as the run will train on them.
     Its features go into `keep` (for the backbones side by side)."""
@@ -241,7 +240,7 @@ def candidate_features(cfg: Config, splits: Any, device: torch.device, precision
     return {0: _joined(alone), cfg.probe_blocks: _joined(parts)}  # type: ignore[arg-type]
 
 
-def _joined(parts: list[tuple[np.ndarray, np.ndarray | None]]) -> Features:
+def _joined(parts: list[probe.Rows]) -> probe.Rows:
     """The training and the validation images' rows, one after the other."""
     plain = np.concatenate([p for p, _ in parts])
     return plain, None if parts[0][1] is None else np.concatenate([f for _, f in parts])

@@ -26,6 +26,7 @@ import numpy as np
 
 from cnnkit.analysis import class_balanced_order
 from cnnkit.budget import final_seconds, probe_end_s, probe_images
+from cnnkit.probe import Rows, views_per_image
 
 if TYPE_CHECKING:
     from cnnkit.training.budget_hook import TimeBudget
@@ -37,9 +38,6 @@ log = logging.getLogger(__name__)
 CHUNK = 1024  # a multiple of the recipes' evaluation batches
 LEAST_PER_CLASS = 10  # however short the budget: a head needs rows of every class
 
-Rows = tuple[np.ndarray, np.ndarray | None]  # plain views' features, mirrored ones' (probe_flip)
-
-
 def budget_order(labels: np.ndarray, seed: int) -> np.ndarray:
     """The training images' indices in the order a budget takes them: shuffled by the run's seed, then
     each class in turn, so that any prefix holds the classes about equally (a folder's split is sorted
@@ -48,16 +46,17 @@ def budget_order(labels: np.ndarray, seed: int) -> np.ndarray:
     return shuffled[class_balanced_order(np.asarray(labels)[shuffled])]
 
 
-def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarray, str], Rows], val_s: float,
-                  val_passes: int) -> tuple[Rows, np.ndarray]:
+def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarray, str], Rows],
+                  val_s: float) -> tuple[Rows, np.ndarray]:
     """The training rows that fit in the budget, and their labels. `rows_of(images, what)` computes
-    (or loads from the cache) the rows of some images. The validation's rows took `val_s` for
-    `val_passes` forward passes: a first guess of a pass's time (too long by the engine's compile),
+    (or loads from the cache) the rows of some images. The validation's rows took `val_s`: their
+    forward passes' time is a first guess of a pass's time (too long by the engine's compile),
     replaced by each chunk's own. Under a CPU engine other than eager torch, what the validation took
     beyond its passes' share is counted again for the test: the whole model compiles (or exports)
     there as the backbone did here."""
     cfg, train = setup.cfg, setup.splits.train
-    views = 2 if cfg.probe_flip else 1
+    views = views_per_image(cfg)
+    val_passes = views * len(setup.splits.val)
     image_s, overhead_s = val_s / max(val_passes, 1), 0.0
     order = budget_order(train.labels, cfg.seed)
     least = min(len(order), LEAST_PER_CLASS * len(np.unique(train.labels)))
@@ -91,11 +90,10 @@ def _record(setup: Setup, budget: TimeBudget, used: int, available: int, image_s
     """Into the run record and the log: the images used, and when the run should end (`image_s`:
     one forward pass; `overhead_s`: the test's compile)."""
     cfg = setup.cfg
-    views = 2 if cfg.probe_flip else 1
     setup.record.probe_images = used
     elapsed = time.perf_counter() - budget.started_at
     final_s = final_seconds(budget.final_images(), image_s, cfg.report) + overhead_s
-    budget.planned_time_s = probe_end_s(elapsed, used, used, views * image_s, final_s)
+    budget.planned_time_s = probe_end_s(elapsed, used, used, views_per_image(cfg) * image_s, final_s)
     setup.record.planned_time_s = round(budget.planned_time_s, 1)
     setup.record.save(setup.run_dir)
     log.info("time budget %s: the head learns from %s of the %s training images (%s), features at %.0f "

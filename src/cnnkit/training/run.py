@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnkit import distributed
+from cnnkit import distributed, probe
 from cnnkit.budget import parse_duration
 from cnnkit.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.config import Config
@@ -41,7 +41,7 @@ from cnnkit.training.choose_strategy import choose_strategy
 from cnnkit.training.hooks import (BestEpoch, Checkpointer, LookaheadHook, LrSchedule, MetricsLog, StopAfterEpoch,
                                    Unfreeze, append_metrics, saved_loop_state)
 from cnnkit.training.loop import Hook, Loop, TrainState
-from cnnkit.training.probe_budget import Rows, budgeted_rows
+from cnnkit.training.probe_budget import budgeted_rows
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,6 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
     """Frozen backbone: cached features, a linear head fitted by L-BFGS. Its weight decay is chosen
     on the validation split, or, where cross-validation chose the backbone, by that; the head then
     learns from every image but the test split's, and the run reports the cross-validated estimate."""
-    from cnnkit import probe
-
     cfg, state, splits = setup.cfg, loop.state, setup.splits
     probe.check(cfg, setup.model)
     t0 = time.perf_counter()
@@ -190,14 +188,12 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
              if chosen else "validation", 100 * val["accuracy"], fit["weight_decay"], state.epoch_time_s, fit_s)
 
 
-def _probe_features(setup: Setup, loop: Loop, budgeted: bool) -> tuple[dict[str, Rows], np.ndarray]:
+def _probe_features(setup: Setup, loop: Loop, budgeted: bool) -> tuple[dict[str, probe.Rows], np.ndarray]:
     """The validation and training images' rows (cnnkit.probe.probe_rows), and the training rows'
     labels: under --time-budget, where `budgeted`, as many training images as fit (training/probe_budget.py)."""
-    from cnnkit import probe
-
     cfg, splits = setup.cfg, setup.splits
 
-    def rows_of(images: np.ndarray, what: str) -> Rows:
+    def rows_of(images: np.ndarray, what: str) -> probe.Rows:
         return probe.probe_rows(setup.model, setup.preprocess, images, cfg, setup.device, setup.weights_source, what,
                                 setup.precision)
 
@@ -207,8 +203,7 @@ def _probe_features(setup: Setup, loop: Loop, budgeted: bool) -> tuple[dict[str,
     if budget is None or not budgeted:  # a backbone chosen by cross-validation has all its rows computed already
         feats["train"] = rows_of(splits.train.images, "train")
         return feats, splits.train.labels
-    feats["train"], labels = budgeted_rows(setup, budget, rows_of, time.perf_counter() - t0,
-                                           len(splits.val) * (2 if cfg.probe_flip else 1))
+    feats["train"], labels = budgeted_rows(setup, budget, rows_of, time.perf_counter() - t0)
     return feats, labels
 
 

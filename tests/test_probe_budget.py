@@ -7,21 +7,22 @@ import time
 import numpy as np
 import pytest
 
-from cnnkit.budget import MARGIN, PROBE_FIT_RATIO, probe_end_s, probe_images
+from cnnkit.budget import MARGIN, probe_end_s, probe_images
 from cnnkit.models.pretrained import offline_weights_path
 from cnnkit.training.probe_budget import budget_order
 
 
 def test_probe_images_fill_the_budget_to_its_margin():
-    budget, elapsed, image_s, final_s = 100.0, 10.0, 0.01, 20.0
-    n = probe_images(budget, elapsed, 0, image_s, final_s)
-    assert probe_end_s(elapsed, 0, n, image_s, final_s) <= MARGIN * budget < probe_end_s(elapsed, 0, n + 1, image_s,
-                                                                                         final_s)
-    assert n == pytest.approx(65 / (0.01 * (1 + PROBE_FIT_RATIO)), abs=1)
+    budget, elapsed, image_s, fit_s, final_s = 100.0, 10.0, 0.01, 0.002, 20.0
+    n = probe_images(budget, elapsed, 0, image_s, fit_s, final_s)
+    assert (probe_end_s(elapsed, 0, n, image_s, fit_s, final_s) <= MARGIN * budget
+            < probe_end_s(elapsed, 0, n + 1, image_s, fit_s, final_s))
+    assert n == pytest.approx(65 / (0.01 + 0.002), abs=1)
     # 3,000 images in, at half the rate first thought: the images done are paid for, the count drops
-    later = probe_images(budget, elapsed + 30, 3000, 2 * image_s, final_s)
+    later = probe_images(budget, elapsed + 30, 3000, 2 * image_s, fit_s, final_s)
     assert 3000 < later < n
-    assert probe_images(budget, 200.0, 3000, image_s, final_s) == 3000  # past the budget: no more, none taken back
+    assert probe_images(budget, elapsed, 0, image_s, 10 * fit_s, final_s) < n / 2  # a costlier fit: fewer images
+    assert probe_images(budget, 200.0, 3000, image_s, fit_s, final_s) == 3000  # past the budget: no more, none taken back
 
 
 def test_the_budget_takes_the_images_class_balanced_and_shuffled_by_the_seed():

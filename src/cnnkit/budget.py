@@ -110,26 +110,19 @@ def final_seconds(final_images: int, eval_image_s: float, report: bool) -> float
     return final_images * eval_image_s + TEST_FIXED_S + REPORT_FIXED_S * report
 
 
-# A linear probe's head fit (the L-BFGS path over its rows) in seconds per training image, against
-# that image's forward passes: both are the CPU's dense fp32 arithmetic, so the ratio carries from one
-# CPU to another better than seconds do (it grows with the features' width, not the backbone's depth).
-# Set from cifar10-probe's (capped to AVX2): about 30 s an L-BFGS fit of 48,000 rows, two fits along the path
-# (probe.fit_head), against about 450 s of their features; its runs under a 5-minute budget then ended 8-23 s
-# inside it (zen4-fp32-cifar10-probe-budget5m). An estimate: the budget's margin takes up its error.
-PROBE_FIT_RATIO = 0.15
-
-
-def probe_end_s(elapsed_s: float, done: int, total: int, image_s: float, final_s: float) -> float:
+def probe_end_s(elapsed_s: float, done: int, total: int, image_s: float, fit_image_s: float, final_s: float) -> float:
     """When a linear probe `done` images into its training features ends if it takes `total`: the
-    features left (`image_s`: an image's forward passes), the head's fit on all, the test and report."""
-    return elapsed_s + (total - done) * image_s + total * image_s * PROBE_FIT_RATIO + final_s
+    features left (`image_s`: an image's forward passes), the head's fit on all (`fit_image_s` an image;
+    its fixed part in `final_s`), the test and report (`final_s`)."""
+    return elapsed_s + (total - done) * image_s + total * fit_image_s + final_s
 
 
-def probe_images(budget_s: float, elapsed_s: float, done: int, image_s: float, final_s: float) -> int:
+def probe_images(budget_s: float, elapsed_s: float, done: int, image_s: float, fit_image_s: float,
+                 final_s: float) -> int:
     """How many training images a linear probe can take in all, `done` of them already: the most whose
     end (`probe_end_s`) is within the budget's margin; no fewer than `done`."""
     spare = MARGIN * budget_s - elapsed_s - final_s + done * image_s
-    return max(done, math.floor(spare / (image_s * (1 + PROBE_FIT_RATIO))))
+    return max(done, math.floor(spare / (image_s + fit_image_s)))
 
 
 def calibration_window(steps_per_epoch: int, settled_step: int) -> tuple[int, int]:

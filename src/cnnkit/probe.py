@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +34,17 @@ WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)  # chosen on the validation split
 # capped to AVX2) L-BFGS took 0.4-0.6 of float64's time in as many evaluations, and 47 of the 48 fold
 # estimates were the same (one differed by one image of 720), the chosen decays all the same.
 FIT_DTYPE = torch.float32
+
+
+# A head's fit in passes over its rows, for a time budget's plan (training/probe_budget.py). A linear head's
+# L-BFGS path took 225-430 closure evaluations (a forward and backward pass over every row) along two fits and
+# 357-679 along all four (Lite0's features of Fashion-MNIST at 64 px and CIFAR-10 at 192 px, 4,096-16,380
+# rows), each 1.1-1.3 times a lone pass's time; a hidden-layer head's Adam takes ADAM_EPOCHS over the rows for
+# each decay.
+LBFGS_PASSES = 500
+LBFGS_MAX_ITER = 200  # iterations of one fit (fewer where it converges first)
+ADAM_EPOCHS = 30
+COST_SAMPLE = 8192  # rows a fit's cost is timed on: a pass's time per row grows about 1.4x from 1,024 rows to 16,384
 
 
 class PooledFeatures(nn.Module):
@@ -169,24 +181,29 @@ def _penalty(head: nn.Module, wd: float) -> torch.Tensor:
 
 
 def _fit_lbfgs(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, wd: float, label_smoothing: float,
-               warm: bool = False) -> None:
-    """From zero, or with `warm` from the head's present weights (a nearby weight decay's solution)."""
+               warm: bool = False, max_iter: int = LBFGS_MAX_ITER) -> int:
+    """From zero, or with `warm` from the head's present weights (a nearby weight decay's solution).
+    Returns how many times the loss was evaluated."""
     if not warm:
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
+    evaluations = 0
 
     def closure():
+        nonlocal evaluations
+        evaluations += 1
         opt.zero_grad()
         loss = F.cross_entropy(head(x), y, label_smoothing=label_smoothing) + _penalty(head, wd)
         loss.backward()
         return loss
 
     opt.step(closure)
+    return evaluations
 
 
 def _fit_adam(head: nn.Module, x: torch.Tensor, y: torch.Tensor, wd: float, label_smoothing: float,
-              epochs: int = 30, batch: int = 1024) -> None:
+              epochs: int = ADAM_EPOCHS, batch: int = 1024) -> None:
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     order = torch.Generator().manual_seed(0)
     for _ in range(epochs):
@@ -195,6 +212,42 @@ def _fit_adam(head: nn.Module, x: torch.Tensor, y: torch.Tensor, wd: float, labe
             opt.zero_grad()
             loss.backward()
             opt.step()
+
+
+def fit_row_seconds(head: nn.Module, rows: np.ndarray, classes: int) -> float:
+    """Seconds per row that `fit_head` will take on rows like `rows`, timed here in milliseconds: the
+    head's forward and backward pass over (up to COST_SAMPLE of) them, times the passes its fit makes.
+    Measured, not a constant: the fit grows with the rows, the features' width and the classes, not
+    with the backbone's forward pass, so no ratio to that carries from one backbone and input size to
+    another."""
+    sample = torch.from_numpy(np.ascontiguousarray(rows[:COST_SAMPLE])).to(FIT_DTYPE)
+    y = torch.arange(len(sample)) % classes
+    model = copy.deepcopy(head).to(FIT_DTYPE)
+
+    def one_pass() -> None:
+        model.zero_grad()
+        F.cross_entropy(model(sample), y).backward()
+
+    one_pass()  # the first allocates
+    t0 = time.perf_counter()
+    for _ in range(3):
+        one_pass()
+    row_s = (time.perf_counter() - t0) / 3 / len(sample)
+    return row_s * (LBFGS_PASSES if isinstance(head, nn.Linear) else ADAM_EPOCHS * len(WEIGHT_DECAYS))
+
+
+def fit_fixed_seconds(head: nn.Module, features: int) -> float:
+    """What `fit_head` will take whatever the rows: for a linear head L-BFGS's own work per evaluation
+    (its line search and two-loop recursion, milliseconds in Python), timed on a short fit of 16 rows
+    of `features` random features; none for a hidden-layer head (Adam's steps scale with the rows)."""
+    if not isinstance(head, nn.Linear):
+        return 0.0
+    rows = torch.randn(16, features, generator=torch.Generator().manual_seed(0), dtype=FIT_DTYPE)
+    model, labels = copy.deepcopy(head).to(FIT_DTYPE), torch.arange(16) % head.out_features
+    _fit_lbfgs(model, rows, labels, 1e-2, 0.0, max_iter=2)  # the first call in a process sets up for seconds
+    t0 = time.perf_counter()
+    evaluations = _fit_lbfgs(model, rows, labels, 1e-2, 0.0, max_iter=20)
+    return LBFGS_PASSES * (time.perf_counter() - t0) / max(evaluations, 1)
 
 
 def check(cfg: Any, model: nn.Module) -> None:

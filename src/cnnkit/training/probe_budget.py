@@ -4,7 +4,8 @@ A probe has no epochs to plan: its cost is the frozen backbone's forward passes 
 images (and their mirror images, with `probe_flip`), then the head's fit, the test and the report.
 So under a budget the training images are taken in a seeded, class-balanced random order, in chunks,
 and the features stop where the rest of the run would no longer end in time: the last chunks' measured
-rate re-plans the count (`budget.probe_images`), as a trained run's epochs re-plan its steps. The
+rate re-plans the count (`budget.probe_images`), as a trained run's epochs re-plan its steps, and the
+head's fit is reckoned from timing its passes over the latest rows (probe.fit_row_seconds). The
 validation features come first (they choose the head's weight decay whatever the count), and absorb
 the engine's compile (counted again for the test, whose model compiles too). Test-time views and
 robustness samples are fitted to their share of the budget after the first chunk, as in a trained run
@@ -20,13 +21,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from cnnkit.analysis import class_balanced_order
 from cnnkit.budget import final_seconds, probe_end_s, probe_images
-from cnnkit.probe import Rows, views_per_image
+from cnnkit.probe import COST_SAMPLE, Rows, fit_fixed_seconds, fit_row_seconds, views_per_image
 
 if TYPE_CHECKING:
     from cnnkit.training.budget_hook import TimeBudget
@@ -47,17 +48,20 @@ def budget_order(labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarray, str], Rows],
-                  val_s: float) -> tuple[Rows, np.ndarray]:
+                  val_rows: Rows, val_s: float) -> tuple[Rows, np.ndarray]:
     """The training rows that fit in the budget, and their labels. `rows_of(images, what)` computes
-    (or loads from the cache) the rows of some images. The validation's rows took `val_s`: their
-    forward passes' time is a first guess of a pass's time (too long by the engine's compile),
-    replaced by each chunk's own. Under a CPU engine other than eager torch, what the validation took
-    beyond its passes' share is counted again for the test: the whole model compiles (or exports)
-    there as the backbone did here."""
+    (or loads from the cache) the rows of some images. The validation's rows (`val_rows`) took `val_s`:
+    their forward passes' time is a first guess of a pass's time (too long by the engine's compile),
+    replaced by each chunk's own, and the head's fit is first timed on them, then on the latest
+    training rows. Under a CPU engine other than eager torch, what the validation took beyond its
+    passes' share is counted again for the test: the whole model compiles (or exports) there as the
+    backbone did here."""
     cfg, train = setup.cfg, setup.splits.train
     views = views_per_image(cfg)
     val_passes = views * len(setup.splits.val)
     image_s, overhead_s = val_s / max(val_passes, 1), 0.0
+    head, classes = setup.model.get_classifier(), len(setup.ds.classes)
+    fit = _FitCost(fit_fixed_seconds(head, val_rows[0].shape[1]), views * fit_row_seconds(head, val_rows[0], classes))
     order = budget_order(train.labels, cfg.seed)
     least = min(len(order), LEAST_PER_CLASS * len(np.unique(train.labels)))
     parts: list[Rows] = []
@@ -65,8 +69,9 @@ def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarra
     done = 0
     while done < len(order):
         elapsed = time.perf_counter() - budget.started_at
-        final_s = final_seconds(budget.final_images(), image_s, cfg.report) + overhead_s
-        target = max(least, min(len(order), probe_images(budget.budget_s, elapsed, done, views * image_s, final_s)))
+        final_s = final_seconds(budget.final_images(), image_s, cfg.report) + overhead_s + fit.fixed_s
+        target = max(least, min(len(order), probe_images(budget.budget_s, elapsed, done, views * image_s,
+                                                         fit.image_s, final_s)))
         if target <= done:
             break
         batch = cfg.eval_batch_size  # whole batches: a last, padded one costs a whole one
@@ -75,6 +80,7 @@ def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarra
         parts.append(rows_of(train.images[take], f"train {done + 1:,}-{done + len(take):,}"))
         timed.append((time.perf_counter() - t0, views * len(take)))
         image_s = sum(t for t, _ in timed[-3:]) / sum(n for _, n in timed[-3:])  # the last chunks' (earlier ones may be cached)
+        fit = _FitCost(fit.fixed_s, views * fit_row_seconds(head, _latest_rows(parts), classes))
         if setup.inference.engine != "torch":  # eager torch compiles nothing for the test
             overhead_s = max(0.0, val_s - val_passes * image_s)
         if not done:  # fewer test views and robustness samples where they would take more than their share
@@ -82,24 +88,41 @@ def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarra
         done += len(take)
     plain = np.concatenate([p for p, _ in parts])
     flipped = None if parts[0][1] is None else np.concatenate([f for _, f in parts])  # type: ignore[misc]
-    _record(setup, budget, done, len(order), image_s, overhead_s)
+    _record(setup, budget, done, len(order), image_s, fit, overhead_s)
     return (plain, flipped), train.labels[order[:done]]
 
 
-def _record(setup: Setup, budget: TimeBudget, used: int, available: int, image_s: float, overhead_s: float) -> None:
+class _FitCost(NamedTuple):
+    """The head's fit: seconds whatever the rows, and seconds per training image (its rows)."""
+    fixed_s: float
+    image_s: float
+
+
+def _latest_rows(parts: list[Rows]) -> np.ndarray:
+    """Up to COST_SAMPLE of the latest chunks' rows (plain and mirrored), to time the head's passes on."""
+    rows: list[np.ndarray] = []
+    for part in reversed(parts):
+        rows += [r for r in part if r is not None]
+        if sum(len(r) for r in rows) >= COST_SAMPLE:
+            break
+    return np.concatenate(rows)[:COST_SAMPLE]
+
+
+def _record(setup: Setup, budget: TimeBudget, used: int, available: int, image_s: float, fit: _FitCost,
+            overhead_s: float) -> None:
     """Into the run record and the log: the images used, and when the run should end (`image_s`:
-    one forward pass; `overhead_s`: the test's compile)."""
+    one forward pass; `fit`: the head's; `overhead_s`: the test's compile)."""
     cfg = setup.cfg
     setup.record.probe_images = used
     elapsed = time.perf_counter() - budget.started_at
-    final_s = final_seconds(budget.final_images(), image_s, cfg.report) + overhead_s
-    budget.planned_time_s = probe_end_s(elapsed, used, used, views_per_image(cfg) * image_s, final_s)
+    final_s = final_seconds(budget.final_images(), image_s, cfg.report) + overhead_s + fit.fixed_s
+    budget.planned_time_s = probe_end_s(elapsed, used, used, views_per_image(cfg) * image_s, fit.image_s, final_s)
     setup.record.planned_time_s = round(budget.planned_time_s, 1)
     setup.record.save(setup.run_dir)
     log.info("time budget %s: the head learns from %s of the %s training images (%s), features at %.0f "
-             "forward passes/s; the run should end after %.0f s", cfg.time_budget, f"{used:,}", f"{available:,}",
-             "all of them" if used == available else "a class-balanced random sample",
-             1 / image_s, budget.planned_time_s)
+             "forward passes/s, the head's fit about %.0f s; the run should end after %.0f s", cfg.time_budget,
+             f"{used:,}", f"{available:,}", "all of them" if used == available else "a class-balanced random sample",
+             1 / image_s, fit.fixed_s + used * fit.image_s, budget.planned_time_s)
     if budget.planned_time_s > budget.budget_s:
         log.warning("time budget %s: the run cannot end in time: it will end after about %.0f s here. A larger "
                     "budget or a smaller input size fits.", cfg.time_budget, budget.planned_time_s)

@@ -203,7 +203,7 @@ def _probe_features(setup: Setup, loop: Loop, budgeted: bool) -> tuple[dict[str,
     if budget is None or not budgeted:  # a backbone chosen by cross-validation has all its rows computed already
         feats["train"] = rows_of(splits.train.images, "train")
         return feats, splits.train.labels
-    feats["train"], labels = budgeted_rows(setup, budget, rows_of, time.perf_counter() - t0)
+    feats["train"], labels = budgeted_rows(setup, budget, rows_of, feats["validation"], time.perf_counter() - t0)
     return feats, labels
 
 

@@ -66,11 +66,11 @@ def test_a_probe_under_a_time_budget_learns_from_the_images_that_fit(tmp_path, i
     used = RunRecord.load(result.run_dir).probe_images
     summary = json.loads((result.run_dir / "summary.json").read_text())
     # 3,000 images would take 15 s of features alone, beside the report: the budget holds a part of them, chunk by chunk
-    assert 100 <= used < 3000 and summary["probe_images"] == used and summary["train_samples"] == 3000
-    assert seen[0] == 200 and sum(seen[1:]) == used and max(seen[1:]) <= 256  # validation first, then the chunks
+    assert 100 <= used < 3000 and summary["probe_images"] == used and summary["train_samples"] == 3000, used
+    assert seen[0] == 200 and sum(seen[1:]) == used and max(seen[1:]) <= 256, seen  # validation first, then the chunks
     # the plan ends within the budget, and the run did (the plan reckons the test's and report's images at the
     # slowed features' rate, so here it ends late: pessimistic, not optimistic)
-    assert summary["total_time_s"] <= summary["planned_time_s"] <= budget
+    assert summary["total_time_s"] <= summary["planned_time_s"] <= budget, summary
     assert summary["best_val_accuracy"] > 0.5
     assert [r for r in caplog.records if f"learns from {used:,} of the 3,000" in r.getMessage()]
     assert f"{used:,} of 3,000 (as many as the time budget held)" in (result.run_dir / "report.html").read_text()

@@ -70,9 +70,11 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
         if rows and budget_s is not None:
             guess = _guess_seconds(rows[0], name, cfg)
             if not fits_in_budget(time.perf_counter() - started, rows, guess, screen, budget_s):
-                log.info("  %s: left out, its features would take about %.0f s more than the %.0f s the time "
-                         "budget %s leaves for choosing", name, candidate_seconds(guess, screen), budget_s,
-                         cfg.time_budget)
+                kept = reserved_seconds(rows, screen)
+                log.info("  %s: left out, its features would take about %.0f s: with the %.0f s taken%s, past the "
+                         "%.0f s of the time budget %s that choosing may take", name, candidate_seconds(guess, screen),
+                         time.perf_counter() - started, f" and {kept:.0f} s kept for mirror images" if kept else "",
+                         budget_s, cfg.time_budget)
                 continue
         rows.append(_candidate(replace(cfg, model=name), splits, labels, device, precision, flip=not screen,
                                macs=budget_s is not None, keep=features))
@@ -121,8 +123,12 @@ def fits_in_budget(elapsed_s: float, rows: list[dict[str, Any]], guess_s: float,
     """Whether one more candidate, `guess_s` on its plain views, fits in what choosing may take.
     Screened, every candidate may yet need its mirror images (about as long again as its plain
     views): those of the candidates already scored are kept free, and the new one's counted."""
-    reserved = sum(r["seconds"] for r in rows) if screen else 0.0
-    return elapsed_s + reserved + candidate_seconds(guess_s, screen) <= budget_s
+    return elapsed_s + reserved_seconds(rows, screen) + candidate_seconds(guess_s, screen) <= budget_s
+
+
+def reserved_seconds(rows: list[dict[str, Any]], screen: bool) -> float:
+    """Screened, the mirror images the candidates already scored may yet need: about their plain views' time."""
+    return sum(r["seconds"] for r in rows) if screen else 0.0
 
 
 def pair_after_seconds(top: list[dict[str, Any]], images: int, evaluated: int, report: bool) -> float:

@@ -71,3 +71,16 @@ def test_help_of_every_command(command, capsys):
     assert "usage: cnnkit" in out
     if command in ("train", "lr-find"):  # every recipe field, with its help from config.py
         assert "--time-budget" in out and "30%" in out
+
+
+@pytest.mark.parametrize("recipe, launched", [("cifar10-probe", False), ("fmnist-baseline", True)])
+def test_nproc_runs_a_linear_probe_in_one_process(recipe, launched, monkeypatch, capsys):
+    from cnnkit import cli, training
+
+    calls = []
+    monkeypatch.setattr(cli, "launch_torchrun", lambda args: calls.append("torchrun") or 0)
+    monkeypatch.setattr(training, "train", lambda cfg, **kwargs: calls.append(cfg.strategy) or
+                        training.TrainResult(None, None, {}, {}))  # a worker's result: no closing table
+    assert main(["train", "--recipe", recipe, "--nproc", "2"]) == 0
+    assert calls == (["torchrun"] if launched else ["linear-probe"])
+    assert ("--nproc 2 ignored: a linear probe fits its head in one process" in capsys.readouterr().err) != launched

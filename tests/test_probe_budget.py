@@ -25,6 +25,26 @@ def test_probe_images_fill_the_budget_to_its_margin():
     assert probe_images(budget, 200.0, 3000, image_s, fit_s, final_s) == 3000  # past the budget: no more, none taken back
 
 
+def test_a_deadline_cuts_the_weight_decay_path_after_the_planned_fits(caplog):
+    from torch import nn
+
+    from cnnkit.probe import PLANNED_FITS, WEIGHT_DECAYS, fit_head
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 50)
+    x = rng.normal(size=(150, 200)).astype(np.float32)  # wide rows: smaller decays fit the (training) rows ever closer
+    with caplog.at_level(logging.INFO, logger="cnnkit"):
+        cut = fit_head(nn.Linear(200, 3), x, y, x, y, deadline=time.perf_counter())  # already past
+    # the fits the plan reckoned with, then no more
+    assert caplog.text.count("linear head, weight decay") == PLANNED_FITS < len(WEIGHT_DECAYS)
+    assert "the time budget ends the weight decays" in caplog.text
+    assert cut["weight_decay"] in sorted(WEIGHT_DECAYS, reverse=True)[:PLANNED_FITS]  # from the largest down
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cnnkit"):
+        fit_head(nn.Linear(200, 3), x, y, x, y, deadline=time.perf_counter() + 600)
+    assert caplog.text.count("linear head, weight decay") > 1 and "the time budget ends" not in caplog.text
+
+
 def test_the_budget_takes_the_images_class_balanced_and_shuffled_by_the_seed():
     labels = np.repeat([0, 1, 2], 40)  # a folder's split: sorted by class
     order = budget_order(labels, seed=0)

@@ -36,12 +36,14 @@ WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)  # chosen on the validation split
 FIT_DTYPE = torch.float32
 
 
-# A head's fit in passes over its rows, for a time budget's plan (training/probe_budget.py). A linear head's
-# L-BFGS path took 225-430 closure evaluations (a forward and backward pass over every row) along two fits and
-# 357-679 along all four (Lite0's features of Fashion-MNIST at 64 px and CIFAR-10 at 192 px, 4,096-16,380
-# rows), each 1.1-1.3 times a lone pass's time; a hidden-layer head's Adam takes ADAM_EPOCHS over the rows for
-# each decay.
-LBFGS_PASSES = 500
+# A head's fit in passes over its rows, for a time budget's plan (training/probe_budget.py): the path's first
+# PLANNED_FITS decays (a linear head's stops at the first whose accuracy falls, mostly the second; a budget's
+# deadline cuts a longer one). Along two fits a linear head's L-BFGS took 110-430 closure evaluations (a forward
+# and backward pass over every row; 357-679 along all four), each 1.1-1.3 times a lone pass's time (Lite0's
+# features of Fashion-MNIST at 64 px and CIFAR-10 at 192 px, 1,024-16,380 rows); a hidden-layer head's Adam
+# takes ADAM_EPOCHS over the rows a decay.
+PLANNED_FITS = 2
+LBFGS_FIT_PASSES = 200
 LBFGS_MAX_ITER = 200  # iterations of one fit (fewer where it converges first)
 ADAM_EPOCHS = 30
 COST_SAMPLE = 8192  # rows a fit's cost is timed on: a pass's time per row grows about 1.4x from 1,024 rows to 16,384
@@ -108,7 +110,7 @@ def store_rows(preprocess: Preprocess, images: np.ndarray, cfg: Any, device: tor
 
 def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
              label_smoothing: float = 0.0, weight_decays: tuple[float, ...] = WEIGHT_DECAYS,
-             quiet: bool = False, keep: float | None = None) -> dict[str, Any]:
+             quiet: bool = False, keep: float | None = None, deadline: float | None = None) -> dict[str, Any]:
     """Fit `head` in place on backbone features: a linear head by multinomial logistic regression
     (L-BFGS, full batch, along `weight_decays` from the largest down: see `_lbfgs_path`), a
     hidden-layer head (Linear, ReLU, Linear) by Adam for each; both on standardised features. The
@@ -116,13 +118,19 @@ def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: n
     the validation images are among the training rows). Without `keep` a linear head's path stops at
     the first decay whose accuracy falls below the best so far: on cifar10-probe's 48,000 rows each
     L-BFGS fit costs about 30 s on a 2-core CPU, and the largest decay wins there (a later, smaller
-    one would have to win back what the first step down lost)."""
+    one would have to win back what the first step down lost). With a `deadline` (time.perf_counter's,
+    a time budget's) it also stops, after the PLANNED_FITS fits a budget's plan reckons with, before a
+    decay whose fit, as long as the last one's, would end after it: a path that goes on rising is cut."""
     xs, vx, mean, std = _standardised(train_x, val_x)
     y, vy = torch.from_numpy(train_y).long(), torch.from_numpy(val_y).long()
     linear = isinstance(head, nn.Linear)
     best: dict[str, Any] = {"val_accuracy": -1.0}
-    for wd, candidate in (_lbfgs_path(copy.deepcopy(head).to(FIT_DTYPE), xs, y, weight_decays, label_smoothing) if linear
-                          else _adam_fits(head, xs, y, weight_decays, label_smoothing)):
+    path = (_lbfgs_path(copy.deepcopy(head).to(FIT_DTYPE), xs, y, weight_decays, label_smoothing) if linear
+            else _adam_fits(head, xs, y, weight_decays, label_smoothing))
+    started = time.perf_counter()
+    for n, (wd, candidate) in enumerate(path, 1):
+        fitted_at, fit_s = time.perf_counter(), time.perf_counter() - started
+        started = fitted_at
         acc = _accuracy(candidate, vx, vy)
         if not quiet:
             log.info("  %s head, weight decay %g: validation accuracy %.2f%%", "linear" if linear else "hidden-layer",
@@ -131,6 +139,9 @@ def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: n
             best = {"val_accuracy": acc, "weight_decay": wd, "head": copy.deepcopy(candidate)}
         elif keep is None and linear and acc < best["val_accuracy"]:
             break  # along the path, smaller decays only fit the training rows more closely
+        if keep is None and deadline is not None and PLANNED_FITS <= n < len(weight_decays) and fitted_at + fit_s > deadline:
+            log.info("  the time budget ends the weight decays here (another fit would take about %.0f s)", fit_s)
+            break
     fitted = best.pop("head").double()
     # Fold the standardisation into the first layer, so the head applies to the raw features.
     first = fitted if linear else fitted[0]
@@ -233,7 +244,7 @@ def fit_row_seconds(head: nn.Module, rows: np.ndarray, classes: int) -> float:
     for _ in range(3):
         one_pass()
     row_s = (time.perf_counter() - t0) / 3 / len(sample)
-    return row_s * (LBFGS_PASSES if isinstance(head, nn.Linear) else ADAM_EPOCHS * len(WEIGHT_DECAYS))
+    return row_s * PLANNED_FITS * (LBFGS_FIT_PASSES if isinstance(head, nn.Linear) else ADAM_EPOCHS)
 
 
 def fit_fixed_seconds(head: nn.Module, features: int) -> float:
@@ -247,7 +258,7 @@ def fit_fixed_seconds(head: nn.Module, features: int) -> float:
     _fit_lbfgs(model, rows, labels, 1e-2, 0.0, max_iter=2)  # the first call in a process sets up for seconds
     t0 = time.perf_counter()
     evaluations = _fit_lbfgs(model, rows, labels, 1e-2, 0.0, max_iter=20)
-    return LBFGS_PASSES * (time.perf_counter() - t0) / max(evaluations, 1)
+    return PLANNED_FITS * LBFGS_FIT_PASSES * (time.perf_counter() - t0) / max(evaluations, 1)
 
 
 def check(cfg: Any, model: nn.Module) -> None:

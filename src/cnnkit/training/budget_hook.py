@@ -54,6 +54,7 @@ class TimeBudget(Hook):
         self.tta = cfg.tta
         self.samples = report_samples(cfg.report, cfg.report_robustness_samples, setup.splits, len(setup.ds.classes))
         self.planned_time_s = 0.0
+        self.fit_deadline: float | None = None  # a budgeted linear probe's: when its head's fit must end (probe_budget.py)
         self.train_ended: float | None = None
         self.between_epochs_s = 0.0  # validation, checkpoints and logging between two epochs
         self.settled_epoch_times: list[float] = []  # of the epochs that trained as the rest of the run will

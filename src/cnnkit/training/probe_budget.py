@@ -115,8 +115,10 @@ def _record(setup: Setup, budget: TimeBudget, used: int, available: int, image_s
     cfg = setup.cfg
     setup.record.probe_images = used
     elapsed = time.perf_counter() - budget.started_at
-    final_s = final_seconds(budget.final_images(), image_s, cfg.report) + overhead_s + fit.fixed_s
-    budget.planned_time_s = probe_end_s(elapsed, used, used, views_per_image(cfg) * image_s, fit.image_s, final_s)
+    after_fit_s = final_seconds(budget.final_images(), image_s, cfg.report) + overhead_s  # the test and report
+    budget.planned_time_s = probe_end_s(elapsed, used, used, views_per_image(cfg) * image_s, fit.image_s,
+                                        after_fit_s + fit.fixed_s)
+    budget.fit_deadline = budget.started_at + budget.budget_s - after_fit_s  # a longer path is cut (probe.fit_head)
     setup.record.planned_time_s = round(budget.planned_time_s, 1)
     setup.record.save(setup.run_dir)
     log.info("time budget %s: the head learns from %s of the %s training images (%s), features at %.0f "

@@ -166,8 +166,9 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
         fit = probe.fit_head(setup.model.get_classifier(), x, y, held["validation"], splits.val.labels,
                              cfg.label_smoothing, path, quiet=True, keep=wd)
     else:
+        budget = _find(loop, TimeBudget)
         fit = probe.fit_head(setup.model.get_classifier(), *rows["train"], held["validation"], splits.val.labels,
-                             cfg.label_smoothing)
+                             cfg.label_smoothing, deadline=budget.fit_deadline if budget else None)
     fit_s = time.perf_counter() - t_fit
     state.epoch = 1
     state.train_time_s = state.epoch_time_s = time.perf_counter() - t0

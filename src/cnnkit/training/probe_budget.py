@@ -80,7 +80,8 @@ def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarra
         parts.append(rows_of(train.images[take], f"train {done + 1:,}-{done + len(take):,}"))
         timed.append((time.perf_counter() - t0, views * len(take)))
         image_s = sum(t for t, _ in timed[-3:]) / sum(n for _, n in timed[-3:])  # the last chunks' (earlier ones may be cached)
-        fit = _FitCost(fit.fixed_s, views * fit_row_seconds(head, _latest_rows(parts), classes))
+        if views * done < COST_SAMPLE:  # timed again until the sample is whole (tens of ms a time on wide rows)
+            fit = _FitCost(fit.fixed_s, views * fit_row_seconds(head, _latest_rows(parts), classes))
         if setup.inference.engine != "torch":  # eager torch compiles nothing for the test
             overhead_s = max(0.0, val_s - val_passes * image_s)
         if not done:  # fewer test views and robustness samples where they would take more than their share

@@ -89,7 +89,8 @@ def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarra
         done += len(take)
     plain = np.concatenate([p for p, _ in parts])
     flipped = None if parts[0][1] is None else np.concatenate([f for _, f in parts])  # type: ignore[misc]
-    _record(setup, budget, done, len(order), image_s, fit, overhead_s)
+    fewest = min(len(order), -(-least // cfg.eval_batch_size) * cfg.eval_batch_size)  # the least, in whole batches
+    _record(setup, budget, done, len(order), image_s, fit, overhead_s, at_least=done <= fewest)
     return (plain, flipped), train.labels[order[:done]]
 
 
@@ -110,9 +111,11 @@ def _latest_rows(parts: list[Rows]) -> np.ndarray:
 
 
 def _record(setup: Setup, budget: TimeBudget, used: int, available: int, image_s: float, fit: _FitCost,
-            overhead_s: float) -> None:
+            overhead_s: float, at_least: bool) -> None:
     """Into the run record and the log: the images used, and when the run should end (`image_s`:
-    one forward pass; `fit`: the head's; `overhead_s`: the test's compile)."""
+    one forward pass; `fit`: the head's; `overhead_s`: the test's compile). A warning where even the
+    least images (`at_least`) end past the budget; a plan a little past it otherwise is the last
+    chunk's rate drifting from the one that chose it, inside estimates reckoned high."""
     cfg = setup.cfg
     setup.record.probe_images = used
     elapsed = time.perf_counter() - budget.started_at
@@ -126,6 +129,6 @@ def _record(setup: Setup, budget: TimeBudget, used: int, available: int, image_s
              "forward passes/s, the head's fit about %.0f s; the run should end after %.0f s", cfg.time_budget,
              f"{used:,}", f"{available:,}", "all of them" if used == available else "a class-balanced random sample",
              1 / image_s, fit.fixed_s + used * fit.image_s, budget.planned_time_s)
-    if budget.planned_time_s > budget.budget_s:
+    if at_least and budget.planned_time_s > budget.budget_s:
         log.warning("time budget %s: the run cannot end in time: it will end after about %.0f s here. A larger "
                     "budget or a smaller input size fits.", cfg.time_budget, budget.planned_time_s)

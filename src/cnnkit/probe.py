@@ -125,12 +125,12 @@ def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: n
     y, vy = torch.from_numpy(train_y).long(), torch.from_numpy(val_y).long()
     linear = isinstance(head, nn.Linear)
     best: dict[str, Any] = {"val_accuracy": -1.0}
-    path = (_lbfgs_path(copy.deepcopy(head).to(FIT_DTYPE), xs, y, weight_decays, label_smoothing) if linear
+    path = (_lbfgs_path(_fit_copy(head), xs, y, weight_decays, label_smoothing) if linear
             else _adam_fits(head, xs, y, weight_decays, label_smoothing))
     started = time.perf_counter()
     for n, (wd, candidate) in enumerate(path, 1):
-        fitted_at, fit_s = time.perf_counter(), time.perf_counter() - started
-        started = fitted_at
+        fitted_at = time.perf_counter()
+        fit_s, started = fitted_at - started, fitted_at
         acc = _accuracy(candidate, vx, vy)
         if not quiet:
             log.info("  %s head, weight decay %g: validation accuracy %.2f%%", "linear" if linear else "hidden-layer",
@@ -150,6 +150,12 @@ def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: n
         first.weight /= std[None, :]
     head.load_state_dict(fitted.float().state_dict())
     return best
+
+
+def _fit_copy(head: nn.Module) -> nn.Module:
+    """The head as it is fitted: a copy on the CPU, where the features are (the model may be on a GPU;
+    `fit_head` loads the fitted weights back into it), in FIT_DTYPE."""
+    return copy.deepcopy(head).to("cpu", FIT_DTYPE)
 
 
 def _standardised(train_x: np.ndarray, val_x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -182,7 +188,7 @@ def _lbfgs_path(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, weight_decays
 def _adam_fits(head: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_decays: tuple[float, ...],
                label_smoothing: float) -> Iterator[tuple[float, nn.Module]]:
     for wd in weight_decays:
-        candidate = copy.deepcopy(head).to(x.dtype)
+        candidate = _fit_copy(head)
         _fit_adam(candidate, x, y, wd, label_smoothing)
         yield wd, candidate
 
@@ -233,7 +239,7 @@ def fit_row_seconds(head: nn.Module, rows: np.ndarray, classes: int) -> float:
     another."""
     sample = torch.from_numpy(np.ascontiguousarray(rows[:COST_SAMPLE])).to(FIT_DTYPE)
     y = torch.arange(len(sample)) % classes
-    model = copy.deepcopy(head).to(FIT_DTYPE)
+    model = _fit_copy(head)
 
     def one_pass() -> None:
         model.zero_grad()
@@ -254,8 +260,8 @@ def fit_fixed_seconds(head: nn.Module, features: int) -> float:
     if not isinstance(head, nn.Linear):
         return 0.0
     rows = torch.randn(16, features, generator=torch.Generator().manual_seed(0), dtype=FIT_DTYPE)
-    model, labels = copy.deepcopy(head).to(FIT_DTYPE), torch.arange(16) % head.out_features
-    _fit_lbfgs(model, rows, labels, 1e-2, 0.0, max_iter=2)  # the first call in a process sets up for seconds
+    model, labels = _fit_copy(head), torch.arange(16) % head.out_features
+    _fit_lbfgs(model, rows, labels, 1e-2, 0.0, max_iter=2)  # the first call in a process sets up for about a second
     t0 = time.perf_counter()
     evaluations = _fit_lbfgs(model, rows, labels, 1e-2, 0.0, max_iter=20)
     return PLANNED_FITS * LBFGS_FIT_PASSES * (time.perf_counter() - t0) / max(evaluations, 1)

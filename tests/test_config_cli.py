@@ -84,3 +84,11 @@ def test_nproc_runs_a_linear_probe_in_one_process(recipe, launched, monkeypatch,
     assert main(["train", "--recipe", recipe, "--nproc", "2"]) == 0
     assert calls == (["torchrun"] if launched else ["linear-probe"])
     assert ("--nproc 2 ignored: a linear probe fits its head in one process" in capsys.readouterr().err) != launched
+
+
+def test_nproc_refuses_strategy_auto_before_torchrun_starts(monkeypatch, capsys):
+    from cnnkit import cli
+
+    monkeypatch.setattr(cli, "launch_torchrun", lambda args: pytest.fail("torchrun started"))
+    assert main(["train", "--recipe", "photos", "--strategy", "auto", "--nproc", "2"]) == 2
+    assert "--nproc 2: --strategy auto trains its candidates one after another" in capsys.readouterr().err

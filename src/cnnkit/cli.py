@@ -14,7 +14,7 @@ from typing import Any
 from rich.markup import escape
 
 from cnnkit import allocator, config, progress
-from cnnkit.errors import CnnkitError
+from cnnkit.errors import CnnkitError, ConfigError
 
 log = logging.getLogger("cnnkit")
 DEFAULT_RECIPE = "fmnist-quick"
@@ -272,6 +272,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = _config_overrides(args)
     cfg = None if args.resume else apply_overrides(load_recipe(args.recipe or default_recipe(overrides)), overrides)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if cfg is not None and cfg.strategy == "auto":  # here, not in every worker under torchrun's traceback
+            raise ConfigError(f"--nproc {args.nproc}: --strategy auto trains its candidates one after another in one "
+                              "process; run it without --nproc, or name a strategy")
         if cfg is None or cfg.strategy != "linear-probe":
             return launch_torchrun(args)
         # Nothing to train in parallel: N processes would each pass every image through the backbone, each

@@ -86,9 +86,22 @@ def test_nproc_runs_a_linear_probe_in_one_process(recipe, launched, monkeypatch,
     assert ("--nproc 2 ignored: a linear probe fits its head in one process" in capsys.readouterr().err) != launched
 
 
-def test_nproc_refuses_strategy_auto_before_torchrun_starts(monkeypatch, capsys):
+def test_nproc_refuses_what_ddp_cannot_train_before_torchrun_starts(monkeypatch, capsys):
     from cnnkit import cli
 
     monkeypatch.setattr(cli, "launch_torchrun", lambda args: pytest.fail("torchrun started"))
     assert main(["train", "--recipe", "photos", "--strategy", "auto", "--nproc", "2"]) == 2
     assert "--nproc 2: --strategy auto trains its candidates one after another" in capsys.readouterr().err
+    assert main(["train", "--recipe", "folder-transfer", "--nproc", "2"]) == 2  # a strategy DDP cannot train
+    assert "--nproc 2: --strategy finetune changes which layers train" in capsys.readouterr().err
+
+
+def test_nproc_gives_the_workers_the_recipe_chosen_for_a_folder(photos, monkeypatch, capsys):
+    from cnnkit import cli
+
+    launched = []
+    monkeypatch.setattr(cli, "launch_torchrun", lambda args: launched.append(args.argv) or 0)
+    assert main(["train", "--dataset", "folder", "--data-dir", str(photos), "--strategy", "frozen",
+                 "--probe-candidates", "[]", "--nproc", "2"]) == 0
+    assert launched[0][-2:] == ["--recipe", "photos"]  # chosen once here: the workers neither count nor say it again
+    assert capsys.readouterr().err.count("no --recipe for a folder of 66 images: using photos") == 1

@@ -264,17 +264,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     import cnnkit
+    from cnnkit import distributed
     from cnnkit.config import apply_overrides, load_recipe
     from cnnkit.runtime import settings_for_this_cpu
     from cnnkit.training import train
     from cnnkit.training.choose_strategy import describe_choice
 
     overrides = _config_overrides(args)
-    cfg = None if args.resume else apply_overrides(load_recipe(args.recipe or default_recipe(overrides)), overrides)
+    recipe = None if args.resume else args.recipe or default_recipe(overrides)
+    cfg = None if recipe is None else apply_overrides(load_recipe(recipe), overrides)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        if cfg is not None and cfg.strategy == "auto":  # here, not in every worker under torchrun's traceback
-            raise ConfigError(f"--nproc {args.nproc}: --strategy auto trains its candidates one after another in one "
-                              "process; run it without --nproc, or name a strategy")
+        if recipe is not None and not args.recipe:  # the workers train what was chosen here, and say it once
+            args.argv = [*args.argv, "--recipe", recipe]
+        refused = distributed.refusal(cfg.strategy) if cfg is not None else None
+        if refused:  # here, once, not in every worker under torchrun's traceback
+            raise ConfigError(f"--nproc {args.nproc}: {refused}")
         if cfg is None or cfg.strategy != "linear-probe":
             return launch_torchrun(args)
         # Nothing to train in parallel: N processes would each pass every image through the backbone, each

@@ -44,6 +44,18 @@ def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
+def refusal(strategy: str) -> str | None:
+    """Why a run of this strategy cannot train data-parallel (None where it can): said before torchrun
+    starts (`cnnkit train --nproc`) and again in each worker of a torchrun launched by hand."""
+    if strategy == "auto":
+        return ("--strategy auto trains its candidates one after another in one process; run it without torchrun "
+                "(--nproc), or name a strategy")
+    if strategy in ("finetune", "gradual"):
+        return (f"--strategy {strategy} changes which layers train during the run, which DistributedDataParallel "
+                "does not allow; run it in one process, or use --strategy full")
+    return None
+
+
 def broadcast(obj: Any, info: DistInfo) -> Any:
     """Rank 0's value of obj, on every rank."""
     if not info.enabled:

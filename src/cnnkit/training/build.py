@@ -96,9 +96,8 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
     optimizer = make_optimizer(cfg, model)  # before any freezing: frozen layers join it later
     loader = _make_loader(cfg, splits, len(ds.classes), device, dist)
     unfreezer = make_unfreezer(cfg, model, len(loader))
-    if unfreezer is not None and dist.enabled and cfg.strategy != "frozen":
-        raise ConfigError(f"--strategy {cfg.strategy} changes which layers train during the run, which "
-                          "DistributedDataParallel does not allow; run it in one process, or use --strategy full")
+    if dist.enabled and distributed.refusal(cfg.strategy):
+        raise ConfigError(distributed.refusal(cfg.strategy))
     if checkpoint is not None:
         model.load_state_dict(checkpoint.model)
         optimizer.load_state_dict(checkpoint.optimizer)

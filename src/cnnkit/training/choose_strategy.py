@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnkit import progress
+from cnnkit import distributed, progress
 from cnnkit.budget import parse_duration
 from cnnkit.config import AUTO_STRATEGIES, Config
 from cnnkit.data import Dataset, Splits
@@ -65,8 +65,7 @@ def choose_strategy(cfg: Config, started: float | None = None) -> tuple[Config, 
     """The configuration the run trains (the chosen strategy, and the probe's choices if it won)
     and the run's record. `started` (time.perf_counter()) is when the time budget's clock began."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("--strategy auto trains its candidates one after another in one process; run it without "
-                          "torchrun, or name a strategy")
+        raise ConfigError(distributed.refusal("auto"))
     started = started if started is not None else time.perf_counter()
     deadline = started + parse_duration(cfg.time_budget) * CANDIDATES_SHARE if cfg.time_budget else None
     folds = cfg.auto_folds or cfg.cv_folds

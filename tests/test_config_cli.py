@@ -104,4 +104,5 @@ def test_nproc_gives_the_workers_the_recipe_chosen_for_a_folder(photos, monkeypa
     assert main(["train", "--dataset", "folder", "--data-dir", str(photos), "--strategy", "frozen",
                  "--probe-candidates", "[]", "--nproc", "2"]) == 0
     assert launched[0][-2:] == ["--recipe", "photos"]  # chosen once here: the workers neither count nor say it again
-    assert capsys.readouterr().err.count("no --recipe for a folder of 66 images: using photos") == 1
+    err = capsys.readouterr().err
+    assert err.count("no --recipe for a folder of 66 images: using photos") == 1 and "--strategy frozen as asked" in err

@@ -331,7 +331,8 @@ def default_recipe(overrides: dict[str, Any]) -> str:
     why = ("a linear probe on pretrained features, the backbone chosen by cross-validation on your images: "
            "strong and quick on small sets" if name == PHOTO_RECIPE else
            "fine-tuning a pretrained EfficientNet-Lite0, which has the images to beat a probe")
-    log.info("no --recipe for a folder of %d images: using %s (%s); name another with --recipe", n, name, why)
+    asked = f", with --strategy {overrides['strategy']} as asked" if overrides.get("strategy") else ""
+    log.info("no --recipe for a folder of %d images: using %s (%s)%s; name another with --recipe", n, name, why, asked)
     return name
 
 

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", type=Path, help="continue an interrupted run from its last checkpoint")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel training in N processes on this machine (runs torchrun for you; "
-                        "one per GPU, or CPU processes with Gloo)")
+                        "one per GPU, or CPU processes with Gloo). A linear probe runs in one process; "
+                        "--strategy auto, finetune and gradual cannot train data-parallel")
     _add_config_flags(p)
 
     p = sub.add_parser("lr-find", help="learning-rate range test: plot loss against learning rate, suggest one",

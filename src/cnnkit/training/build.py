@@ -74,6 +74,9 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
     check_model_name(cfg.model)
     canonical_name(cfg.dataset)
     dist, device = distributed.setup(resolve_device(cfg.device))
+    refused = distributed.refusal(cfg.strategy) if dist.enabled else None
+    if refused:  # before the data and the model: what DDP cannot train (a torchrun launched by hand)
+        raise ConfigError(refused)
     if not dist.is_main:  # one voice: rank 0 logs and writes
         logging.getLogger("cnnkit").setLevel(logging.WARNING)
         progress.set_enabled(False)
@@ -96,8 +99,6 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
     optimizer = make_optimizer(cfg, model)  # before any freezing: frozen layers join it later
     loader = _make_loader(cfg, splits, len(ds.classes), device, dist)
     unfreezer = make_unfreezer(cfg, model, len(loader))
-    if dist.enabled and distributed.refusal(cfg.strategy):
-        raise ConfigError(distributed.refusal(cfg.strategy))
     if checkpoint is not None:
         model.load_state_dict(checkpoint.model)
         optimizer.load_state_dict(checkpoint.optimizer)

@@ -69,7 +69,7 @@ def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarra
     done = 0
     while done < len(order):
         elapsed = time.perf_counter() - budget.started_at
-        final_s = final_seconds(budget.final_images(), image_s, cfg.report) + overhead_s + fit.fixed_s
+        final_s = _after_fit_s(budget, image_s, overhead_s) + fit.fixed_s
         target = max(least, min(len(order), probe_images(budget.budget_s, elapsed, done, views * image_s,
                                                          fit.image_s, final_s)))
         if target <= done:
@@ -100,6 +100,11 @@ class _FitCost(NamedTuple):
     image_s: float
 
 
+def _after_fit_s(budget: TimeBudget, image_s: float, overhead_s: float) -> float:
+    """The test and the report, at `image_s` a forward pass, with the test's compile (`overhead_s`)."""
+    return final_seconds(budget.final_images(), image_s, budget.setup.cfg.report) + overhead_s
+
+
 def _latest_rows(parts: list[Rows]) -> np.ndarray:
     """Up to COST_SAMPLE of the latest chunks' rows (plain and mirrored), to time the head's passes on."""
     rows: list[np.ndarray] = []
@@ -119,7 +124,7 @@ def _record(setup: Setup, budget: TimeBudget, used: int, available: int, image_s
     cfg = setup.cfg
     setup.record.probe_images = used
     elapsed = time.perf_counter() - budget.started_at
-    after_fit_s = final_seconds(budget.final_images(), image_s, cfg.report) + overhead_s  # the test and report
+    after_fit_s = _after_fit_s(budget, image_s, overhead_s)
     budget.planned_time_s = probe_end_s(elapsed, used, used, views_per_image(cfg) * image_s, fit.image_s,
                                         after_fit_s + fit.fixed_s)
     budget.fit_deadline = budget.started_at + budget.budget_s - after_fit_s  # a longer path is cut (probe.fit_head)

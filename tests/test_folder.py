@@ -1,5 +1,6 @@
 """The folder source on small trees of real images (Fashion-MNIST pictures) in mixed formats."""
 
+import shutil
 import tarfile
 
 import numpy as np
@@ -175,4 +176,16 @@ def test_evaluate_a_run_on_a_new_folder_of_photos(tmp_path, fmnist_images, capsy
     out = json.loads(capsys.readouterr().out)
     assert 14 <= out["samples"] <= 15 and out["split"] == str(new)
     assert "images of classes the run does not know: hat" in out["notes"][0]
+    # Another dataset with train/ and test/ inside: its test split, classes matched by name, saved beside
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        shutil.copytree(new, other / split)
+    assert main(["--quiet", "evaluate", str(run), "--data-dir", str(other)]) == 2
+    assert "does not know: hat" in capsys.readouterr().err
+    assert main(["--quiet", "evaluate", str(run), "--data-dir", str(other), "--skip-unknown-classes", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == out["samples"]
+    assert len(list((run / "evaluations").glob("*-other.json"))) == 1
     assert json.loads((run / "evaluation.json").read_text()) == own  # the run's own evaluation, untouched
+    # The run's own dataset where it trained: its own evaluation, written again
+    assert main(["--quiet", "evaluate", str(run), "--data-dir", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == own["accuracy"]

@@ -1,6 +1,7 @@
 """Evaluating a trained run: on its own test split (`cnnkit evaluate RUN`), or on any labelled
 folder of images whose class folders carry the run's class names (`--data-dir FOLDER`), which is
-how a user checks a model on new photos. A folder's result goes beside the run's own evaluation
+how a user checks a model on new photos; a dataset of its own (train/ and test/ inside) by its
+test split. Anything but the run's own data goes beside the run's own evaluation
 (RUN/evaluations/NAME.json), never over it.
 """
 
@@ -34,20 +35,23 @@ class Evaluation:
 def evaluate_run(run_dir: Path, *, checkpoint: str = "best", tta: str | None = None, data_dir: str | None = None,
                  skip_unknown_classes: bool = False, device: torch.device | str = "cpu") -> Evaluation:
     """The run's test split (where its dataset is now: `data_dir`), or a labelled folder: a folder
-    of class folders (no train/ or test/ inside) is evaluated whole, against the run's classes."""
+    of class folders (no train/ or test/ inside) is evaluated whole, against the run's classes; a
+    dataset elsewhere (train/ and test/ inside) by its test split, its classes matched by name. Only
+    the run's own data (no `data_dir`, or the one it trained on) is saved as evaluation.json."""
     cfg = run_settings(run_dir)  # with the run's own decisions (a budget's test views)
     run = load_run(run_dir, checkpoint, device)
     run_tta = cfg.get("tta", "none")
     folder = Path(data_dir) if data_dir else None
-    notes: list[str] = []
     if folder is not None and is_class_folder_tree(folder):
         split, notes = _folder_split(folder, run.classes, run.preprocess.data_size, run.preprocess.data_channels,
                                      cfg["skip_bad_images"], skip_unknown_classes)
-        out = Path(run_dir) / "evaluations" / f"{_name(folder)}.json"
     else:
-        _, splits = run_splits(cfg, data_dir)
-        split, out = splits.test, None
-    name = "test" if out is None else str(folder)
+        ds, splits = run_splits(cfg, data_dir)
+        split, notes = in_run_classes(splits.test, ds.classes, run.classes, data_dir or cfg["data_dir"],
+                                      skip_unknown_classes)
+    own = folder is None or (not is_class_folder_tree(folder) and _same_path(folder, cfg.get("data_dir")))
+    out = None if own else Path(run_dir) / "evaluations" / f"{_name(folder)}.json"
+    name = "test" if out is None else str(folder) if is_class_folder_tree(folder) else f"{folder} (its test split)"
     used = tta or run_tta
     logits = predict_logits(run.model, run.preprocess, split.images, device=device, tta=used,
                             **InferenceSettings.for_run(cfg, device).kwargs())
@@ -62,6 +66,10 @@ def evaluate_run(run_dir: Path, *, checkpoint: str = "best", tta: str | None = N
     plot_confusion_matrix(metrics["confusion_matrix"], run.classes, out.with_suffix(".png"),
                           title=f"{folder}: accuracy {100 * metrics['accuracy']:.2f}%")
     return Evaluation(metrics, name, used, out, notes)
+
+
+def _same_path(a: Path, b: str | None) -> bool:
+    return b is not None and a.resolve() == Path(b).resolve()
 
 
 def is_class_folder_tree(folder: Path) -> bool:
@@ -79,22 +87,31 @@ def _folder_split(folder: Path, classes: list[str], size: int, channels: int, sk
     """The folder's images, decoded to the run's data size and channels, with labels in the run's
     class order."""
     ds = load_dataset("folder", str(folder), image_size=size, channels=channels, skip_bad_images=skip_bad)
-    split = ds.splits["train"]  # a folder without train/ test/: every image is in "train"
-    unknown = [c for c in ds.classes if c not in classes]
-    missing = [c for c in classes if c not in ds.classes]
-    notes = [f"no images of {', '.join(missing)} in {folder}"] if missing else []
+    return in_run_classes(ds.splits["train"], ds.classes, classes, folder, skip_unknown)  # no train/ test/: all in "train"
+
+
+def in_run_classes(split: Split, split_classes: list[str], classes: list[str], where: Path | str | None,
+                   skip_unknown: bool) -> tuple[Split, list[str]]:
+    """`split` (labelled in `split_classes`' order) with labels in the run's `classes` order, matched
+    by name: a class the run does not know is refused (`skip_unknown`: its images left out), one it
+    lacks is noted. A dataset with the run's own classes comes back as it is."""
+    if list(split_classes) == list(classes):
+        return split, []
+    unknown = [c for c in split_classes if c not in classes]
+    missing = [c for c in classes if c not in split_classes]
+    notes = [f"no images of {', '.join(missing)} in {where}"] if missing else []
     if unknown and not skip_unknown:
-        raise DataError(f"{folder} has class folders the run does not know: {', '.join(unknown)}"
+        raise DataError(f"{where} has class folders the run does not know: {', '.join(unknown)}"
                         + (f" (and none of the run's {', '.join(missing)})" if missing else "")
                         + f". The run's classes: {', '.join(classes)}. Rename the folders, or pass "
                         "--skip-unknown-classes to leave their images out.")
-    index = {c: classes.index(c) for c in ds.classes if c in classes}
-    keep = np.array([ds.classes[y] in index for y in split.labels], dtype=bool)
+    index = {c: classes.index(c) for c in split_classes if c in classes}
+    keep = np.array([split_classes[y] in index for y in split.labels], dtype=bool)
     if unknown:
         notes.append(f"left out {int((~keep).sum())} images of classes the run does not know: {', '.join(unknown)}")
     if not keep.any():
-        raise DataError(f"{folder}: no images of the run's classes ({', '.join(classes)})")
-    labels = np.array([index[ds.classes[y]] for y in split.labels[keep]], dtype=np.int64)
+        raise DataError(f"{where}: no images of the run's classes ({', '.join(classes)})")
+    labels = np.array([index[split_classes[y]] for y in split.labels[keep]], dtype=np.int64)
     return Split(split.images[keep], labels), notes
 
 

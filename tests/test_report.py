@@ -162,3 +162,19 @@ def test_the_report_of_a_test_split_sorted_by_class_tests_robustness_on_every_cl
     assert np.bincount(seen["labels"], minlength=10).tolist() == [5] * 10
     assert metrics["robustness"]["samples"] == 50 and "50 test images (the classes in turn)" in (
         folder / "report.html").read_text()
+
+
+def test_times_shown_are_the_whole_run_where_it_has_ended():
+    """compare and a report made again show the whole `cnnkit train` (report included); a report
+    written by the run itself says its time stops at the test. A probe chosen by cross-validation
+    shows its folds' estimate, marked, where others show the best validation accuracy."""
+    from cnnkit.compare import table_rows
+    from cnnkit.report import _time_card
+
+    summary = {"epochs_run": 1, "best_val_accuracy": 0.98, "test_accuracy": 0.97, "wall_time_s": 110.0}
+    base = {"name": "r", "config": {"recipe": "photos", "model": "m", "augment": "none"}}
+    assert table_rows([{**base, "summary": summary}])[0]["wall time"] == "1.8 min"  # a run before total_time_s
+    row = table_rows([{**base, "summary": {**summary, "total_time_s": 152.0, "cv_accuracy": 0.9889}}])[0]
+    assert row["wall time"] == "2.5 min" and row["best val"] == "98.89% (cv)"
+    assert _time_card(summary)[1:] == ("1.8 min", "to the test, before this report; ")
+    assert _time_card({**summary, "total_time_s": 152.0})[1] == "2.5 min"

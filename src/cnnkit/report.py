@@ -148,6 +148,15 @@ def lr_curve(cfg: dict[str, Any], steps_per_epoch: int, total: int | None = None
     return steps / steps_per_epoch, np.array([cfg["lr"] * lr_factor(int(s), total, warmup, cfg["schedule"]) for s in steps])
 
 
+def _time_card(summary: dict[str, Any]) -> tuple[str, str, str]:
+    """The run's wall time: in all where the run has ended (a report made again), else up to its
+    test (the report being written is not in it)."""
+    device = html.escape(str(summary.get("device", "")))
+    if "total_time_s" in summary:
+        return "wall time", f"{summary['total_time_s'] / 60:.1f} min", f"in all, with the report; {device}"
+    return "wall time", f"{summary.get('wall_time_s', 0) / 60:.1f} min", f"to the test, before this report; {device}"
+
+
 def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, classes: list[str],
                  test_images: np.ndarray, test_labels: np.ndarray, train_images: np.ndarray, train_labels: np.ndarray,
                  cfg: dict[str, Any], device: torch.device | str = "cpu", logits: torch.Tensor | None = None,
@@ -277,7 +286,7 @@ def write_page(run_dir: Path, metrics: dict[str, Any], classes: list[str], pair_
         validation,
         ("macro F1", _num("macro_f1", f"{metrics['macro_f1']:.3f}"), "mean over classes"),
         ("calibration error", _num("calibration.ece", f"{100 * metrics['calibration']['ece']:.2f}%"), "ECE, 15 bins"),
-        ("wall time", f"{summary.get('wall_time_s', 0) / 60:.1f} min", e(str(summary.get("device", "")))),
+        _time_card(summary),
     ]
     facts = [("dataset", summary.get("dataset", cfg["dataset"])), ("model", cfg["model"]),
              ("parameters", f"{summary.get('parameters', 0):,}"), ("recipe", cfg.get("recipe") or "-"),

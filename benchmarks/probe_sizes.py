@@ -4,7 +4,10 @@ over several fold seeds. The test split is not read. #22 asks whether the input 
 choosing by cross-validation, as the backbone is. `--pooled-blocks 0 3` also scores each candidate with
 its last blocks' pooled outputs joined to its features (models.block_pooled); `--recipe cifar10-probe
 --max-train-samples 15000` does the same on a subset of a recipe's own dataset (mirrored rows as the
-recipe's `probe_flip` says).
+recipe's `probe_flip` says). `--head-power 1 0.5` scores each candidate on its rows as they are and
+power-normalised (the model argument head_power, models.signed_power). A candidate may be backbones side
+by side, `tf_efficientnet_lite0@224+tf_efficientnet_lite2@260`: their rows joined, as the photo default's
+pair is scored.
 
     python benchmarks/probe_sizes.py --data-dir /tmp/data/flowers12 \\
         tf_efficientnet_lite0@224 tf_efficientnet_lite0@192 tf_efficientnet_lite2@260 tf_efficientnet_lite2@224
@@ -35,6 +38,8 @@ def main() -> None:
     p.add_argument("--max-train-samples", type=int, help="a stratified subset of the training images")
     p.add_argument("--pooled-blocks", type=int, nargs="+", default=[0],
                    help="score each candidate with this many of its last blocks' pooled outputs joined (0: none)")
+    p.add_argument("--head-power", type=float, nargs="+", default=[1.0],
+                   help="score each candidate's rows to these powers (signed; 1: as they are)")
     p.add_argument("--fold-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--isa", choices=["avx2"], help="cap PyTorch's kernels to AVX2")
     p.add_argument("--label", default="probe-sizes")
@@ -44,6 +49,7 @@ def main() -> None:
     from cnnkit import probe
     from cnnkit.allocator import reuse_freed_memory
     from cnnkit.config import load_recipe
+    from cnnkit.models.signed_power import SignedPower
     from cnnkit.runs import run_splits
     from cnnkit.training.choose import candidate_features
 
@@ -54,21 +60,29 @@ def main() -> None:
     _, splits = run_splits(cfg.to_dict())
     labels = np.concatenate([splits.train.labels, splits.val.labels])
     folds = cfg.cv_folds
-    rows = [f"| backbone | input | pooled blocks | {folds}-fold accuracy, fold seeds {', '.join(map(str, args.fold_seeds))} "
-            f"| mean | features{' (plain and mirrored)' if cfg.probe_flip else ''} |", "|---|---|---|---|---|---|"]
+    powers = args.head_power != [1.0]
+    rows = [f"| backbone | input | pooled blocks |{' head power |' if powers else ''} {folds}-fold accuracy, fold seeds "
+            f"{', '.join(map(str, args.fold_seeds))} | mean | features{' (plain and mirrored)' if cfg.probe_flip else ''} |",
+            "|---|---|---|---|---|---|" + ("---|" if powers else "")]
     for spec, blocks in ((spec, b) for spec in args.candidates for b in args.pooled_blocks):
-        name, size = spec.split("@")
         t0 = time.perf_counter()
         model_args = {**cfg.model_args, "pooled_blocks": blocks} if blocks else cfg.model_args
-        plain, flipped = candidate_features(replace(cfg, model=name, input_size=int(size), model_args=model_args,
-                                                    probe_blocks=0), splits, torch.device("cpu"), "fp32")[0]
+        members = [(m.split("@")[0], int(m.split("@")[1])) for m in spec.split("+")]
+        parts = [candidate_features(replace(cfg, model=name, input_size=size, model_args=model_args, probe_blocks=0),
+                                    splits, torch.device("cpu"), "fp32")[0] for name, size in members]
+        plain = np.concatenate([p for p, _ in parts], 1)
+        flipped = None if parts[0][1] is None else np.concatenate([f for _, f in parts], 1)
         seconds = time.perf_counter() - t0
-        best = [max(np.mean(a) for a in probe.fold_accuracies(plain, flipped, labels, folds, seed,
-                                                              cfg.label_smoothing, probe.WEIGHT_DECAYS).values())
-                for seed in args.fold_seeds]
-        rows.append(f"| {name} | {size} px | {blocks} | {', '.join(f'{100 * b:.2f}' for b in best)} | "
-                    f"{100 * np.mean(best):.2f}% | {seconds:.0f} s |")
-        print(rows[-1], flush=True)
+        for power in args.head_power:
+            p, f = probe.powered((plain, flipped), SignedPower(power) if power != 1 else None)
+            best = [max(np.mean(a) for a in probe.fold_accuracies(p, f, labels, folds, seed, cfg.label_smoothing,
+                                                                  probe.WEIGHT_DECAYS).values())
+                    for seed in args.fold_seeds]
+            name = "+".join(n for n, _ in members)
+            size = " + ".join(str(s) for _, s in members)
+            rows.append(f"| {name} | {size} px | {blocks} |{f' {power:g} |' if powers else ''} "
+                        f"{', '.join(f'{100 * b:.2f}' for b in best)} | {100 * np.mean(best):.2f}% | {seconds:.0f} s |")
+            print(rows[-1], flush=True)
     block = measured_header("probe_sizes.py", " ".join(sys.argv[1:]),
                             f"{len(labels)} training images; each estimate at its best weight decay") + "\n".join(rows)
     write_block(args.label, block)

@@ -38,6 +38,11 @@ CHOICES = {
 AUTO_STRATEGIES = ("linear-probe", "frozen", "gradual", "finetune")  # what --strategy auto chooses among, cheapest first
 
 
+# Model arguments of a linear probe's alone (models.block_pooled, models.signed_power; named here, as this
+# module imports no torch): --strategy auto's trained strategies leave them out.
+PROBE_MODEL_ARGS = ("pooled_blocks", "head_power")
+
+
 def opt(default: Any, doc: str) -> Any:
     """A Config field and its help text, which `cnnkit train --help` shows for its flag. Lists and
     dicts get a fresh copy for each Config."""
@@ -190,6 +195,7 @@ class Config:
         if self.model_args.get("pooled_blocks") and self.strategy not in ("linear-probe", "auto"):  # models.block_pooled
             raise ConfigError("model argument pooled_blocks widens a linear probe's features (--strategy linear-probe, or "
                               "auto, whose trained strategies leave it out); fine-tuning trains the backbone's own head")
+        self._check_head_power()
         if self.probe_candidates and self.strategy not in ("linear-probe", "auto"):
             raise ConfigError("probe_candidates chooses a backbone for --strategy linear-probe (or auto); set that "
                               "strategy, or leave probe_candidates empty")
@@ -237,6 +243,20 @@ class Config:
         if len(self.betas) != 2:
             raise ConfigError(f"betas must be two numbers; got {self.betas}")
         return self
+
+    def _check_head_power(self) -> None:
+        """The model argument head_power (models.signed_power; the name is written out here, as this
+        module imports no torch): a power in (0, 1], for a linear probe's head."""
+        power = self.model_args.get("head_power")
+        if power is None:
+            return
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 < power <= 1:
+            raise ConfigError(f"model argument head_power is the power of the probe's features, in (0, 1] (0.5: their "
+                              f"signed square root); got {power!r}")
+        if self.strategy not in ("linear-probe", "auto"):
+            raise ConfigError("model argument head_power power-normalises a linear probe's features (--strategy "
+                              "linear-probe, or auto, whose trained strategies leave it out); its gradient is "
+                              "unbounded at zero, so a trained backbone does without")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,6 +22,8 @@ from cnnkit.errors import ConfigError
 from cnnkit.inference import inference_engine, predict_logits
 from cnnkit.models.block_pooled import ARG as POOLED_BLOCKS
 from cnnkit.models.concat import SOURCES_SEPARATOR, ConcatBackbones, member_names
+from cnnkit.models.signed_power import ARG as HEAD_POWER
+from cnnkit.models.signed_power import SignedPower
 from cnnkit.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -267,10 +269,33 @@ def fit_fixed_seconds(head: nn.Module, features: int) -> float:
     return PLANNED_FITS * LBFGS_FIT_PASSES * (time.perf_counter() - t0) / max(evaluations, 1)
 
 
+def head_parts(model: nn.Module) -> tuple[SignedPower | None, nn.Module]:
+    """The model's head as a probe fits it: the power normalisation its rows go through first (the
+    model argument head_power, models.signed_power), if any, and the part whose weights are fitted."""
+    head = model.get_classifier()
+    if isinstance(head, nn.Sequential) and len(head) == 2 and isinstance(head[0], SignedPower):
+        return head[0], head[1]
+    return None, head
+
+
+def rows_power(model_args: dict[str, Any]) -> SignedPower | None:
+    """The power normalisation a model with these arguments applies to its features (head_power)."""
+    power = model_args.get(HEAD_POWER)
+    return SignedPower(power) if power else None
+
+
+def powered(rows: Rows, power: SignedPower | None) -> Rows:
+    """Rows as the head sees them: through its power normalisation, if it has one."""
+    if power is None:
+        return rows
+    plain, flipped = rows
+    return power.rows(plain), None if flipped is None else power.rows(flipped)
+
+
 def check(cfg: Any, model: nn.Module) -> None:
     if not cfg.pretrained:
         raise ConfigError("--strategy linear-probe needs --pretrained true (a frozen random backbone learns nothing)")
-    head = model.get_classifier() if hasattr(model, "forward_head") else None
+    head = head_parts(model)[1] if hasattr(model, "forward_head") else None
     if not isinstance(head, nn.Linear) and not (isinstance(head, nn.Sequential) and isinstance(head[0], nn.Linear)):
         raise ConfigError(f"--strategy linear-probe needs a timm model with a linear or hidden-layer classifier; "
                           f"{cfg.model} has {type(head).__name__ if head is not None else 'no classifier cnnkit can find'}")

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cnnkit.config import PROBE_MODEL_ARGS
 from cnnkit.errors import RunError
 from cnnkit.fileio import write_json_atomic
 
@@ -62,7 +63,7 @@ class RunRecord:
             decided = {**cfg.get("auto_trained", {}), **decided, "probe_candidates": [], "probe_concat": False,
                        "probe_blocks": 0}
             args = decided.get("model_args", cfg.get("model_args", {}))
-            decided["model_args"] = {k: v for k, v in args.items() if k != "pooled_blocks"}  # a probe's (models.block_pooled)
+            decided["model_args"] = {k: v for k, v in args.items() if k not in PROBE_MODEL_ARGS}
         return {**cfg, **decided}
 
     def save(self, run_dir: Path) -> None:

@@ -191,7 +191,7 @@ def network_to_summarise(run: Path | None, recipe: str | None, model: str | None
     """The network `cnnkit summary` describes, its input shape (C, H, W), a batch size for the
     memory estimate, and a name: a run's trained model, a recipe's untrained one, or a model by name."""
     from cnnkit.errors import ConfigError
-    from cnnkit.models import create_model, replace_head
+    from cnnkit.models import create_model
 
     if sum(x is not None for x in (run, recipe, model)) != 1:
         raise ConfigError("cnnkit summary takes one of: a run folder, --recipe R or --model NAME")
@@ -212,10 +212,7 @@ def network_to_summarise(run: Path | None, recipe: str | None, model: str | None
             c = 1 if c == 1 and cfg.grey_input == "sum" else 3
             size = input_size(cfg.model, cfg.input_size)
         size = cfg.input_size or size
-        args = {k: v for k, v in cfg.model_args.items() if k != "head_hidden"}
-        net = create_model(cfg.model, classes, c, size, **args)
-        if cfg.model_args.get("head_hidden"):
-            replace_head(net, classes, cfg.model_args["head_hidden"])
+        net = create_model(cfg.model, classes, c, size, **cfg.model_args)  # the head's arguments included
         return net, (c, size, size), cfg.batch_size, f"recipe {recipe} ({cfg.model}, untrained)"
     own = model in ("seed-cnn", "fastnet")
     c = channels or (1 if own else 3)

@@ -13,6 +13,8 @@ from cnnkit.models.block_pooled import BlockPooled
 from cnnkit.models.concat import create_concat, is_concat, member_names
 from cnnkit.models.fastnet import FastNet
 from cnnkit.models.seed_cnn import SeedCNN
+from cnnkit.models.signed_power import ARG as HEAD_POWER
+from cnnkit.models.signed_power import SignedPower
 
 OWN_MODELS = {"seed-cnn": SeedCNN, "fastnet": FastNet}
 
@@ -37,8 +39,9 @@ def check_model_name(name: str) -> None:
 
 def create_model(name: str, num_classes: int, in_channels: int, input_size: int, **kwargs: Any) -> nn.Module:
     """Build a randomly initialised model. Names not of cnnkit's own are looked up in timm; for
-    those, `head_hidden=N` puts a hidden layer of N units (ReLU) before the classifier, and
-    `pooled_blocks=N` joins the pooled outputs of its last N blocks to its features (models.block_pooled)."""
+    those, `head_hidden=N` puts a hidden layer of N units (ReLU) before the classifier, `head_power=p`
+    power-normalises the classifier's input (models.signed_power), and `pooled_blocks=N` joins the
+    pooled outputs of its last N blocks to its features (models.block_pooled)."""
     if name in OWN_MODELS:
         try:
             return OWN_MODELS[name](num_classes=num_classes, in_channels=in_channels, input_size=input_size, **kwargs)
@@ -47,11 +50,11 @@ def create_model(name: str, num_classes: int, in_channels: int, input_size: int,
     check_model_name(name)
     import timm
 
-    hidden = kwargs.pop("head_hidden", None)
+    hidden, power = kwargs.pop("head_hidden", None), kwargs.pop(HEAD_POWER, None)
     if is_concat(name):
         model = create_concat(name, num_classes, in_channels, **kwargs)
-        if hidden:
-            replace_head(model, num_classes, hidden)
+        if hidden or power:
+            replace_head(model, num_classes, hidden, power)
         return model
     blocks = kwargs.pop(POOLED_BLOCKS, None)
     try:
@@ -62,23 +65,27 @@ def create_model(name: str, num_classes: int, in_channels: int, input_size: int,
     except (TypeError, ValueError, AssertionError, RuntimeError, NotImplementedError) as e:
         args = {**kwargs, POOLED_BLOCKS: blocks} if blocks else kwargs
         raise ConfigError(f"model {name}: cannot build it with {args or 'default arguments'}: {e}") from None
-    if hidden:
-        replace_head(model, num_classes, hidden)
+    if hidden or power:
+        replace_head(model, num_classes, hidden, power)
     return model
 
 
-def replace_head(model: nn.Module, num_classes: int, hidden: int | None = None) -> None:
+def replace_head(model: nn.Module, num_classes: int, hidden: int | None = None, power: float | None = None) -> None:
     """A new classifier for `num_classes`: linear, or (hidden > 0) Linear-ReLU-Linear, the course's
-    Dense(128, relu) + Dense(10) on pooled features."""
+    Dense(128, relu) + Dense(10) on pooled features; with `power`, SignedPower before it (the head is
+    then Sequential(SignedPower, classifier))."""
     model.reset_classifier(num_classes)
-    if not hidden:
+    if not hidden and not power:
         return
     where = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     linear = model.get_submodule(where) if where else None
     if not isinstance(linear, nn.Linear):
-        raise ConfigError(f"head_hidden: cannot find the linear classifier of {type(model).__name__}")
-    model.set_submodule(where, nn.Sequential(nn.Linear(linear.in_features, hidden), nn.ReLU(inplace=True),
-                                             nn.Linear(hidden, num_classes)))
+        what = "head_hidden" if hidden else HEAD_POWER
+        raise ConfigError(f"{what}: cannot find the linear classifier of {type(model).__name__}")
+    head: nn.Module = linear
+    if hidden:
+        head = nn.Sequential(nn.Linear(linear.in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+    model.set_submodule(where, nn.Sequential(SignedPower(power), head) if power else head)
 
 
 def sum_input_channels(model: nn.Module) -> None:

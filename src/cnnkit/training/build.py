@@ -28,6 +28,7 @@ from cnnkit.errors import ConfigError
 from cnnkit.finetune import Unfreezer, make_unfreezer
 from cnnkit.inference import InferenceSettings
 from cnnkit.models import OWN_MODELS, check_model_name, create_model, replace_head, sum_input_channels
+from cnnkit.models.signed_power import ARG as HEAD_POWER
 from cnnkit.models.pretrained import load_pretrained
 from cnnkit.preprocess import Preprocess, make_preprocess
 from cnnkit.runs import RunRecord, run_splits
@@ -152,7 +153,7 @@ def imagenet_model(cfg: Config) -> tuple[nn.Module, str]:
     from. Done before the data is loaded: missing weights should not cost minutes of decoding."""
     if cfg.model in OWN_MODELS:
         raise ConfigError(f"--pretrained needs a timm model; {cfg.model} is cnnkit's own and has no pretrained weights")
-    args = {k: v for k, v in cfg.model_args.items() if k != "head_hidden"}
+    args = {k: v for k, v in cfg.model_args.items() if k not in ("head_hidden", HEAD_POWER)}  # the new head's
     model = create_model(cfg.model, 1000, 3, 224, **args)
     source = load_pretrained(model, cfg.model, cfg.weights)
     log.info("pretrained weights for %s from %s", cfg.model, source)
@@ -161,11 +162,12 @@ def imagenet_model(cfg: Config) -> tuple[nn.Module, str]:
 
 def _adapt_pretrained(model: nn.Module, cfg: Config, num_classes: int, preprocess: Preprocess) -> nn.Module:
     """A new head for the dataset's classes; one input channel if grey images go in summed."""
-    hidden = cfg.model_args.get("head_hidden")
-    replace_head(model, num_classes, hidden)
+    hidden, power = cfg.model_args.get("head_hidden"), cfg.model_args.get(HEAD_POWER)
+    replace_head(model, num_classes, hidden, power)
     if preprocess.model_channels == 1:
         sum_input_channels(model)
-    log.info("new %d-class head%s%s", num_classes, f" with a hidden layer of {hidden}" if hidden else "",
+    log.info("new %d-class head%s%s%s", num_classes, f" with a hidden layer of {hidden}" if hidden else "",
+             f", its features to the power {power:g} (signed)" if power else "",
              "; first convolution summed to one input channel" if preprocess.model_channels == 1 else "")
     return model
 

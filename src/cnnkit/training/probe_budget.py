@@ -27,7 +27,7 @@ import numpy as np
 
 from cnnkit.analysis import class_balanced_order
 from cnnkit.budget import final_seconds, probe_end_s, probe_images
-from cnnkit.probe import COST_SAMPLE, Rows, fit_fixed_seconds, fit_row_seconds, views_per_image
+from cnnkit.probe import COST_SAMPLE, Rows, fit_fixed_seconds, fit_row_seconds, head_parts, views_per_image
 
 if TYPE_CHECKING:
     from cnnkit.training.budget_hook import TimeBudget
@@ -60,7 +60,7 @@ def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarra
     views = views_per_image(cfg)
     val_passes = views * len(setup.splits.val)
     image_s, overhead_s = val_s / max(val_passes, 1), 0.0
-    head, classes = setup.model.get_classifier(), len(setup.ds.classes)
+    head, classes = head_parts(setup.model)[1], len(setup.ds.classes)  # the fitted part (power is elementwise)
     fit = _FitCost(fit_fixed_seconds(head, val_rows[0].shape[1]), views * fit_row_seconds(head, val_rows[0], classes))
     order = budget_order(train.labels, cfg.seed)
     least = min(len(order), LEAST_PER_CLASS * len(np.unique(train.labels)))

@@ -154,6 +154,8 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
     selection = setup.record.selection or {}
     chosen = selection.get("chosen")
     feats, train_labels = _probe_features(setup, loop, budgeted=not chosen)
+    power, head = probe.head_parts(setup.model)
+    feats = {name: probe.powered(rows, power) for name, rows in feats.items()}  # each view's, before averaging
     rows = {"train": _probe_rows(*feats["train"], train_labels),
             "validation": _probe_rows(*feats["validation"], splits.val.labels)}
     held = {name: plain if flipped is None else (plain + flipped) / 2 for name, (plain, flipped) in feats.items()}
@@ -163,12 +165,12 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
         y = np.concatenate([rows["train"][1], rows["validation"][1]])
         wd = chosen["weight_decay"]
         path = tuple(d for d in selection.get("weight_decays", [wd]) if d >= wd)
-        fit = probe.fit_head(setup.model.get_classifier(), x, y, held["validation"], splits.val.labels,
-                             cfg.label_smoothing, path, quiet=True, keep=wd)
+        fit = probe.fit_head(head, x, y, held["validation"], splits.val.labels, cfg.label_smoothing, path,
+                             quiet=True, keep=wd)
     else:
         budget = _find(loop, TimeBudget)
-        fit = probe.fit_head(setup.model.get_classifier(), *rows["train"], held["validation"], splits.val.labels,
-                             cfg.label_smoothing, deadline=budget.fit_deadline if budget else None)
+        fit = probe.fit_head(head, *rows["train"], held["validation"], splits.val.labels, cfg.label_smoothing,
+                             deadline=budget.fit_deadline if budget else None)
     fit_s = time.perf_counter() - t_fit
     state.epoch = 1
     state.train_time_s = state.epoch_time_s = time.perf_counter() - t0

@@ -48,17 +48,23 @@ def machine(gpu: bool = False) -> str:
     when the runs train on one. The model name alone may not tell CPU generations apart ("AMD EPYC")."""
     from cnnkit.runtime import cpu_has_native_bf16  # the same test as --precision auto
 
-    cpu, flags = "unknown CPU", set()
+    cpu, flags, ids = "unknown CPU", set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown CPU":
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and cpu == "unknown CPU":
+                cpu = value
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+            elif key in ("cpu family", "model") and key not in ids:
+                ids[key] = value
     except OSError:
         pass
+    if ids.get("cpu family") == "25":  # AMD's family 25: Zen 3 (models 0-15, 32-95) or Zen 4 (the rest)
+        model = int(ids.get("model", "-1"))
+        cpu += f" ({'Zen 3' if model in (*range(16), *range(32, 96)) else 'Zen 4'}, family 25 model {model})"
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
-    if vector and os.environ.get("ONEDNN_MAX_CPU_ISA"):  # --isa: the kernels are capped
+    if vector and "avx512f" in flags and os.environ.get("ONEDNN_MAX_CPU_ISA"):  # --isa: the kernels are capped
         vector += f" capped to {os.environ['ONEDNN_MAX_CPU_ISA']} (MKL, oneDNN, ATen)"
     host = f"{cpu}, {os.cpu_count()} cores, {vector + ', ' if vector else ''}bf16 {'yes' if cpu_has_native_bf16() else 'no'}"
     if gpu:

@@ -7,7 +7,8 @@ channel's presence counts more than its size (Perronnin, Sanchez and Mensink 201
 normalization" of Fisher vectors; the same step helps pooled CNN features). Measured by 5-fold
 cross-validation on training images only (benchmarks/RESULTS.md, `probe-power`): p = 0.5 raised 13 of
 15 backbone-and-folder estimates (EfficientNet-Lite0, Lite2 and the two side by side, on flowers12, a
-20-a-class subset of it and three synthetic folders), by 0.44 points on average.
+20-a-class subset of it and three synthetic folders), by 0.44 points on average. Not the photo default: on
+photos the folds never saw it did not gain (`zen3-fp32-photos-power-val-*`, docs/photos.md).
 
 Written here because neither torch nor timm has it as a module: it is one line, but it must sit in the
 model (between the pooled features and the head) so that export, serving and evaluation apply it as

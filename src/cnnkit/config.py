@@ -80,7 +80,9 @@ class Config:
     class_balance: str = opt("none", "none | weights (loss weights) | sampler (balanced batches)")
     # -- model
     model: str = opt("seed-cnn", "seed-cnn, or any timm model name")
-    model_args: dict[str, Any] = opt({}, "passed to the model's constructor")
+    model_args: dict[str, Any] = opt({}, "passed to the model's constructor; for a timm model also cnnkit's head_hidden (N units "
+                                      "before the classifier), and for a linear probe pooled_blocks (N last blocks' pooled "
+                                      "outputs joined to the features) and head_power (p: features to the power p, signed)")
     input_size: int | None = opt(None, "model input size; images are resized on the device (default: data size, or the weights' size)")
     progressive_sizes: list[int] = opt([], "progressive resizing: the training input size of epoch 1, 2, ... (e.g. [20, 24]); later epochs, validation and test use the input size. Early epochs at fewer pixels cost fewer FLOPs")
     pretrained: bool = opt(False, "start from ImageNet weights (timm models): --weights, else the offline registry, else timm's download")

@@ -69,19 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="steps of the test (default 100; it stops early when the loss diverges)")
     _add_config_flags(p)
 
-    p = sub.add_parser("evaluate", help="test accuracy, per-class metrics and confusion matrix of a run")
-    p.add_argument("run", type=Path, metavar="RUN", help="run folder")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--data-dir", help="any folder of class folders named as the run's classes (new photos): evaluated "
-                   "whole; or a dataset with train/ and test/ inside: its test split, classes matched by name. "
-                   "Saved to RUN/evaluations/ (RUN/evaluation.json only for the run's own data)")
-    p.add_argument("--skip-unknown-classes", action="store_true",
-                   help="with a folder: leave out images of classes the run does not know, instead of stopping")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--tta", choices=config.CHOICES["tta"],
-                   help="test-time augmentation (default: the run's own). Another mode shows what TTA buys; "
-                        "its result is printed, not saved, so the run folder keeps the run's own evaluation")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _add_evaluate_command(sub)
 
     p = sub.add_parser("predict", help="classify image files with a trained run")
     p.add_argument("run", type=Path, metavar="RUN", help="run folder")
@@ -137,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("datasets", help="which datasets are available here, and where they were found")
     sub.add_parser("recipes", help="list the recipes, one line each")
     return parser
+
+
+def _add_evaluate_command(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="test accuracy, per-class metrics and confusion matrix of a run")
+    p.add_argument("run", type=Path, metavar="RUN", help="run folder")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--data-dir", help="any folder of class folders named as the run's classes (new photos): evaluated "
+                   "whole; or a dataset with train/ and test/ inside: its test split, classes matched by name. "
+                   "Saved to RUN/evaluations/ (RUN/evaluation.json only for the run's own data)")
+    p.add_argument("--skip-unknown-classes", action="store_true",
+                   help="with a folder: leave out images of classes the run does not know, instead of stopping")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--tta", choices=config.CHOICES["tta"],
+                   help="test-time augmentation (default: the run's own). Another mode shows what TTA buys; "
+                        "its result is printed, not saved, so the run folder keeps the run's own evaluation")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
 def _add_tune_command(sub: Any) -> None:

@@ -42,16 +42,17 @@ def evaluate_run(run_dir: Path, *, checkpoint: str = "best", tta: str | None = N
     run = load_run(run_dir, checkpoint, device)
     run_tta = cfg.get("tta", "none")
     folder = Path(data_dir) if data_dir else None
-    if folder is not None and is_class_folder_tree(folder):
+    tree = folder is not None and is_class_folder_tree(folder)  # else the run's dataset, or one laid out like it
+    if tree:
         split, notes = _folder_split(folder, run.classes, run.preprocess.data_size, run.preprocess.data_channels,
                                      cfg["skip_bad_images"], skip_unknown_classes)
     else:
         ds, splits = run_splits(cfg, data_dir)
         split, notes = in_run_classes(splits.test, ds.classes, run.classes, data_dir or cfg["data_dir"],
                                       skip_unknown_classes)
-    own = folder is None or (not is_class_folder_tree(folder) and _same_path(folder, cfg.get("data_dir")))
+    own = folder is None or (not tree and _same_path(folder, cfg.get("data_dir")))
     out = None if own else Path(run_dir) / "evaluations" / f"{_name(folder)}.json"
-    name = "test" if out is None else str(folder) if is_class_folder_tree(folder) else f"{folder} (its test split)"
+    name = "test" if out is None else str(folder) if tree else f"{folder} (its test split)"
     used = tta or run_tta
     logits = predict_logits(run.model, run.preprocess, split.images, device=device, tta=used,
                             **InferenceSettings.for_run(cfg, device).kwargs())

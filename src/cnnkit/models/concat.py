@@ -23,7 +23,6 @@ from torch import nn
 from cnnkit.models.block_pooled import ARG as POOLED_BLOCKS
 from cnnkit.models.block_pooled import BlockPooled
 from cnnkit.models.features_head import FeaturesHead
-from cnnkit.models.signed_power import ARG as HEAD_POWER
 
 SEPARATOR = "+"
 SOURCES_SEPARATOR = " + "  # where each member's weights came from, in one string (load_pretrained's answer)
@@ -70,8 +69,6 @@ def create_concat(name: str, num_classes: int, in_channels: int, **kwargs: Any) 
 
     names = member_names(name)
     sizes = kwargs.pop("member_sizes", None) or [input_size(n) for n in names]
-    for head_arg in ("head_hidden", HEAD_POWER):  # the classifier is the wrapper's (replace_head adds these)
-        kwargs.pop(head_arg, None)
     blocks = kwargs.pop(POOLED_BLOCKS, None)  # each member's features with its last blocks' (models.block_pooled)
     interpolation = str(preprocessing(names[0])["interpolation"])
     members = [timm.create_model(n, pretrained=False, num_classes=0, in_chans=in_channels, **kwargs) for n in names]

@@ -189,3 +189,8 @@ def test_evaluate_a_run_on_a_new_folder_of_photos(tmp_path, fmnist_images, capsy
     # The run's own dataset where it trained: its own evaluation, written again
     assert main(["--quiet", "evaluate", str(run), "--data-dir", str(root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == own["accuracy"]
+    # Its training folder: evaluated whole, with a note that the accuracy overstates new photos'
+    assert main(["--quiet", "evaluate", str(run), "--data-dir", str(root / "train"), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any("holds the images this run trained on" in n for n in notes), notes
+    assert again["notes"] == []  # its test folder: no such note

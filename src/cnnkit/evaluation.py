@@ -46,6 +46,7 @@ def evaluate_run(run_dir: Path, *, checkpoint: str = "best", tta: str | None = N
     if tree:
         split, notes = _folder_split(folder, run.classes, run.preprocess.data_size, run.preprocess.data_channels,
                                      cfg["skip_bad_images"], skip_unknown_classes)
+        notes += _training_images_note(folder, cfg.get("data_dir"))
     else:
         ds, splits = run_splits(cfg, data_dir)
         split, notes = in_run_classes(splits.test, ds.classes, run.classes, data_dir or cfg["data_dir"],
@@ -71,6 +72,20 @@ def evaluate_run(run_dir: Path, *, checkpoint: str = "best", tta: str | None = N
 
 def _same_path(a: Path, b: str | None) -> bool:
     return b is not None and a.resolve() == Path(b).resolve()
+
+
+def _training_images_note(folder: Path, data_dir: str | None) -> list[str]:
+    """A note where a folder evaluated whole holds the images the run trained on: the run's own folder
+    of class folders (its test split was carved out of it), or its dataset's train/ folder."""
+    from cnnkit.data.folder import SPLIT_ALIASES
+
+    if data_dir is None or not Path(data_dir).is_dir():
+        return []
+    trained = [Path(data_dir), *(p for p in Path(data_dir).iterdir() if SPLIT_ALIASES.get(p.name.lower()) == "train")]
+    if not any(_same_path(folder, str(p)) for p in trained):
+        return []
+    return [f"{folder} holds the images this run trained on, so this accuracy overstates what new photos would get; "
+            "`cnnkit evaluate RUN` (no --data-dir) evaluates its held-out test split"]
 
 
 def is_class_folder_tree(folder: Path) -> bool:

@@ -1,7 +1,15 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
+
+# Under pytest-xdist (`pytest -n 2`), each worker's torch gets its share of the cores (set before any
+# test module imports torch; the runs tests start as subprocesses inherit it): two workers with two
+# threads each on a 2-core machine would slow each other far more than twice.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import numpy as np
 import pytest

@@ -26,7 +26,7 @@ from cnnkit.training import Hook, TrainingError, prepare, run_training, train
 pytestmark = pytest.mark.slow
 
 COMMON = ["--recipe", "seed-fmnist", "--max-train-samples", "1500", "--max-eval-samples", "300", "--epochs", "2",
-          "--batch-size", "8", "--seed", "3", "--deterministic", "true"]
+          "--batch-size", "8", "--seed", "3", "--deterministic", "true", "--report", "false"]
 
 
 def cnnkit_train(*args: str, **popen) -> subprocess.Popen:

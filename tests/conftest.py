@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 # Under pytest-xdist (`pytest -n 2`), each worker's torch gets its share of the cores (set before any
-# test module imports torch; the runs tests start as subprocesses inherit it): two workers with two
+# test module imports torch; the `cnnkit` processes that tests start inherit it): two workers with two
 # threads each on a 2-core machine would slow each other far more than twice.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS",
@@ -43,7 +43,8 @@ def fresh_logging():
 def time_slack() -> float:
     """How far a run may overrun its time budget in a test: in one process not at all; under `pytest -n 2`
     the other worker shares the CPU and may start heavier work after the run has planned its time (seen:
-    31.7 s for a 30-s plan), which no plan can foresee. A run that ignored its budget still fails."""
+    31.7 s where the plan said at most 30), which no plan can foresee. A run that ignored its budget
+    still fails."""
     return 1.25 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 1.0
 
 

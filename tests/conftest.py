@@ -5,15 +5,15 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np  # neither imports torch
+import pytest
+
 # Under pytest-xdist (`pytest -n 2`), each worker's torch gets its share of the cores (set before any
 # test module imports torch; the `cnnkit` processes that tests start inherit it): two workers with two
 # threads each on a 2-core machine would slow each other far more than twice.
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    os.environ.setdefault("OMP_NUM_THREADS",
-                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
-
-import numpy as np
-import pytest
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-png.tar.gz"
@@ -45,7 +45,7 @@ def time_slack() -> float:
     the other worker shares the CPU and may start heavier work after the run has planned its time (seen:
     31.7 s where the plan said at most 30), which no plan can foresee. A run that ignored its budget
     still fails."""
-    return 1.25 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 1.0
+    return 1.25 if WORKERS > 1 else 1.0
 
 
 @pytest.fixture(scope="session")

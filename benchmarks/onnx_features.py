@@ -12,7 +12,8 @@ PyTorch in bf16 where the CPU has it natively,
 disk cache in a fresh folder as on a first run), and with `--int8` `engine="int8"` (cnnkit.int8_forward: its
 first call quantizes, calibrates on that batch and compiles, timed separately; random images calibrate
 it here, so only its rate counts, not its accuracy). `--size` puts every backbone at one input size and
-`--data-size` makes the images that small (CIFAR-10's 32 px, resized on the way in, as
+`--unfolded` adds PyTorch fp32 with its BatchNorm layers left unfolded
+(`CNNKIT_FOLD_BATCHNORM=0`; cnnkit.fold_batchnorm), as before cnnkit folded them. `--data-size` makes the images that small (CIFAR-10's 32 px, resized on the way in, as
 cifar10-probe's are). Writes the block `onnx-features` of benchmarks/RESULTS.md (or --label).
 
     python benchmarks/onnx_features.py
@@ -21,6 +22,7 @@ cifar10-probe's are). Writes the block `onnx-features` of benchmarks/RESULTS.md 
         --images 640 --label compiled-features
     python benchmarks/onnx_features.py --isa avx2 --compile --int8 --backbones 1 --size 192 --data-size 32 \
         --images 640 --label int8-features
+    python benchmarks/onnx_features.py --unfolded --compile --label fold-batchnorm
 
 `--isa avx2` caps PyTorch's kernels (MKL, oneDNN, ATen) to AVX2 as on a CPU without AVX-512.
 ONNX Runtime has no such switch (its kernels pick the widest instructions the CPU has), so
@@ -52,7 +54,10 @@ MODELS = [("tf_efficientnet_lite0", 224), ("tf_efficientnet_lite1", 240), ("tf_e
 
 def rate(model: torch.nn.Module, size: int, images: np.ndarray, engine: str, precision: str) -> tuple[float, float]:
     """(images per second, seconds of the first batch: export and session for ONNX Runtime, the
-    compile for torch.compile, quantizing and compiling for int8)."""
+    compile for torch.compile, quantizing and compiling for int8, folding for PyTorch). Engine
+    "unfolded": PyTorch's with its BatchNorm layers as they are."""
+    os.environ["CNNKIT_FOLD_BATCHNORM"] = "0" if engine == "unfolded" else "1"
+    engine = "torch" if engine == "unfolded" else engine
     pre = Preprocess(data_size=images.shape[-1], data_channels=3, input_size=size, model_channels=3, mean=(0.5,) * 3,
                      std=(0.5,) * 3)
     kwargs = {"batch_size": 64, "precision": precision, "channels_last": engine != "onnxruntime", "engine": engine,
@@ -71,6 +76,7 @@ def main() -> None:
     p.add_argument("--isa", choices=["avx2"], help="cap PyTorch's kernels to AVX2 (not ONNX Runtime's)")
     p.add_argument("--compile", action="store_true", help="also engine compile (torch.compile, frozen weights)")
     p.add_argument("--int8", action="store_true", help="also engine int8 (cnnkit.int8_forward)")
+    p.add_argument("--unfolded", action="store_true", help="also PyTorch fp32 with BatchNorm not folded")
     p.add_argument("--backbones", type=int, default=len(MODELS), help="the first this many of Lite0, Lite1, Lite2")
     p.add_argument("--size", type=int, help="every backbone's input size (default: each its own)")
     p.add_argument("--data-size", type=int, help="the images' own size, resized to the input (default: the input's)")
@@ -83,6 +89,7 @@ def main() -> None:
     if args.compile or args.int8:  # a first run's compile, not one cached by an earlier run
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-bench-")
     cases = [("torch", "fp32")] + ([("torch", "bf16")] if cpu_has_native_bf16() else []) + [("onnxruntime", "fp32")]
+    cases += [("unfolded", "fp32")] if args.unfolded else []
     cases += [("compile", "fp32")] if args.compile else []
     cases += [("int8", "fp32")] if args.int8 else []
     rows = ["| backbone | input | engine | precision | features img/s | first batch | against torch fp32 |",

@@ -98,12 +98,12 @@ def measured_header(script: str, flags: str, note: str = "", versions: str = "")
 
 
 def run_one(recipe: str, seed: int, extra: list[str], out_dir: Path, fresh_cache: bool = False,
-            validation_only: bool = False, val_views: str | None = None) -> dict:
+            validation_only: bool = False, val_views: str | None = None, env_vars: dict[str, str] | None = None) -> dict:
     name = f"{recipe}-seed{seed}-{int(time.time())}"
     cmd = [sys.executable, "-m", "cnnkit", "--quiet", "train", "--recipe", recipe, "--seed", str(seed),
            "--output", str(out_dir), "--name", name, *extra]
     t0 = time.perf_counter()
-    env = dict(os.environ)
+    env = {**os.environ, **(env_vars or {})}
     if fresh_cache:  # as a new user: no decoded images or features cached by an earlier run
         env["CNNKIT_HOME"] = tempfile.mkdtemp(prefix="cnnkit-bench-")
         env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-bench-")  # --inference-engine compile
@@ -168,7 +168,8 @@ def main() -> None:
                    help="one run per value of a recipe field, e.g. --vary augment none seed light")
     p.add_argument("--variants", nargs="+", metavar="FIELD=VALUE[,FIELD=VALUE]",
                    help="an ablation: the recipe as it is, then one run per variant, e.g. lookahead=false "
-                        "'model_args={\"whiten\": false}'")
+                        "'model_args={\"whiten\": false}'; env:NAME=VALUE sets an environment variable instead, "
+                        "e.g. env:CNNKIT_FOLD_BATCHNORM=0")
     p.add_argument("--no-base", action="store_true",
                    help="with --variants: skip the run of the recipe as it is (measured elsewhere)")
     p.add_argument("--interleave", action="store_true",
@@ -193,13 +194,13 @@ def main() -> None:
     if args.isa:  # before machine() and the runs, which inherit it
         os.environ.update(AVX2_ONLY)
     gpu = "--device" in extra and extra[extra.index("--device") + 1:][:1] == ["cuda"]
-    variants = [("", [])]
+    variants: list[tuple[str, list[str], dict[str, str]]] = [("", [], {})]
     if args.variants:
         variants = [] if args.no_base else variants
-        variants += [(f" ({v})", _variant_flags(v)) for v in args.variants]
+        variants += [(f" ({v})", *_variant_flags(v)) for v in args.variants]
     elif args.vary:
         field, *values = args.vary
-        variants = [(f" ({field}={v})", [f"--{field.replace('_', '-')}", v]) for v in values]
+        variants = [(f" ({field}={v})", [f"--{field.replace('_', '-')}", v], {}) for v in values]
     where = {"machine": machine(gpu), "commit": commit()}  # read once, before the runs
     header = (f"Measured {date.today()} on {where['machine']}, commit {where['commit']}, "
               f"torch {__import__('torch').__version__}, Python {platform.python_version()}.\n"
@@ -216,9 +217,9 @@ def main() -> None:
     order = [(recipe, v, seed) for recipe in args.recipes for v in variants for seed in args.seeds]
     if args.interleave:  # seed by seed: each seed's variants back to back
         order.sort(key=lambda r: args.seeds.index(r[2]))
-    for recipe, (suffix, flags), seed in order:
+    for recipe, (suffix, flags, env_vars), seed in order:
         row = run_one(recipe, seed, extra + flags, args.runs_dir, args.fresh_cache, args.validation_only,
-                      args.val_views)
+                      args.val_views, env_vars)
         row["recipe"] += suffix
         rows.append(row)
         record(args.label, header, rows, where)  # after every run: an interrupted benchmark keeps what it measured
@@ -232,15 +233,19 @@ def record(label: str, header: str, rows: list[dict], where: dict[str, str]) -> 
     write_block(label, header + table(rows))
 
 
-def _variant_flags(variant: str) -> list[str]:
-    """'lookahead=false,tta=none' -> ['--lookahead', 'false', '--tta', 'none'] (JSON values may hold commas)."""
-    flags = []
-    for part in re.split(r",(?=\s*\w+=)", variant):
+def _variant_flags(variant: str) -> tuple[list[str], dict[str, str]]:
+    """'lookahead=false,tta=none' -> ['--lookahead', 'false', '--tta', 'none'] (JSON values may hold commas);
+    'env:CNNKIT_FOLD_BATCHNORM=0' -> an environment variable for the run."""
+    flags, env_vars = [], {}
+    for part in re.split(r",(?=\s*(?:env:)?\w+=)", variant):
         field, _, value = part.partition("=")
         if not value:
             raise SystemExit(f"variant {variant!r}: write FIELD=VALUE")
-        flags += [f"--{field.strip().replace('_', '-')}", value]
-    return flags
+        if field.strip().startswith("env:"):
+            env_vars[field.strip()[4:]] = value
+        else:
+            flags += [f"--{field.strip().replace('_', '-')}", value]
+    return flags, env_vars
 
 
 def write_block(label: str, block: str) -> None:

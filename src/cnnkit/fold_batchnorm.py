@@ -1,0 +1,147 @@
+"""BatchNorm folded into the convolution before it, for forward passes with fixed weights.
+
+In eval mode a BatchNorm layer is a per-channel scale and shift, which can be merged into the
+weights and bias of the convolution that feeds it: one layer's work instead of two, the same
+function up to float rounding. PyTorch's eager mode does not do this by itself (torch.compile with
+frozen weights and ONNX Runtime do, at a cost: seconds of compiling, an export). On the 2-core Zen 3
+it made EfficientNet-Lite0/1/2's features 1.08-1.12x faster in PyTorch's own kernels, and the photo
+default's whole run on flowers12 took 0.89 of the time (2.12 against 2.37 minutes, the same choices
+and accuracy: `fold-batchnorm`, `zen3-fp32-photos-fold-batchnorm` in benchmarks/RESULTS.md), since
+forward passes with fixed weights are most of a photo run: choosing its backbone, its test, its report.
+
+PyTorch gives the arithmetic (`torch.nn.utils.fusion.fuse_conv_bn_eval`), but not the pairs for
+these models: `torch.fx`'s fuser cannot trace timm's TensorFlow-style "same" padding (computed from
+the input's shape in Python) and does not see timm's BatchNormAct2d (BatchNorm, then its activation)
+as a BatchNorm. So the pairs are found by watching one image go through: a BatchNorm whose input is
+the very tensor a convolution returned, each called once. The folded copy is checked against the
+model on that image and used only if it agrees; the model itself is never changed.
+
+`CNNKIT_FOLD_BATCHNORM=0` switches it off (to measure what it does, or to rule it out).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 1e-4  # of the output's largest magnitude; folding differs by rounding alone (about 1e-6)
+
+# A model's folded copy, while its weights stay what they were (see `_weights_state`): the report
+# evaluates one model 22 times, a server on every request.
+_folded: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[int, int], ...], nn.Module]] = (
+    weakref.WeakKeyDictionary())
+
+
+def enabled() -> bool:
+    """Whether forward passes with fixed weights fold BatchNorm (CNNKIT_FOLD_BATCHNORM=0: not)."""
+    return os.environ.get("CNNKIT_FOLD_BATCHNORM", "1") != "0"
+
+
+def folded_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module`'s forward in eval mode with its BatchNorm layers folded into their convolutions,
+    the copy made at the first batch (the pairs are found on its first image). A module with no
+    such pair, or whose copy does not agree with it, runs as it is."""
+    state: dict[str, nn.Module] = {}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if "fn" not in state:
+            state["fn"] = _folded_copy(module, x[:1])
+        return state["fn"](x)
+
+    return forward
+
+
+def _folded_copy(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    key = _weights_state(module)
+    hit = _folded.get(module)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    folded = fold(module, example) or module
+    _folded[module] = key, folded
+    return folded
+
+
+def _weights_state(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Where each weight lives and how often it was changed in place (an optimizer step, a
+    load_state_dict, a change of memory format all change one or the other): the copy is made again then."""
+    return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+
+
+def fold(module: nn.Module, example: torch.Tensor) -> nn.Module | None:
+    """A copy of `module` (in eval mode) with each BatchNorm that follows a convolution folded into
+    it, checked on `example` (one input); None where nothing folds or the copy disagrees."""
+    module.eval()
+    with torch.no_grad(), torch.autocast(example.device.type, enabled=False):
+        example = example.float()
+        pairs, want = _pairs(module, example)
+        if not pairs:
+            return None
+        names = {m: name for name, m in module.named_modules(remove_duplicate=False)}
+        folded = copy.deepcopy(module)
+        for conv, bn in pairs:
+            _replace(folded, names[conv], fuse_conv_bn_eval(folded.get_submodule(names[conv]),
+                                                           folded.get_submodule(names[bn])))
+            _replace(folded, names[bn], _after_normalizing(folded.get_submodule(names[bn])))
+        got = folded(example)
+    if not isinstance(want, torch.Tensor) or (got - want).abs().max() > TOLERANCE * want.abs().max().clamp_min(1):
+        log.debug("BatchNorm not folded in %s: the folded copy disagrees", type(module).__name__)
+        return None
+    log.debug("%d BatchNorm layers folded into their convolutions in %s", len(pairs), type(module).__name__)
+    return folded
+
+
+def _pairs(module: nn.Module, example: torch.Tensor) -> tuple[list[tuple[nn.Module, nn.Module]], object]:
+    """(convolution, BatchNorm) pairs where the BatchNorm's input is the tensor the convolution
+    returned and each ran once on `example`; and `module`'s output."""
+    made: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # id of a convolution's output -> it and that output
+    calls: dict[nn.Module, int] = {}
+    fed: dict[nn.Module, nn.Module] = {}  # BatchNorm -> the convolution that fed it
+
+    def after_conv(conv: nn.Module, _: object, out: object) -> None:
+        calls[conv] = calls.get(conv, 0) + 1
+        if isinstance(out, torch.Tensor):
+            made[id(out)] = conv, out  # the output kept alive: no later tensor takes its id
+
+    def before_bn(bn: nn.Module, args: tuple) -> None:
+        calls[bn] = calls.get(bn, 0) + 1
+        source = made.get(id(args[0])) if args else None
+        if source is not None and source[1] is args[0]:
+            fed[bn] = source[0]
+
+    hooks = [m.register_forward_hook(after_conv) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_pre_hook(before_bn) for m in module.modules() if _foldable(m)]
+    try:
+        out = module(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    pairs = [(conv, bn) for bn, conv in fed.items() if calls[bn] == 1 and calls[conv] == 1]
+    return pairs, out
+
+
+def _foldable(m: nn.Module) -> bool:
+    """A BatchNorm2d using its running statistics, plain or timm's BatchNormAct2d (then its
+    dropout and activation, kept after folding); another subclass may do more than normalize."""
+    if not isinstance(m, nn.BatchNorm2d) or m.running_mean is None or m.running_var is None:
+        return False
+    return type(m) is nn.BatchNorm2d or (type(m).__name__ == "BatchNormAct2d" and hasattr(m, "act")
+                                        and hasattr(m, "drop"))
+
+
+def _after_normalizing(bn: nn.Module) -> nn.Module:
+    """What is left of a folded BatchNorm: nothing, or BatchNormAct2d's dropout and activation."""
+    return nn.Identity() if type(bn) is nn.BatchNorm2d else nn.Sequential(bn.drop, bn.act)
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)

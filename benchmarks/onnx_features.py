@@ -11,9 +11,10 @@ PyTorch in bf16 where the CPU has it natively,
 `--compile` `engine="compile"` (fp32; its first call compiles, timed separately, with Inductor's
 disk cache in a fresh folder as on a first run), and with `--int8` `engine="int8"` (cnnkit.int8_forward: its
 first call quantizes, calibrates on that batch and compiles, timed separately; random images calibrate
-it here, so only its rate counts, not its accuracy). `--size` puts every backbone at one input size and
-`--unfolded` adds PyTorch fp32 with its BatchNorm layers left unfolded
-(`CNNKIT_FOLD_BATCHNORM=0`; cnnkit.fold_batchnorm), as before cnnkit folded them. `--data-size` makes the images that small (CIFAR-10's 32 px, resized on the way in, as
+it here, so only its rate counts, not its accuracy), and with `--unfolded` PyTorch fp32 with its BatchNorm
+layers left as they are (`CNNKIT_FOLD_BATCHNORM=0`: cnnkit.fold_batchnorm folds them into the convolutions
+otherwise). `--size` puts every backbone at one input size and
+`--data-size` makes the images that small (CIFAR-10's 32 px, resized on the way in, as
 cifar10-probe's are). Writes the block `onnx-features` of benchmarks/RESULTS.md (or --label).
 
     python benchmarks/onnx_features.py
@@ -22,7 +23,7 @@ cifar10-probe's are). Writes the block `onnx-features` of benchmarks/RESULTS.md 
         --images 640 --label compiled-features
     python benchmarks/onnx_features.py --isa avx2 --compile --int8 --backbones 1 --size 192 --data-size 32 \
         --images 640 --label int8-features
-    python benchmarks/onnx_features.py --unfolded --compile --label fold-batchnorm
+    python benchmarks/onnx_features.py --unfolded --images 512 --label fold-batchnorm
 
 `--isa avx2` caps PyTorch's kernels (MKL, oneDNN, ATen) to AVX2 as on a CPU without AVX-512.
 ONNX Runtime has no such switch (its kernels pick the widest instructions the CPU has), so

@@ -120,3 +120,16 @@ def test_folded_predictions_are_not_the_plain_ones_bit_for_bit_and_the_switch_tu
     assert not torch.equal(folded, _plain(model))
     monkeypatch.setenv("CNNKIT_FOLD_BATCHNORM", "0")
     torch.testing.assert_close(predict_logits(model, PRE, IMAGES, batch_size=8), _plain(model), rtol=0, atol=0)
+
+
+def test_a_model_with_nothing_to_fold_is_not_kept_alive():
+    """The copies are kept per model while it lives: one whose copy would be itself is let go with it."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    predict_logits(model, PRE, IMAGES, batch_size=8)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

@@ -37,7 +37,8 @@ TOLERANCE = 1e-4  # of the output's largest magnitude; folding differs by roundi
 
 # A model's folded copy, while its weights stay what they were (see `_weights_state`): the report
 # evaluates one model 22 times, a server on every request.
-_folded: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[int, int], ...], nn.Module]] = (
+# None: nothing folds (the module itself is not kept here, or it would never be let go).
+_folded: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[int, int], ...], nn.Module | None]] = (
     weakref.WeakKeyDictionary())
 
 
@@ -63,11 +64,9 @@ def folded_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 def _folded_copy(module: nn.Module, example: torch.Tensor) -> nn.Module:
     key = _weights_state(module)
     hit = _folded.get(module)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    folded = fold(module, example) or module
-    _folded[module] = key, folded
-    return folded
+    if hit is None or hit[0] != key:
+        hit = _folded[module] = key, fold(module, example)
+    return hit[1] or module
 
 
 def _weights_state(module: nn.Module) -> tuple[tuple[int, int], ...]:

@@ -4,6 +4,7 @@ and the small-split warnings, on a small folder of real pictures (Fashion-MNIST 
 import json
 import shutil
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -148,6 +149,20 @@ def test_a_budget_keeps_room_for_the_mirror_images_of_the_screened_candidates():
     assert fits_in_budget(10.0, rows, 12.0, screen=False, budget_s=25.0)  # 10 + 12 s
     assert not fits_in_budget(10.0, rows, 12.0, screen=True, budget_s=25.0)  # + 10 s and 12 s of mirror images
     assert fits_in_budget(10.0, rows, 12.0, screen=True, budget_s=44.0)
+
+
+def test_a_budget_guesses_a_candidate_from_its_own_timed_features_and_the_first_ones_fits(monkeypatch):
+    """Its own features' rate, timed on a few images, and the fits the first candidate took (the same rows): not
+    the first one's whole time scaled by multiply-adds, which guessed Lite2 at 1.6x what it took on flowers12.
+    Under another engine (its first batch compiles or exports) the multiply-adds stay."""
+    from cnnkit.training import choose
+
+    monkeypatch.setattr(choose, "seconds_per_image", lambda *args: 0.02)
+    monkeypatch.setattr(choose, "_macs", lambda name, cfg: 3_000)
+    first = {"seconds": 12.0, "feature_seconds": 9.0, "macs": 1_000}  # its fits: 3 s
+    cfg = SimpleNamespace(model="tf_efficientnet_lite2")
+    assert choose.guess_seconds(first, cfg, None, 720, None, "fp32", timed=True) == pytest.approx(3.0 + 720 * 0.02)
+    assert choose.guess_seconds(first, cfg, None, 720, None, "fp32", timed=False) == pytest.approx(36.0)
 
 
 def test_the_final_head_is_the_one_the_folds_scored_along_the_same_path():

@@ -12,9 +12,9 @@ clearly behind costs half as much.
 With `probe_concat` the two best backbones' features side by side (models.concat) are one more
 candidate, scored on the rows already computed: chosen only where the folds prefer it to both.
 
-Under `--time-budget` the candidates may take 60% of it: one whose features would not fit (its
-multiply-adds against the first candidate's measured time; screened, with room kept for the mirror
-images every candidate may yet need) is left out, and the log says so. The pair side by side runs
+Under `--time-budget` the candidates may take 60% of it: one whose features would not fit (timed on a
+few of its images; screened, with room kept for the mirror images every candidate may yet need) is
+left out, and the log says so. The pair side by side runs
 both backbones over the test images and the report's, so it is a candidate only where that fits in
 what the budget leaves after choosing.
 The held-out test split is never looked at. The choice, its estimate and every candidate's score
@@ -34,6 +34,7 @@ import torch
 from cnnkit import probe
 from cnnkit.budget import final_seconds, parse_duration
 from cnnkit.config import Config
+from cnnkit.inference import inference_engine, predict_logits
 from cnnkit.models import create_model
 from cnnkit.models.block_pooled import ARG as POOLED_BLOCKS
 from cnnkit.models.concat import SEPARATOR
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 # Under --time-budget, choosing may take this share of it: the chosen head, the test and the report follow.
 CANDIDATES_SHARE = 0.6
+TIMING_IMAGES = 32  # under a time budget, a candidate's features are timed on this many images before it runs,
+WARM_UP_IMAGES = 8  # after these
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)  # 1e-4 won every fold of flowers12 when it was the smallest
 
 Variants = dict[int, probe.Rows]  # a candidate's training rows, by how many blocks' pooled outputs the rows hold (0: the backbone's features alone)
@@ -66,9 +69,10 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     started = time.perf_counter()
     screen = cfg.probe_screen is not None and cfg.probe_flip and len(cfg.probe_candidates) > 1
     features: dict[str, Variants] = {}  # each candidate's rows, on the views it was last scored on
+    timed = inference_engine(cfg.to_dict(), device) == "torch"  # another engine's first batch compiles or exports
     for name in cfg.probe_candidates:
         if rows and budget_s is not None:
-            guess = _guess_seconds(rows[0], name, cfg)
+            guess = guess_seconds(rows[0], replace(cfg, model=name), splits, len(labels), device, precision, timed)
             if not fits_in_budget(time.perf_counter() - started, rows, guess, screen, budget_s):
                 kept = reserved_seconds(rows, screen)
                 log.info("  %s: left out, its features would take about %.0f s: with the %.0f s taken%s, past the "
@@ -77,7 +81,9 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
                          budget_s, cfg.time_budget)
                 continue
         rows.append(_candidate(replace(cfg, model=name), splits, labels, device, precision, flip=not screen,
-                               macs=budget_s is not None, keep=features))
+                               macs=budget_s is not None and not timed, keep=features))
+        if len(rows) > 1 and budget_s is not None:
+            rows[-1]["guessed_seconds"] = round(guess, 1)  # what the plan took it for (run.json)
     if screen:
         rows = _finalists(rows, cfg, splits, labels, device, precision, features)
     scored = [r for r in rows if not screen or "screen_accuracy" in r]  # on the views the run trains on
@@ -150,9 +156,37 @@ def _macs(name: str, cfg: Config) -> int:
     return summarize(create_model(name, 1000, 3, size), (3, size, size))["total_macs"]
 
 
-def _guess_seconds(first: dict[str, Any], name: str, cfg: Config) -> float:
-    """A candidate's time, from the first one's measured time and their multiply-adds."""
-    return first["seconds"] * _macs(name, cfg) / max(first["macs"], 1)
+def guess_seconds(first: dict[str, Any], cfg: Config, splits: Any, images: int, device: torch.device, precision: str,
+                   timed: bool) -> float:
+    """A candidate's (cfg.model's) time on the plain views of `images` training images, before they are
+    computed: the first candidate's fits (the same rows, and Lite0-2's features are equally wide) and its
+    own features at the rate timed on a few images (`timed`, PyTorch's engine). Scaling the first one's
+    time by multiply-adds guessed Lite2 at 26 s on flowers12 where it took 16 (Lite0's fits and its
+    images' resizing do not scale so, nor does a depthwise layer run at a dense one's rate), which left
+    it out of budgets it fitted in; under another engine, whose first batch compiles or exports, that
+    scaling stays."""
+    if not timed:
+        return first["seconds"] * _macs(cfg.model, cfg) / max(first["macs"], 1)
+    return max(first["seconds"] - first["feature_seconds"], 0.0) + images * seconds_per_image(cfg, splits, device,
+                                                                                               precision)
+
+
+def seconds_per_image(cfg: Config, splits: Any, device: torch.device, precision: str) -> float:
+    """The candidate's features' seconds per image, timed on TIMING_IMAGES training images after a few to
+    warm up (memory, kernels, the BatchNorm fold), in batches no larger than the run's."""
+    model, _ = imagenet_model(cfg)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    pooled = probe.PooledFeatures(model)  # one module for both calls: its folded copy is made once
+    kwargs = {"device": device, "precision": precision, "channels_last": cfg.channels_last,
+              "batch_size": cfg.eval_batch_size, "outputs": pooled}
+    pre = make_preprocess(cfg, splits.train.images)
+    warm, timed = splits.train.images[:WARM_UP_IMAGES], splits.train.images[WARM_UP_IMAGES:][:TIMING_IMAGES]
+    predict_logits(model, pre, warm, **kwargs)
+    t0 = time.perf_counter()
+    predict_logits(model, pre, timed, **kwargs)
+    return (time.perf_counter() - t0) / max(len(timed), 1)
 
 
 def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.ndarray, device: torch.device,
@@ -187,7 +221,8 @@ def _candidate(cfg: Config, splits: Any, labels: np.ndarray, device: torch.devic
     t0 = time.perf_counter()
     variants = candidate_features(cfg if flip else replace(cfg, probe_flip=False, tta="none"), splits, device, precision)
     keep[cfg.model] = variants
-    return _best_variant(cfg.model, variants, labels, cfg, t0, {"macs": _macs(cfg.model, cfg)} if macs else {})
+    extra = {"feature_seconds": round(time.perf_counter() - t0, 1), **({"macs": _macs(cfg.model, cfg)} if macs else {})}
+    return _best_variant(cfg.model, variants, labels, cfg, t0, extra)
 
 
 def _best_variant(model: str, variants: Variants, labels: np.ndarray, cfg: Config, t0: float,

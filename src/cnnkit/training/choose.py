@@ -209,7 +209,9 @@ def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.
             continue
         full = _candidate(replace(cfg, model=r["model"]), splits, labels, device, precision, flip=True, macs=False,
                           keep=keep)
-        out.append({**full, "screen_accuracy": r["cv_accuracy"], "seconds": round(full["seconds"] + r["seconds"], 1)})
+        guessed = {"guessed_seconds": r["guessed_seconds"]} if "guessed_seconds" in r else {}  # its plain views'
+        out.append({**full, **guessed, "screen_accuracy": r["cv_accuracy"], "seconds": round(full["seconds"] + r["seconds"], 1),
+                    "feature_seconds": round(full["feature_seconds"] + r["feature_seconds"], 1)})
     return out
 
 

@@ -133,3 +133,27 @@ def test_a_model_with_nothing_to_fold_is_not_kept_alive():
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_wrappers_of_one_model_share_its_folded_copy(monkeypatch):
+    """A budgeted probe's features come chunk by chunk, each through a new PooledFeatures of the same model:
+    one fold for all (it deep-copies the model), not one a chunk; another model of the same type gets its own."""
+    from cnnkit import fold_batchnorm
+
+    class Pooled(nn.Module):
+        def __init__(self, model: nn.Module):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model[:6](x).mean((2, 3))
+
+    calls = []
+    real = fold_batchnorm.fold
+    monkeypatch.setattr(fold_batchnorm, "fold", lambda m, x: calls.append(m) or real(m, x))
+    model, other = _small(), _small()
+    for _ in range(3):
+        got = predict_logits(model, PRE, IMAGES, batch_size=8, outputs=Pooled(model))
+    assert len(calls) == 1 and got.shape == (20, 8)
+    predict_logits(other, PRE, IMAGES, batch_size=8, outputs=Pooled(other))
+    assert len(calls) == 2

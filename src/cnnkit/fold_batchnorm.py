@@ -25,6 +25,7 @@ import copy
 import logging
 import os
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -35,11 +36,13 @@ log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4  # of the output's largest magnitude; folding differs by rounding alone (about 1e-6)
 
-# A model's folded copy, while its weights stay what they were (see `_weights_state`): the report
-# evaluates one model 22 times, a server on every request.
-# None: nothing folds (the module itself is not kept here, or it would never be let go).
-_folded: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[int, int], ...], nn.Module | None]] = (
-    weakref.WeakKeyDictionary())
+# The latest folded copies, each while its module's weights stay what they were: the report evaluates one
+# model 22 times, a server on every request, a budgeted probe in chunks (each through a new PooledFeatures
+# wrapper of the same model: the key is the module's type and its weight tensors, not the wrapper object). Kept
+# by weak references to those tensors, so a model is let go when its user lets it go.
+CACHE_SIZE = 4
+_Entry = tuple[tuple[weakref.ref, ...], tuple[tuple[int, int], ...], "nn.Module | None"]
+_folded: OrderedDict[tuple[type, tuple[int, ...]], _Entry] = OrderedDict()
 
 
 def enabled() -> bool:
@@ -62,17 +65,22 @@ def folded_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _folded_copy(module: nn.Module, example: torch.Tensor) -> nn.Module:
-    key = _weights_state(module)
-    hit = _folded.get(module)
-    if hit is None or hit[0] != key:
-        hit = _folded[module] = key, fold(module, example)
-    return hit[1] or module
+    tensors = (*module.parameters(), *module.buffers())
+    key = (type(module), tuple(id(t) for t in tensors))
+    hit = _folded.get(key)
+    if hit is None or hit[1] != _weights_state(tensors) or any(r() is not t for r, t in zip(hit[0], tensors)):
+        hit = tuple(weakref.ref(t) for t in tensors), _weights_state(tensors), fold(module, example)
+    _folded[key] = hit
+    _folded.move_to_end(key)
+    while len(_folded) > CACHE_SIZE:
+        _folded.popitem(last=False)
+    return hit[2] or module
 
 
-def _weights_state(module: nn.Module) -> tuple[tuple[int, int], ...]:
+def _weights_state(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, int], ...]:
     """Where each weight lives and how often it was changed in place (an optimizer step, a
     load_state_dict, a change of memory format all change one or the other): the copy is made again then."""
-    return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+    return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 def fold(module: nn.Module, example: torch.Tensor) -> nn.Module | None:

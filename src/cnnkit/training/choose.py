@@ -178,7 +178,7 @@ def seconds_per_image(cfg: Config, splits: Any, device: torch.device, precision:
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    pooled = probe.PooledFeatures(model)  # one module for both calls: its folded copy is made once
+    pooled = probe.PooledFeatures(model)  # its BatchNorm folded in the warm-up (cnnkit.fold_batchnorm)
     kwargs = {"device": device, "precision": precision, "channels_last": cfg.channels_last,
               "batch_size": cfg.eval_batch_size, "outputs": pooled}
     pre = make_preprocess(cfg, splits.train.images)

@@ -67,9 +67,9 @@ def folded_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 def _folded_copy(module: nn.Module, example: torch.Tensor) -> nn.Module:
     tensors = (*module.parameters(), *module.buffers())
     key = (type(module), tuple(id(t) for t in tensors))
-    hit = _folded.get(key)
-    if hit is None or hit[1] != _weights_state(tensors) or any(r() is not t for r, t in zip(hit[0], tensors)):
-        hit = tuple(weakref.ref(t) for t in tensors), _weights_state(tensors), fold(module, example)
+    hit, state = _folded.get(key), _weights_state(tensors)
+    if hit is None or hit[1] != state or any(r() is not t for r, t in zip(hit[0], tensors)):
+        hit = tuple(weakref.ref(t) for t in tensors), state, fold(module, example)
     _folded[key] = hit
     _folded.move_to_end(key)
     while len(_folded) > CACHE_SIZE:

@@ -174,10 +174,7 @@ def guess_seconds(first: dict[str, Any], cfg: Config, splits: Any, images: int, 
 def seconds_per_image(cfg: Config, splits: Any, device: torch.device, precision: str) -> float:
     """The candidate's features' seconds per image, timed on TIMING_IMAGES training images after a few to
     warm up (memory, kernels, the BatchNorm fold), in batches no larger than the run's."""
-    model, _ = imagenet_model(cfg)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model, _ = _backbone(cfg, device)
     pooled = probe.PooledFeatures(model)  # its BatchNorm folded in the warm-up (cnnkit.fold_batchnorm)
     kwargs = {"device": device, "precision": precision, "channels_last": cfg.channels_last,
               "batch_size": cfg.eval_batch_size, "outputs": pooled}
@@ -264,10 +261,7 @@ def candidate_features(cfg: Config, splits: Any, device: torch.device, precision
     the same forward passes. The features alone are the wide rows' last columns (models.block_pooled);
     they are cached as the backbone's own, so a run that chooses them reads them from there."""
     wide = replace(cfg, model_args={**cfg.model_args, POOLED_BLOCKS: cfg.probe_blocks}) if cfg.probe_blocks else cfg
-    model, source = imagenet_model(wide)  # as the run's own build makes it, model_args included
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model, source = _backbone(wide, device)  # as the run's own build makes it, model_args included
     pre = make_preprocess(cfg, splits.train.images)
     splits_ = (("train", splits.train), ("validation", splits.val))
     parts = [probe.probe_rows(model, pre, split.images, wide, device, source, what, precision) for what, split in splits_]
@@ -282,6 +276,15 @@ def candidate_features(cfg: Config, splits: Any, device: torch.device, precision
     for (_, split), (p, f) in zip(splits_, alone):
         probe.store_rows(pre, split.images, cfg, device, source, precision, p, f)
     return {0: _joined(alone), cfg.probe_blocks: _joined(parts)}  # type: ignore[arg-type]
+
+
+def _backbone(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The candidate with its ImageNet weights on the device, in the run's memory format, and where the weights came from."""
+    model, source = imagenet_model(cfg)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, source
 
 
 def _joined(parts: list[probe.Rows]) -> probe.Rows:

@@ -5,10 +5,10 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps, JpegImagePlugin
 
-from cnnkit.data import folder, load_dataset, make_splits
-from cnnkit.data.images import decode_image
+from cnnkit.data import folder, images, load_dataset, make_splits
+from cnnkit.data.images import decode_image, decode_images
 from cnnkit.errors import DataError, ImageDecodeError
 
 FORMATS = [("png", "L"), ("jpg", "RGB"), ("bmp", "RGB"), ("webp", "RGB"), ("gif", "P"), ("png", "RGBA"), ("png", "I;16")]
@@ -132,6 +132,57 @@ def test_decode_limits_and_errors(tmp_path):
     rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     rgba.save(tmp_path / "clear.png")
     assert (decode_image(tmp_path / "clear.png", None, 3) == 255).all()  # transparent -> white
+
+
+def phone_photo(picture: np.ndarray) -> Image.Image:
+    """A real picture as large as a camera's (1600x1200 here), its top-left corner painted red."""
+    shown = Image.fromarray(picture).convert("RGB").resize((1600, 1200), Image.Resampling.BICUBIC)
+    shown.paste((255, 0, 0), (0, 0, 400, 300))
+    return shown
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_upright_and_as_sharp(tmp_path, fmnist_images, monkeypatch):
+    """A camera's JPEG, stored on its side with an EXIF orientation, and one in CMYK: each decoded at
+    1/8 of its size (still more than twice the 64 px asked for), turned upright, and within rounding
+    of the whole image resampled."""
+    shown = phone_photo(fmnist_images[0][0])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored a quarter turn anticlockwise: shown turned a quarter clockwise
+    shown.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "side.jpg", quality=92, exif=exif)
+    shown.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=92)
+    shown.save(tmp_path / "plain.jpg", quality=92)
+    drafted = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        out = draft(self, mode, size)
+        drafted.append(self.size)
+        return out
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    side, cmyk = decode_image(tmp_path / "side.jpg", 64, 3), decode_image(tmp_path / "cmyk.jpg", 64, 3)
+    assert drafted == [(150, 200), (200, 150)]
+    whole = ImageOps.fit(Image.open(tmp_path / "plain.jpg"), (64, 64), Image.Resampling.BICUBIC)
+    whole = np.asarray(whole).transpose(2, 0, 1).astype(int)
+    for got in (side, cmyk):
+        assert np.abs(got.astype(int) - whole).mean() < 1.5
+        assert (got[0, :12, :4] > 200).all() and (got[1:, :12, :4] < 60).all()  # red where it was: upright
+    assert decode_image(tmp_path / "plain.jpg", 1000, 3).shape == (3, 1000, 1000)  # no scale left to drop
+
+
+def test_many_images_decode_in_order_on_threads_with_their_errors(tmp_path, fmnist_images):
+    x, _ = fmnist_images
+    for i in range(6):
+        Image.fromarray(x[i]).save(tmp_path / f"{i}.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not a JPEG")
+    sources = [tmp_path / f"{i}.png" for i in range(3)] + [tmp_path / "bad.jpg", b""] + \
+              [(tmp_path / f"{i}.png").read_bytes() for i in range(3, 6)]
+    got = list(decode_images(sources, 20, 1, names=[f"image {i}" for i in range(len(sources))], workers=2))
+    assert [type(g) for g in got] == [np.ndarray] * 3 + [ImageDecodeError] * 2 + [np.ndarray] * 3
+    assert str(got[3]).startswith("image 3: not an image") and got[4].kind == "empty"
+    for j in (0, 1, 2, 5, 6, 7):
+        assert (got[j] == decode_image(sources[j], 20, 1)).all()
+    assert images.usable_cores() >= 1
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cnnkit.data.images import decode_image
+from cnnkit.data.images import decode_images
 from cnnkit.errors import ImageDecodeError, RunError
 
 
@@ -73,22 +73,18 @@ def load_engine(run: Path, engine: str = "auto", *, checkpoint: str = "best", de
     return TorchEngine(run, checkpoint, device, threads)
 
 
-def decode_for(engine: Engine, source: bytes | str | Path, **limits: Any) -> np.ndarray:
-    """An image file (or its bytes) decoded to what `engine`'s model takes, within `limits`."""
-    return decode_image(source, engine.preprocess["data_size"], engine.preprocess["data_channels"], **limits)
-
-
 def predict_files(engine: Engine, paths: list[Path], top_k: int = 5) -> list[dict[str, Any]]:
     """One result per file: {"path", "top": [{"class", "probability"}, ...]} or {"path", "error"}."""
     results: list[dict[str, Any]] = []
     good, arrays = [], []
-    for path in paths:
-        try:
-            arrays.append(decode_for(engine, path))
+    pre = engine.preprocess
+    for path, decoded in zip(paths, decode_images(paths, pre["data_size"], pre["data_channels"])):
+        if isinstance(decoded, ImageDecodeError):
+            results.append({"path": str(path), "error": decoded.reason})
+        else:
+            arrays.append(decoded)
             good.append(len(results))
             results.append({"path": str(path)})
-        except ImageDecodeError as e:
-            results.append({"path": str(path), "error": e.reason})
     if arrays:
         for i, top in zip(good, engine.top_k(np.stack(arrays), top_k)):
             results[i]["top"] = [{"class": c, "probability": p} for c, p in top]

@@ -13,7 +13,7 @@ import numpy as np
 
 from cnnkit.data.cache import cache_key, cached_arrays
 from cnnkit.data.dataset import Dataset, Split
-from cnnkit.data.images import decode_image, is_image_file
+from cnnkit.data.images import decode_images, is_image_file
 from cnnkit.errors import DataError, ImageDecodeError
 from cnnkit.fileio import file_digest
 from cnnkit.progress import track
@@ -52,7 +52,8 @@ def load(
         raise DataError(f"{root}: no such file or directory")
     if not (root.is_dir() or is_archive(root)):
         raise DataError(f"{root}: expected a directory of class folders or a .tar.gz/.tgz/.tar of one")
-    key = cache_key(source=_source_fingerprint(root), size=size, channels=channels, skip_bad=skip_bad, v=1)
+    key = cache_key(source=_source_fingerprint(root), size=size, channels=channels, skip_bad=skip_bad,
+                    v=2)  # v2: large JPEGs decoded at a reduced scale (data.images.REDUCING_GAP)
     arrays, meta = cached_arrays(f"{name}-{size}px-{channels}ch", key, lambda: _decode_tree(root, size, channels, skip_bad), cache_dir)
     classes = meta["classes"].split("\n")
     splits = {s: Split(arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in ("train", "val", "test") if f"{s}_images" in arrays}
@@ -85,13 +86,15 @@ def _decode_tree(root: Path, size: int, channels: int, skip_bad: bool) -> tuple[
     arrays: dict[str, np.ndarray] = {}
     bad: list[ImageDecodeError] = []
     for split, items in layout.splits.items():
+        names = [f"{root}/{rel}" if root.is_file() else str(root / rel) for rel, _ in items]
+        decoded = decode_images([read(rel) for rel, _ in items], size, channels, names=names)
         images, labels = [], []
-        for rel, label in track(items, description=f"decoding {split} images"):
-            try:
-                images.append(decode_image(read(rel), size, channels, name=f"{root}/{rel}" if root.is_file() else str(root / rel)))
+        for (_, label), result in zip(items, track(decoded, description=f"decoding {split} images", total=len(items))):
+            if isinstance(result, ImageDecodeError):
+                bad.append(result)
+            else:
+                images.append(result)
                 labels.append(label)
-            except ImageDecodeError as e:
-                bad.append(e)
         arrays[f"{split}_images"] = np.stack(images) if images else np.zeros((0, channels, size, size), np.uint8)
         arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)
     notes = list(layout.notes)

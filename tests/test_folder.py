@@ -185,6 +185,32 @@ def test_many_images_decode_in_order_on_threads_with_their_errors(tmp_path, fmni
     assert images.usable_cores() >= 1
 
 
+def test_heic_photos_are_read_with_pillow_heif_or_refused_saying_how(tmp_path, fmnist_images, monkeypatch):
+    """An iPhone's HEIC photos in a folder: read like JPEGs where pillow-heif is installed; without it,
+    each is listed as a HEIC photo with the command that installs it (not "not an image")."""
+    pytest.importorskip("pillow_heif").register_heif_opener()  # to write HEIC files here
+    x, y = fmnist_images
+    root = tmp_path / "iphone"
+    for name, label in (("bag", 8), ("sandal", 5)):
+        (root / name).mkdir(parents=True)
+        for i in np.flatnonzero(y == label)[:3]:
+            shown = phone_photo(x[i]).resize((400, 300))
+            shown.save(root / name / f"IMG_{i}.HEIC", format="HEIF", quality=90)
+            shown.save(root / name / f"IMG_{i}.png")
+    heic = sorted(root.rglob("*.HEIC"))
+    for path in heic:
+        got, png = decode_image(path, 32, 3).astype(int), decode_image(path.with_suffix(".png"), 32, 3).astype(int)
+        assert np.abs(got - png).mean() < 6  # lossy, but the same picture
+        assert (got[0, :6, :2] > 200).all() and (got[1:, :6, :2] < 60).all()  # upright: the red corner top left
+    ds = load_dataset("folder", root, image_size=32)
+    assert np.bincount(ds.splits["train"].labels).tolist() == [6, 6]  # the HEIC and PNG files both
+    monkeypatch.setattr(images, "heif_support", lambda: False)
+    with pytest.raises(ImageDecodeError, match=r"HEIC/HEIF photo .* pip install 'cnnkit\[heif\]'"):
+        decode_image(heic[0], 32, 3)
+    with pytest.raises(DataError, match=r"6 image file\(s\) could not be decoded:\n.*IMG_.*HEIC: a HEIC/HEIF photo"):
+        load_dataset("folder", root, image_size=24)
+
+
 @pytest.mark.slow
 def test_evaluate_a_run_on_a_new_folder_of_photos(tmp_path, fmnist_images, capsys):
     """`cnnkit evaluate RUN --data-dir FOLDER`: the run's own test folder gives the run's own

@@ -6,6 +6,7 @@ image is turned into model input the same way everywhere.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -19,8 +20,11 @@ from PIL import Image, ImageOps
 
 from cnnkit.errors import ImageDecodeError
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".heic", ".heif"}
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF")
+# HEIC, an iPhone's photo format, is read by pillow-heif (`pip install 'cnnkit[heif]'`), an extra: its wheels
+# bundle libheif and the x265 encoder (LGPL and GPL), which a library should not impose on every user.
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
 MAX_FILE_BYTES = 50 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # width * height; stops decompression bombs before pixels are decoded
 # A JPEG much larger than the size asked for is decoded at 1/2, 1/4 or 1/8 of its size (the JPEG decoder's own
@@ -90,7 +94,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            img = Image.open(io.BytesIO(data), formats=_formats(data, label))
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageDecodeError(label, f"image is {w}x{h} pixels, more than the limit of {max_pixels}", "too_large")
@@ -116,6 +120,33 @@ def decode_image(
     else:
         arr = arr.transpose(2, 0, 1)
     return np.require(arr, requirements=["C", "W"])  # contiguous and writable (torch wants both)
+
+
+def is_heif(data: bytes) -> bool:
+    """Whether the bytes are a HEIF file (HEIC photos): an ISO media file whose brand is one of HEIF's."""
+    return data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS
+
+
+@functools.cache
+def heif_support() -> bool:
+    """Whether HEIC/HEIF photos can be read: pillow-heif is installed (then registered with Pillow, once)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _formats(data: bytes, label: str) -> tuple[str, ...]:
+    """The formats Pillow may open these bytes as: HEIF too for a HEIF file, which without pillow-heif is
+    refused saying how to read it (Pillow alone would call it not an image)."""
+    if not is_heif(data):
+        return ALLOWED_FORMATS
+    if not heif_support():
+        raise ImageDecodeError(label, "a HEIC/HEIF photo (an iPhone's format), which needs pillow-heif: pip install "
+                                      "'cnnkit[heif]', or export the photos as JPEG")
+    return (*ALLOWED_FORMATS, "HEIF")
 
 
 def decode_images(sources: Sequence[bytes | str | os.PathLike], size: int | None, channels: int, *,

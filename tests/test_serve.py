@@ -18,6 +18,7 @@ from PIL import Image
 
 from cnnkit.cli import main
 from cnnkit.config import apply_overrides, load_recipe
+from cnnkit.data.images import decode_image
 from cnnkit.training import train
 
 pytestmark = pytest.mark.slow
@@ -110,6 +111,22 @@ def test_predict_real_images(client, images, kind):
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
     if kind != "tiny":
         assert body["top"][0]["class"] == "Trouser"
+
+
+def test_images_are_decoded_on_the_pool_not_the_event_loop(client, images, monkeypatch):
+    """A phone's photo takes up to 400 ms to decode (HEIC): on the event loop it would hold up every request."""
+    from cnnkit import serve
+
+    threads = []
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return decode_image(*args, **kwargs)
+
+    monkeypatch.setattr(serve, "decode_image", spy)
+    assert client.post("/predict", files={"file": ("x.jpg", images["jpeg"])}).status_code == 200
+    assert client.post("/predict/batch", files=[("files", ("a.png", images["png"]))]).status_code == 200
+    assert len(threads) == 2 and all(t.startswith("cnnkit-infer") for t in threads), threads
 
 
 def test_batch_reports_each_file(client, images):

@@ -83,7 +83,7 @@ def create_app(run_dir: Path, *, engine: str = "auto", max_upload_bytes: int = M
             raise _HttpError(413, f"{upload.filename}: file over {max_upload_bytes} bytes")
         if not data:
             raise _HttpError(400, f"{upload.filename or 'upload'}: empty file")
-        try:  # on the pool, not the event loop: a phone's photo takes 10-400 ms to decode (HEIC the most)
+        try:  # on the pool, not the event loop: a phone's photo takes 20-400 ms to decode (HEIC the most)
             return await asyncio.get_running_loop().run_in_executor(pool, model_decode, data, upload.filename)
         except ImageDecodeError as e:
             status = {"too_large": 413, "empty": 400}.get(e.kind, 415)

@@ -110,6 +110,29 @@ def test_archive_and_cache(tree, tmp_path, monkeypatch):
     load_dataset("folder", tmp_path / "photos.tar.gz", image_size=24)
 
 
+def test_zip_of_a_folder_as_a_photo_service_exports_it(tree, tmp_path):
+    """A .zip (with a Mac's __MACOSX/ and ._ files beside the photos) loads as the folder does; a
+    truncated one is a clear error."""
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(tree.rglob("*")):
+            if path.is_file():
+                z.write(path, "photos/" + path.relative_to(tree).as_posix())
+        z.writestr("__MACOSX/photos/train/bag/._img0.png", b"resource fork")
+        z.writestr("photos/train/bag/._img1.jpg", b"resource fork")
+    ds = load_dataset("folder", tmp_path / "photos.zip", image_size=24)
+    direct = load_dataset("folder", tree, image_size=24)
+    assert ds.classes == direct.classes
+    for split in ("train", "val"):
+        assert (ds.splits[split].images == direct.splits[split].images).all()
+        assert (ds.splits[split].labels == direct.splits[split].labels).all()
+    data = (tmp_path / "photos.zip").read_bytes()
+    (tmp_path / "cut.zip").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="cut.zip: cannot read the archive"):
+        load_dataset("folder", tmp_path / "cut.zip", image_size=24)
+
+
 def test_corrupt_cache_is_rebuilt(tree, isolated_home):
     load_dataset("folder", tree, image_size=24)
     (cache,) = (isolated_home / "cache").glob("*.safetensors")

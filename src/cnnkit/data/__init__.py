@@ -47,7 +47,7 @@ def load_dataset(
     if name == "cifar10":
         return cifar10.load(path, allow_download=allow_download, skip_bad=skip_bad_images)
     if path is None:
-        raise ConfigError("--dataset folder needs --data-dir: a folder of class folders (or a .tar.gz of one)")
+        raise ConfigError("--dataset folder needs --data-dir: a folder of class folders (or a .zip or .tar.gz of one)")
     return folder.load(path, size=image_size or 64, channels=channels or 3, skip_bad=skip_bad_images)
 
 

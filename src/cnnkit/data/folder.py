@@ -1,10 +1,11 @@
-"""Image-folder datasets: class folders, optionally under train/ val/ test/, as a directory or a .tar(.gz)."""
+"""Image-folder datasets: class folders, optionally under train/ val/ test/, as a directory, a .zip or a .tar(.gz)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import tarfile
+import zipfile
 import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
@@ -13,7 +14,7 @@ import numpy as np
 
 from cnnkit.data.cache import cache_key, cached_arrays
 from cnnkit.data.dataset import Dataset, Split
-from cnnkit.data.images import decode_images, is_image_file
+from cnnkit.data.images import MAX_FILE_BYTES, decode_images, is_image_file
 from cnnkit.errors import DataError, ImageDecodeError
 from cnnkit.fileio import file_digest
 from cnnkit.progress import track
@@ -25,7 +26,7 @@ SPLIT_ALIASES = {
     "val": "val", "valid": "val", "validation": "val",
     "test": "test", "testing": "test",
 }
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 SKIPPED_NAMES = {"__MACOSX"}
 
 
@@ -51,7 +52,7 @@ def load(
     if not root.exists():
         raise DataError(f"{root}: no such file or directory")
     if not (root.is_dir() or is_archive(root)):
-        raise DataError(f"{root}: expected a directory of class folders or a .tar.gz/.tgz/.tar of one")
+        raise DataError(f"{root}: expected a directory of class folders or a .zip/.tar.gz/.tgz/.tar of one")
     key = cache_key(source=_source_fingerprint(root), size=size, channels=channels, skip_bad=skip_bad,
                     v=2)  # v2: large JPEGs decoded at a reduced scale (data.images.REDUCING_GAP)
     arrays, meta = cached_arrays(f"{name}-{size}px-{channels}ch", key, lambda: _decode_tree(root, size, channels, skip_bad), cache_dir)
@@ -111,18 +112,39 @@ def _decode_tree(root: Path, size: int, channels: int, skip_bad: bool) -> tuple[
 
 
 def _read_archive(path: Path) -> tuple[dict[str, bytes], list[str]]:
-    """Image bytes by member name (other files with empty bytes, so empty class folders are caught)."""
-    files: dict[str, bytes] = {}
+    """Image bytes by member name (other files with empty bytes, so empty class folders are caught),
+    and the directories' names. Each image is read up to MAX_FILE_BYTES and one byte more, which
+    decode_image then refuses as too large: a member that claims less and inflates to more stops there."""
     try:
+        if path.name.lower().endswith(".zip"):
+            return _read_zip(path)
+        files: dict[str, bytes] = {}
         with tarfile.open(path, "r:*") as tar:
             members = tar.getmembers()
             dirs = [m.name for m in members if m.isdir()]
             for m in track(members, description="reading archive"):
                 if m.isfile():
                     wanted = _visible(m.name) and is_image_file(m.name)
-                    files[m.name] = tar.extractfile(m).read() if wanted else b""  # type: ignore[union-attr]
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                    files[m.name] = tar.extractfile(m).read(MAX_FILE_BYTES + 1) if wanted else b""  # type: ignore[union-attr]
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
         raise DataError(f"{path}: cannot read the archive ({e}); it may be truncated or corrupt, provide it again") from None
+    return files, dirs
+
+
+def _read_zip(path: Path) -> tuple[dict[str, bytes], list[str]]:
+    """`_read_archive` for a .zip (what a photo service's or a course's download usually is)."""
+    files: dict[str, bytes] = {}
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        dirs = [i.filename.rstrip("/") for i in infos if i.is_dir()]
+        for info in track(infos, description="reading archive"):
+            if not info.is_dir():
+                wanted = _visible(info.filename) and is_image_file(info.filename)
+                if wanted:
+                    with archive.open(info) as member:
+                        files[info.filename] = member.read(MAX_FILE_BYTES + 1)
+                else:
+                    files[info.filename] = b""
     return files, dirs
 
 

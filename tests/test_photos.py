@@ -270,3 +270,15 @@ def test_a_budget_admits_the_pair_side_by_side_only_where_its_test_and_report_fi
         _, record = choose_backbone(cfg)
     assert pair not in [c["model"] for c in record.selection["candidates"]]
     assert "side by side: left out" in caplog.text and "7200 s" in caplog.text
+
+
+def test_a_probe_says_it_does_not_apply_class_balance(caplog):
+    """--class-balance weighs a trained model's loss or batches; a probe's L-BFGS head weighs every row
+    alike, so a run that asks for it is told, not left to think its head was balanced."""
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3)
+    for balance, warned in (("weights", True), ("sampler", True), ("none", False)):
+        caplog.clear()
+        probe.check(SimpleNamespace(class_balance=balance, pretrained=True, model="tf_efficientnet_lite0"), model)
+        assert ("is not applied to a linear probe's head" in caplog.text) == warned, balance

@@ -293,6 +293,9 @@ def powered(rows: Rows, power: SignedPower | None) -> Rows:
 
 
 def check(cfg: Any, model: nn.Module) -> None:
+    if cfg.class_balance != "none":  # the head's fit weighs every row alike, in the folds and at the end
+        log.warning("--class-balance %s is not applied to a linear probe's head: it is fitted, and its backbone "
+                    "chosen, for accuracy over all images; per-class recall is in the report", cfg.class_balance)
     if not cfg.pretrained:
         raise ConfigError("--strategy linear-probe needs --pretrained true (a frozen random backbone learns nothing)")
     head = head_parts(model)[1] if hasattr(model, "forward_head") else None

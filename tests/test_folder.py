@@ -2,6 +2,7 @@
 
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +134,34 @@ def test_zip_of_a_folder_as_a_photo_service_exports_it(tree, tmp_path):
         load_dataset("folder", tmp_path / "cut.zip", image_size=24)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="counts Linux's memory maps")
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_archive_members_are_read_at_their_own_size(tmp_path, kind):
+    """Each member read sets aside its own size, not the 50 MB limit: reads of the limit, each shrunk to
+    its file, left CIFAR-10's 60,000 PNGs in as many memory maps, and then no thread could start."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    Image.new("L", (4, 4)).save(buf, format="PNG")
+    png, path = buf.getvalue(), tmp_path / f"many.{kind}"
+    if kind == "tar":
+        with tarfile.open(path, "w") as tar:
+            for i in range(3000):
+                info = tarfile.TarInfo(f"c{i % 2}/{i}.png")
+                info.size = len(png)
+                tar.addfile(info, io.BytesIO(png))
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            for i in range(3000):
+                z.writestr(f"c{i % 2}/{i}.png", png)
+    maps = lambda: len(Path("/proc/self/maps").read_text().splitlines())  # noqa: E731
+    before = maps()
+    files, _ = folder._read_archive(path)
+    assert len(files) == 3000 and set(files.values()) == {png}
+    assert maps() - before < 1000
+
+
 def test_corrupt_cache_is_rebuilt(tree, isolated_home):
     load_dataset("folder", tree, image_size=24)
     (cache,) = (isolated_home / "cache").glob("*.safetensors")
@@ -193,7 +222,9 @@ def test_large_jpegs_decode_at_a_reduced_scale_upright_and_as_sharp(tmp_path, fm
     assert decode_image(tmp_path / "plain.jpg", 1000, 3).shape == (3, 1000, 1000)  # no scale left to drop
 
 
-def test_many_images_decode_in_order_on_threads_with_their_errors(tmp_path, fmnist_images):
+@pytest.mark.parametrize("chunk_bytes", [1, 1000, images.CHUNK_BYTES])  # a file a run, a few, all in one
+def test_many_images_decode_in_order_on_threads_with_their_errors(tmp_path, fmnist_images, monkeypatch, chunk_bytes):
+    monkeypatch.setattr(images, "CHUNK_BYTES", chunk_bytes)
     x, _ = fmnist_images
     for i in range(6):
         Image.fromarray(x[i]).save(tmp_path / f"{i}.png")

@@ -325,3 +325,51 @@ def test_evaluate_a_run_on_a_new_folder_of_photos(tmp_path, fmnist_images, capsy
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert any("holds the images this run trained on" in n for n in notes), notes
     assert again["notes"] == []  # its test folder: no such note
+
+
+def test_copies_across_splits_and_classes_are_counted():
+    from cnnkit.data import Split, Splits
+    from cnnkit.data.copies import copies_warnings
+
+    rng = np.random.default_rng(0)
+    pictures = rng.integers(0, 256, (12, 3, 8, 8), dtype=np.uint8)  # all different
+
+    def split(indices, labels):
+        return Split(pictures[indices], np.asarray(labels))
+
+    clean = Splits(split([0, 1, 2, 3], [0, 0, 1, 1]), split([4, 5], [0, 1]), split([6, 7], [0, 1]), [])
+    assert copies_warnings(clean, ["a", "b"]) == []
+    # test 0 and 1 copy training 0 and validation 4; validation 5 copies training 3; picture 2 is under both classes
+    copied = Splits(split([0, 1, 2, 2, 3], [0, 0, 1, 0, 1]), split([4, 3], [0, 1]), split([0, 4, 7], [0, 0, 1]), [])
+    warnings = copies_warnings(copied, ["a", "b"])
+    assert len(warnings) == 3
+    assert warnings[0].startswith("2 of the 3 test images are copies of training or validation images")
+    assert warnings[1].startswith("1 of the 2 validation images is a copy of training images")
+    assert warnings[2].startswith("1 picture appears under more than one class (a and b)")
+
+
+@pytest.mark.slow
+def test_a_run_warns_of_a_test_photo_it_learnt_from(tmp_path, fmnist_images):
+    """The same photo in train/ and test/, and one under two classes: the log, summary.json and the
+    report's page say so."""
+    import json
+
+    from cnnkit.cli import main
+
+    x, y = fmnist_images
+    root = tmp_path / "photos"
+    for split, start, count in (("train", 0, 12), ("test", 12, 4)):
+        for name, label in (("bag", 8), ("sandal", 5)):
+            (root / split / name).mkdir(parents=True)
+            for i in np.flatnonzero(y == label)[start:start + count]:
+                Image.fromarray(x[i]).save(root / split / name / f"{i}.png")
+    bag = sorted((root / "train" / "bag").iterdir())
+    shutil.copy(bag[0], root / "test" / "bag" / "copy.png")
+    shutil.copy(bag[1], root / "train" / "sandal" / "also-a-sandal.png")
+    assert main(["--quiet", "train", "--dataset", "folder", "--data-dir", str(root), "--image-size", "28",
+                 "--channels", "1", "--recipe", "fmnist-baseline", "--epochs", "1", "--output", str(tmp_path),
+                 "--name", "r"]) == 0
+    warnings = json.loads((tmp_path / "r" / "summary.json").read_text())["warnings"]
+    assert any(w.startswith("1 of the 9 test images is a copy of training") for w in warnings), warnings
+    assert any(w.startswith("1 picture appears under more than one class (bag and sandal)") for w in warnings)
+    assert "is a copy of training or validation images" in (tmp_path / "r" / "report.html").read_text()

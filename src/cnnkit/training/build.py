@@ -9,7 +9,7 @@ called in order by `build`, so that a change to, say, how the loss is weighted h
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from cnnkit.augment import build_augment
 from cnnkit.checkpoint import Checkpoint
 from cnnkit.config import Config
 from cnnkit.data import Dataset, Splits, canonical_name, imbalance_ratio
+from cnnkit.data.copies import copies_warnings
 from cnnkit.data.loader import BatchLoader
 from cnnkit.distributed import DistInfo
 from cnnkit.errors import ConfigError
@@ -63,6 +64,7 @@ class Setup:
     run_dir: Path
     meta: dict[str, Any]  # what every checkpoint says of the run (model, classes, preprocessing, config)
     record: RunRecord
+    data_warnings: list[str] = field(default_factory=list)  # copies of a picture across splits or classes
 
 
 def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = None,
@@ -86,6 +88,9 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
     imagenet, weights_source = imagenet_model(cfg) if cfg.pretrained and checkpoint is None else (None, "none")
     ds, splits = data or run_splits(cfg.to_dict())
     _log_data(ds, splits)
+    data_warnings = copies_warnings(splits, ds.classes) if data is None and dist.is_main else []  # not a fold's
+    for warning in data_warnings:
+        log.warning("%s", warning)
     if dist.enabled:
         log.info("distributed: %d processes (%s), global batch %d = %d per process", dist.world,
                  "NCCL" if device.type == "cuda" else "Gloo", cfg.batch_size, cfg.batch_size // dist.world)
@@ -123,7 +128,7 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
     return Setup(cfg, dist, device, precision, InferenceSettings.for_run(cfg.to_dict(), device), ds, splits,
                  preprocess, model, net, optimizer, loader, step,
                  torch.amp.GradScaler("cuda") if precision == "fp16" else None, unfreezer, weights_source,
-                 run_dir, meta, record)
+                 run_dir, meta, record, data_warnings)
 
 
 def _make_model(cfg: Config, imagenet: nn.Module | None, k: int, preprocess: Preprocess, train_images: np.ndarray,

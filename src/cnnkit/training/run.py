@@ -267,8 +267,8 @@ def _summary(setup: Setup, loop: Loop, test: dict[str, Any], started_at: float) 
         "parameters": count_parameters(setup.model), "epochs_run": state.epoch, "best_epoch": best.best_epoch,
         "best_val_accuracy": best.best_val_accuracy, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "test_accuracy_ci95": [round(v, 4) for v in accuracy_interval(test["accuracy"], len(splits.test))],
-        "warnings": small_split_warnings(0 if setup.record.selection else len(splits.val), len(splits.test),
-                                         test["accuracy"]),
+        "warnings": [*setup.data_warnings, *small_split_warnings(0 if setup.record.selection else len(splits.val),
+                                                                  len(splits.test), test["accuracy"])],
         "train_samples": len(splits.train), "val_samples": len(splits.val), "test_samples": len(splits.test),
         "train_time_s": round(state.train_time_s, 2), "skipped_steps": state.skipped_steps,
         "wall_time_s": round(time.perf_counter() - started_at, 2),  # this invocation, data loading included

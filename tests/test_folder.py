@@ -346,6 +346,8 @@ def test_copies_across_splits_and_classes_are_counted():
     assert warnings[0].startswith("2 of the 3 test images are copies of training or validation images")
     assert warnings[1].startswith("1 of the 2 validation images is a copy of training images")
     assert warnings[2].startswith("1 picture appears under more than one class (a and b)")
+    # cross-validated, the validation images train too: their copies of training images are no warning
+    assert [w[:6] for w in copies_warnings(copied, ["a", "b"], validation=False)] == ["2 of t", "1 pict"]
 
 
 @pytest.mark.slow

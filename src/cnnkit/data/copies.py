@@ -21,8 +21,11 @@ from cnnkit.data import Splits
 SPLITS = ("train", "validation", "test")
 
 
-def copies_warnings(splits: Splits, classes: list[str]) -> list[str]:
-    """What a person should know of the copies in these splits (nothing where there are none)."""
+def copies_warnings(splits: Splits, classes: list[str], validation: bool = True) -> list[str]:
+    """What a person should know of the copies in these splits (nothing where there are none). With
+    `validation` false (a run that cross-validates on the training and validation images together, so
+    the validation split chooses nothing of its own) copies between those two are not warned of: nor are
+    copies within one split, which a photo set may hold by chance (flowers12 one pair in 720)."""
     groups = [g for g in _by_pixels(splits).values() if len(g) > 1]
     out = []
     test = _copied(groups, "test", ("train", "validation"))
@@ -30,7 +33,7 @@ def copies_warnings(splits: Splits, classes: list[str]) -> list[str]:
         out.append(f"{test} of the {len(splits.test)} test images {_are_copies(test)} of training or validation images "
                    "(the same pixels): the test accuracy overstates what new images would get; keep each picture in one "
                    "split")
-    val = _copied(groups, "validation", ("train",))
+    val = _copied(groups, "validation", ("train",)) if validation else 0
     if val:
         out.append(f"{val} of the {len(splits.val)} validation images {_are_copies(val)} of training images: "
                    "validation chooses by pictures the model has learnt; keep each picture in one split")

@@ -88,7 +88,9 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
     imagenet, weights_source = imagenet_model(cfg) if cfg.pretrained and checkpoint is None else (None, "none")
     ds, splits = data or run_splits(cfg.to_dict())
     _log_data(ds, splits)
-    data_warnings = copies_warnings(splits, ds.classes) if data is None and dist.is_main else []  # not a fold's
+    cross_validated = bool(record and record.selection)  # its validation images train too (training/choose.py)
+    data_warnings = (copies_warnings(splits, ds.classes, validation=not cross_validated)
+                     if data is None and dist.is_main else [])  # not a fold's
     for warning in data_warnings:
         log.warning("%s", warning)
     if dist.enabled:

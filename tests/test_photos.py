@@ -282,3 +282,16 @@ def test_a_probe_says_it_does_not_apply_class_balance(caplog):
         caplog.clear()
         probe.check(SimpleNamespace(class_balance=balance, pretrained=True, model="tf_efficientnet_lite0"), model)
         assert ("is not applied to a linear probe's head" in caplog.text) == warned, balance
+
+
+def test_imbalanced_classes_get_advice_the_strategy_can_use(caplog):
+    from cnnkit.data import Dataset, Split, Splits
+    from cnnkit.training import build
+
+    images, labels = np.zeros((44, 3, 4, 4), np.uint8), np.array([0] * 40 + [1] * 4)
+    splits = Splits(Split(images, labels), Split(images[:2], labels[:2]), Split(images[:2], labels[:2]), [])
+    ds = Dataset("folder", ["many", "few"], {"train": splits.train}, source="a test")
+    for strategy, advice in (("finetune", "Consider --class-balance"), ("linear-probe", "each class's recall")):
+        caplog.clear()
+        build._log_data(ds, splits, strategy)
+        assert "classes are imbalanced: the largest has 10.0x" in caplog.text and advice in caplog.text, strategy

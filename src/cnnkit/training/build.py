@@ -87,7 +87,7 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
     precision = training_precision(cfg.precision, device)
     imagenet, weights_source = imagenet_model(cfg) if cfg.pretrained and checkpoint is None else (None, "none")
     ds, splits = data or run_splits(cfg.to_dict())
-    _log_data(ds, splits)
+    _log_data(ds, splits, cfg.strategy)
     cross_validated = bool(record and record.selection)  # its validation images train too (training/choose.py)
     data_warnings = (copies_warnings(splits, ds.classes, validation=not cross_validated)
                      if data is None and dist.is_main else [])  # not a fold's
@@ -205,7 +205,7 @@ def _wrap(model: nn.Module, cfg: Config, dist: DistInfo, device: torch.device) -
     return torch.compile(net) if cfg.compile else net
 
 
-def _log_data(ds: Dataset, splits: Splits) -> None:
+def _log_data(ds: Dataset, splits: Splits, strategy: str) -> None:
     log.info("dataset %s from %s", ds.name, ds.source)
     k = len(ds.classes)
     for name, split in (("train", splits.train), ("validation", splits.val), ("test", splits.test)):
@@ -221,8 +221,9 @@ def _log_data(ds: Dataset, splits: Splits) -> None:
         log.info("  %s", note)
     ratio = imbalance_ratio(splits.train, k)
     if ratio > 3:
-        log.warning("classes are imbalanced: the largest has %.1fx the images of the smallest. "
-                    "Consider --class-balance weights or --class-balance sampler.", ratio)
+        log.warning("classes are imbalanced: the largest has %.1fx the images of the smallest. %s", ratio,
+                    "The report gives each class's recall." if strategy == "linear-probe" else  # its head weighs rows alike
+                    "Consider --class-balance weights or --class-balance sampler.")
 
 
 def _new_run_dir(cfg: Config) -> Path:

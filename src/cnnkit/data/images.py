@@ -34,6 +34,7 @@ MAX_PIXELS = 40_000_000  # width * height; stops decompression bombs before pixe
 # (`decode-speed` in benchmarks/RESULTS.md), the pixels within 0.2-0.3 of 255 on average of the whole image's.
 REDUCING_GAP = 2.0  # 0: every image decoded whole
 CHUNK_BYTES = 256 * 1024  # files a decoding thread takes at a time (decode_images): many tiny ones, or one large
+MAX_DECODE_THREADS = 8  # each may hold a whole decoded image (a 40-megapixel PNG: 120 MB), so not one per core of a server
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -153,9 +154,9 @@ def _formats(data: bytes, label: str) -> tuple[str, ...]:
 def decode_images(sources: Sequence[bytes | str | os.PathLike], size: int | None, channels: int, *,
                   names: Sequence[str] | None = None, workers: int | None = None,
                   **limits: int) -> Iterator[np.ndarray | ImageDecodeError]:
-    """`decode_image` of each source, in order, on `workers` threads (default: one per usable core): the
-    decoded array, or the ImageDecodeError that says why that file could not be. Pillow lets go of
-    Python's lock while it decodes and resamples, so threads decode large images side by side
+    """`decode_image` of each source, in order, on `workers` threads (default: one per usable core, at
+    most MAX_DECODE_THREADS): the decoded array, or the ImageDecodeError that says why that file could
+    not be. Pillow lets go of Python's lock while it decodes and resamples, so threads decode large images side by side
     (flowers12's 960 JPEGs: 2.5 s on two threads against 3.2 on one, a 2-core Zen 3). Each thread takes
     a run of files of about CHUNK_BYTES at a time: handing tiny files over one by one cost more than
     decoding them (12,000 of CIFAR-10's 32-px PNGs: 2.75 s on two threads against 2.16 on one; in runs
@@ -171,7 +172,7 @@ def decode_images(sources: Sequence[bytes | str | os.PathLike], size: int | None
         return out
 
     runs = _runs(sources)
-    workers = workers or usable_cores()
+    workers = workers or min(usable_cores(), MAX_DECODE_THREADS)
     with ThreadPoolExecutor(workers) as pool:
         pending = deque(pool.submit(run, files) for files in runs[: 2 * workers])
         for n in range(len(runs)):

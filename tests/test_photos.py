@@ -174,7 +174,7 @@ def test_the_final_head_is_the_one_the_folds_scored_along_the_same_path():
     x = rng.normal(size=(120, 16)) + 1.2 * np.eye(3, 16)[labels]  # overlapping classes: decays matter
     train, held = np.arange(120) % 4 != 0, np.arange(120) % 4 == 0
     decays = (1e-5, 1e-3, 1e-1)
-    folds = probe._fold_accuracies(x[train], labels[train], x[held], labels[held], 0.0, decays)
+    folds = probe._fold_accuracies(x[train], labels[train], x[held], labels[held], probe._Loss(), decays)
     for wd in decays:  # the run's fit at the chosen decay: the path from the largest decay down to it
         head = nn.Linear(16, 3)
         fit = probe.fit_head(head, x[train], labels[train], x[held], labels[held], 0.0,
@@ -272,16 +272,31 @@ def test_a_budget_admits_the_pair_side_by_side_only_where_its_test_and_report_fi
     assert "side by side: left out" in caplog.text and "7200 s" in caplog.text
 
 
-def test_a_probe_says_it_does_not_apply_class_balance(caplog):
-    """--class-balance weighs a trained model's loss or batches; a probe's L-BFGS head weighs every row
-    alike, so a run that asks for it is told, not left to think its head was balanced."""
-    import timm
+def test_class_balance_weighs_a_probe_heads_classes_alike_in_its_folds_and_its_fit():
+    """--class-balance on a probe: overlapping classes of 90 and 10 rows; the head fitted with the
+    classes weighed alike finds more of the small class than the head fitted on the rows as they are,
+    and the folds score with the same weights."""
+    import torch
+    from torch import nn
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=3)
-    for balance, warned in (("weights", True), ("sampler", True), ("none", False)):
-        caplog.clear()
-        probe.check(SimpleNamespace(class_balance=balance, pretrained=True, model="tf_efficientnet_lite0"), model)
-        assert ("is not applied to a linear probe's head" in caplog.text) == warned, balance
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 90 + [1] * 10)
+    x = rng.normal(size=(100, 8)) + 1.0 * np.eye(2, 8)[labels]
+    new = rng.normal(size=(400, 8)) + 1.0 * np.eye(2, 8)[np.repeat([0, 1], 200)]  # balanced new rows
+    weights = probe.head_class_weights("weights", labels, 2)
+    assert weights == pytest.approx([100 / 180, 100 / 20])
+    assert probe.head_class_weights("none", labels, 2) is None
+    assert probe.head_class_weights("sampler", labels, 2) == pytest.approx(weights)  # a full batch: the same
+    found = {}
+    for name, w in (("plain", None), ("balanced", weights)):
+        head = nn.Linear(8, 2)
+        probe.fit_head(head, x, labels, x, labels, 0.0, (1e-3,), quiet=True, keep=1e-3, class_weights=w)
+        with torch.no_grad():
+            found[name] = float((head(torch.from_numpy(new[200:]).float()).argmax(1) == 1).float().mean())
+    assert found["balanced"] > found["plain"] + 0.2, found
+    plain = probe.fold_accuracies(x, None, labels, 5, 0, 0.0, (1e-3,))[1e-3]
+    balanced = probe.fold_accuracies(x, None, labels, 5, 0, 0.0, (1e-3,), weights)[1e-3]
+    assert plain != balanced  # the folds fit with the weights too
 
 
 def test_imbalanced_classes_get_advice_the_strategy_can_use(caplog):
@@ -291,7 +306,7 @@ def test_imbalanced_classes_get_advice_the_strategy_can_use(caplog):
     images, labels = np.zeros((44, 3, 4, 4), np.uint8), np.array([0] * 40 + [1] * 4)
     splits = Splits(Split(images, labels), Split(images[:2], labels[:2]), Split(images[:2], labels[:2]), [])
     ds = Dataset("folder", ["many", "few"], {"train": splits.train}, source="a test")
-    for strategy, advice in (("finetune", "Consider --class-balance"), ("linear-probe", "each class's recall")):
+    for strategy, advice in (("finetune", "or --class-balance sampler"), ("linear-probe", "the probe's head then")):
         caplog.clear()
         build._log_data(ds, splits, strategy)
         assert "classes are imbalanced: the largest has 10.0x" in caplog.text and advice in caplog.text, strategy

@@ -77,7 +77,7 @@ class Config:
     max_train_samples: int | None = opt(None, "stratified subset of train, for quick tries")
     final_fit: bool = opt(False, "a final run after settings were chosen (cnnkit tune --final): the validation images train too, and the last epoch is tested")
     max_eval_samples: int | None = opt(None, "stratified subsets of validation and test")
-    class_balance: str = opt("none", "none | weights (loss weights) | sampler (balanced batches)")
+    class_balance: str = opt("none", "none | weights (loss weights) | sampler (balanced batches); a linear probe's head: either weighs each class alike")
     # -- model
     model: str = opt("seed-cnn", "seed-cnn, or any timm model name")
     model_args: dict[str, Any] = opt({}, "passed to the model's constructor; for a timm model also cnnkit's head_hidden (N units "

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.data.cache import cache_key, cached_arrays
+from cnnkit.data.dataset import balanced_class_weights
 from cnnkit.errors import ConfigError
 from cnnkit.inference import inference_engine, predict_logits
 from cnnkit.models.block_pooled import ARG as POOLED_BLOCKS
@@ -112,7 +113,8 @@ def store_rows(preprocess: Preprocess, images: np.ndarray, cfg: Any, device: tor
 
 def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
              label_smoothing: float = 0.0, weight_decays: tuple[float, ...] = WEIGHT_DECAYS,
-             quiet: bool = False, keep: float | None = None, deadline: float | None = None) -> dict[str, Any]:
+             quiet: bool = False, keep: float | None = None, deadline: float | None = None,
+             class_weights: np.ndarray | None = None) -> dict[str, Any]:
     """Fit `head` in place on backbone features: a linear head by multinomial logistic regression
     (L-BFGS, full batch, along `weight_decays` from the largest down: see `_lbfgs_path`), a
     hidden-layer head (Linear, ReLU, Linear) by Adam for each; both on standardised features. The
@@ -122,13 +124,15 @@ def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: n
     L-BFGS fit costs about 30 s on a 2-core CPU, and the largest decay wins there (a later, smaller
     one would have to win back what the first step down lost). With a `deadline` (time.perf_counter's,
     a time budget's) it also stops, after the PLANNED_FITS fits a budget's plan reckons with, before a
-    decay whose fit, as long as the last one's, would end after it: a path that goes on rising is cut."""
+    decay whose fit, as long as the last one's, would end after it: a path that goes on rising is cut.
+    `class_weights` (--class-balance) weigh each class's rows in the loss; validation still counts images."""
     xs, vx, mean, std = _standardised(train_x, val_x)
     y, vy = torch.from_numpy(train_y).long(), torch.from_numpy(val_y).long()
     linear = isinstance(head, nn.Linear)
     best: dict[str, Any] = {"val_accuracy": -1.0}
-    path = (_lbfgs_path(_fit_copy(head), xs, y, weight_decays, label_smoothing) if linear
-            else _adam_fits(head, xs, y, weight_decays, label_smoothing))
+    loss = _Loss(label_smoothing, class_weights)
+    path = (_lbfgs_path(_fit_copy(head), xs, y, weight_decays, loss) if linear
+            else _adam_fits(head, xs, y, weight_decays, loss))
     started = time.perf_counter()
     for n, (wd, candidate) in enumerate(path, 1):
         fitted_at = time.perf_counter()
@@ -174,8 +178,20 @@ def _accuracy(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((head(x).argmax(1) == y).double().mean())
 
 
+class _Loss:
+    """A head's loss on its rows: cross-entropy with label smoothing and, under --class-balance, each
+    class's rows weighted (`class_weights`, as a trained model's loss weighs them: training/build.py)."""
+
+    def __init__(self, label_smoothing: float = 0.0, class_weights: np.ndarray | None = None):
+        self.label_smoothing = label_smoothing
+        self.weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=FIT_DTYPE)
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, weight=self.weight, label_smoothing=self.label_smoothing)
+
+
 def _lbfgs_path(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, weight_decays: tuple[float, ...],
-                label_smoothing: float) -> Iterator[tuple[float, nn.Linear]]:
+                loss: _Loss) -> Iterator[tuple[float, nn.Linear]]:
     """(decay, head) for each weight decay from the largest down, the first fit from zero and each
     later one from the last one's solution: a regularisation path, as glmnet fits one. The same
     path in cross-validation and in the final fit, so a fold's estimate is of the head the run
@@ -183,15 +199,15 @@ def _lbfgs_path(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, weight_decays
     took 0.6-0.7 of the time of fits from zero, with estimates within one image of 720 (200
     iterations end a weakly regularised fit before it has quite converged: its start shows)."""
     for n, wd in enumerate(sorted(weight_decays, reverse=True)):
-        _fit_lbfgs(head, x, y, wd, label_smoothing, warm=n > 0)
+        _fit_lbfgs(head, x, y, wd, loss, warm=n > 0)
         yield wd, head
 
 
 def _adam_fits(head: nn.Module, x: torch.Tensor, y: torch.Tensor, weight_decays: tuple[float, ...],
-               label_smoothing: float) -> Iterator[tuple[float, nn.Module]]:
+               loss: _Loss) -> Iterator[tuple[float, nn.Module]]:
     for wd in weight_decays:
         candidate = _fit_copy(head)
-        _fit_adam(candidate, x, y, wd, label_smoothing)
+        _fit_adam(candidate, x, y, wd, loss)
         yield wd, candidate
 
 
@@ -199,7 +215,7 @@ def _penalty(head: nn.Module, wd: float) -> torch.Tensor:
     return wd * sum(p.pow(2).sum() for p in head.parameters() if p.ndim > 1) / 2
 
 
-def _fit_lbfgs(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, wd: float, label_smoothing: float,
+def _fit_lbfgs(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, wd: float, loss_fn: _Loss,
                warm: bool = False, max_iter: int = LBFGS_MAX_ITER) -> int:
     """From zero, or with `warm` from the head's present weights (a nearby weight decay's solution).
     Returns how many times the loss was evaluated."""
@@ -213,7 +229,7 @@ def _fit_lbfgs(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, wd: float, lab
         nonlocal evaluations
         evaluations += 1
         opt.zero_grad()
-        loss = F.cross_entropy(head(x), y, label_smoothing=label_smoothing) + _penalty(head, wd)
+        loss = loss_fn(head(x), y) + _penalty(head, wd)
         loss.backward()
         return loss
 
@@ -221,13 +237,13 @@ def _fit_lbfgs(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, wd: float, lab
     return evaluations
 
 
-def _fit_adam(head: nn.Module, x: torch.Tensor, y: torch.Tensor, wd: float, label_smoothing: float,
+def _fit_adam(head: nn.Module, x: torch.Tensor, y: torch.Tensor, wd: float, loss_fn: _Loss,
               epochs: int = ADAM_EPOCHS, batch: int = 1024) -> None:
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     order = torch.Generator().manual_seed(0)
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=order).split(batch):
-            loss = F.cross_entropy(head(x[idx]), y[idx], label_smoothing=label_smoothing) + _penalty(head, wd)
+            loss = loss_fn(head(x[idx]), y[idx]) + _penalty(head, wd)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -263,10 +279,19 @@ def fit_fixed_seconds(head: nn.Module, features: int) -> float:
         return 0.0
     rows = torch.randn(16, features, generator=torch.Generator().manual_seed(0), dtype=FIT_DTYPE)
     model, labels = _fit_copy(head), torch.arange(16) % head.out_features
-    _fit_lbfgs(model, rows, labels, 1e-2, 0.0, max_iter=2)  # the first call in a process sets up for about a second
+    _fit_lbfgs(model, rows, labels, 1e-2, _Loss(), max_iter=2)  # the first call in a process sets up for about a second
     t0 = time.perf_counter()
-    evaluations = _fit_lbfgs(model, rows, labels, 1e-2, 0.0, max_iter=20)
+    evaluations = _fit_lbfgs(model, rows, labels, 1e-2, _Loss(), max_iter=20)
     return PLANNED_FITS * LBFGS_FIT_PASSES * (time.perf_counter() - t0) / max(evaluations, 1)
+
+
+def head_class_weights(balance: str, labels: np.ndarray, num_classes: int) -> np.ndarray | None:
+    """The loss weights of a head's fit under --class-balance `balance`: none, or each class weighing
+    alike (`weights`, and `sampler` too: a full-batch fit sees every row at once, so balanced batches and
+    weighted rows are one and the same for it)."""
+    if balance == "none":
+        return None
+    return balanced_class_weights(labels, num_classes)
 
 
 def head_parts(model: nn.Module) -> tuple[SignedPower | None, nn.Module]:
@@ -293,9 +318,6 @@ def powered(rows: Rows, power: SignedPower | None) -> Rows:
 
 
 def check(cfg: Any, model: nn.Module) -> None:
-    if cfg.class_balance != "none":  # the head's fit weighs every row alike, in the folds and at the end
-        log.warning("--class-balance %s is not applied to a linear probe's head: it is fitted, and its backbone "
-                    "chosen, for accuracy over all images; per-class recall is in the report", cfg.class_balance)
     if not cfg.pretrained:
         raise ConfigError("--strategy linear-probe needs --pretrained true (a frozen random backbone learns nothing)")
     head = head_parts(model)[1] if hasattr(model, "forward_head") else None
@@ -319,18 +341,21 @@ def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 
 def cross_validate(plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray, folds: int, seed: int,
-                   label_smoothing: float, weight_decays: tuple[float, ...]) -> dict[float, tuple[float, float]]:
+                   label_smoothing: float, weight_decays: tuple[float, ...],
+                   class_weights: np.ndarray | None = None) -> dict[float, tuple[float, float]]:
     """k-fold accuracy (mean, sd over folds) of a linear head for each weight decay (`fold_accuracies`)."""
-    scores = fold_accuracies(plain, flipped, labels, folds, seed, label_smoothing, weight_decays)
+    scores = fold_accuracies(plain, flipped, labels, folds, seed, label_smoothing, weight_decays, class_weights)
     return {wd: (float(np.mean(a)), float(np.std(a))) for wd, a in scores.items()}
 
 
 def fold_accuracies(plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray, folds: int, seed: int,
-                    label_smoothing: float, weight_decays: tuple[float, ...]) -> dict[float, list[float]]:
+                    label_smoothing: float, weight_decays: tuple[float, ...],
+                    class_weights: np.ndarray | None = None) -> dict[float, list[float]]:
     """Each fold's held-out accuracy of a linear head (fold 0 first, as `fold_ids` numbers them), for
     each weight decay. With `flipped`, mirrored images are extra training rows and a held-out image
     is judged on the mean of its two views' features: for a linear head, the same as averaging the
-    two views' logits (--tta flip)."""
+    two views' logits (--tta flip). `class_weights` weigh each class's rows in the fits (--class-balance);
+    the held-out images are counted alike, as the test's are."""
     ids = fold_ids(labels, folds, seed)
     scores: dict[float, list[float]] = {wd: [] for wd in weight_decays}
     for k in range(folds):
@@ -338,18 +363,20 @@ def fold_accuracies(plain: np.ndarray, flipped: np.ndarray | None, labels: np.nd
         x, y = (plain[t], labels[t]) if flipped is None else (np.concatenate([plain[t], flipped[t]]),
                                                                np.concatenate([labels[t], labels[t]]))
         held = plain[v] if flipped is None else (plain[v] + flipped[v]) / 2
-        for wd, accuracy in _fold_accuracies(x, y, held, labels[v], label_smoothing, weight_decays).items():
+        for wd, accuracy in _fold_accuracies(x, y, held, labels[v], _Loss(label_smoothing, class_weights),
+                                             weight_decays).items():
             scores[wd].append(accuracy)
     return scores
 
 
-def _fold_accuracies(x: np.ndarray, y: np.ndarray, held: np.ndarray, held_y: np.ndarray, label_smoothing: float,
+def _fold_accuracies(x: np.ndarray, y: np.ndarray, held: np.ndarray, held_y: np.ndarray, loss: _Loss,
                      weight_decays: tuple[float, ...]) -> dict[float, float]:
     """One fold's held-out accuracy of a linear head at each weight decay, along `_lbfgs_path`."""
     xs, vx, _, _ = _standardised(x, held)
     yt, vy = torch.from_numpy(y).long(), torch.from_numpy(held_y).long()
-    head = nn.Linear(x.shape[1], int(max(y.max(), held_y.max())) + 1).to(FIT_DTYPE)
-    return {wd: _accuracy(fitted, vx, vy) for wd, fitted in _lbfgs_path(head, xs, yt, weight_decays, label_smoothing)}
+    classes = int(max(y.max(), held_y.max())) + 1
+    head = nn.Linear(x.shape[1], max(classes, 0 if loss.weight is None else len(loss.weight))).to(FIT_DTYPE)
+    return {wd: _accuracy(fitted, vx, vy) for wd, fitted in _lbfgs_path(head, xs, yt, weight_decays, loss)}
 
 
 def probe_rows(model: nn.Module, preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device,

@@ -31,6 +31,11 @@ class Split:
         return np.bincount(self.labels, minlength=num_classes)
 
 
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """--class-balance weights: each class's images weigh n / (k * its count), so every class weighs alike in a loss."""
+    return len(labels) / (num_classes * np.maximum(np.bincount(labels, minlength=num_classes), 1))
+
+
 @dataclass
 class Dataset:
     name: str

@@ -23,6 +23,7 @@ from cnnkit.checkpoint import Checkpoint
 from cnnkit.config import Config
 from cnnkit.data import Dataset, Splits, canonical_name, imbalance_ratio
 from cnnkit.data.copies import copies_warnings
+from cnnkit.data.dataset import balanced_class_weights
 from cnnkit.data.loader import BatchLoader
 from cnnkit.distributed import DistInfo
 from cnnkit.errors import ConfigError
@@ -192,8 +193,7 @@ def _make_loader(cfg: Config, splits: Splits, k: int, device: torch.device, dist
 def _loss(cfg: Config, splits: Splits, k: int, device: torch.device) -> nn.Module:
     weights = None
     if cfg.class_balance == "weights":
-        counts = splits.train.class_counts(k)
-        weights = torch.tensor(len(splits.train) / (k * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+        weights = torch.tensor(balanced_class_weights(splits.train.labels, k), dtype=torch.float32, device=device)
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
 
 
@@ -221,9 +221,9 @@ def _log_data(ds: Dataset, splits: Splits, strategy: str) -> None:
         log.info("  %s", note)
     ratio = imbalance_ratio(splits.train, k)
     if ratio > 3:
-        log.warning("classes are imbalanced: the largest has %.1fx the images of the smallest. %s", ratio,
-                    "The report gives each class's recall." if strategy == "linear-probe" else  # its head weighs rows alike
-                    "Consider --class-balance weights or --class-balance sampler.")
+        log.warning("classes are imbalanced: the largest has %.1fx the images of the smallest. Consider "
+                    "--class-balance %s.", ratio, "weights (the probe's head then weighs each class alike)"
+                    if strategy == "linear-probe" else "weights or --class-balance sampler")
 
 
 def _new_run_dir(cfg: Config) -> Path:

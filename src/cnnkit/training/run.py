@@ -159,6 +159,7 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
     rows = {"train": _probe_rows(*feats["train"], train_labels),
             "validation": _probe_rows(*feats["validation"], splits.val.labels)}
     held = {name: plain if flipped is None else (plain + flipped) / 2 for name, (plain, flipped) in feats.items()}
+    k = len(setup.ds.classes)
     t_fit = time.perf_counter()
     if chosen:  # cross-validated: every non-test image trains the head, at the decay the folds chose,
         x = np.concatenate([rows["train"][0], rows["validation"][0]])  # along the folds' path to it
@@ -166,11 +167,12 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
         wd = chosen["weight_decay"]
         path = tuple(d for d in selection.get("weight_decays", [wd]) if d >= wd)
         fit = probe.fit_head(head, x, y, held["validation"], splits.val.labels, cfg.label_smoothing, path,
-                             quiet=True, keep=wd)
+                             quiet=True, keep=wd, class_weights=probe.head_class_weights(cfg.class_balance, y, k))
     else:
         budget = _find(loop, TimeBudget)
         fit = probe.fit_head(head, *rows["train"], held["validation"], splits.val.labels, cfg.label_smoothing,
-                             deadline=budget.fit_deadline if budget else None)
+                             deadline=budget.fit_deadline if budget else None,
+                             class_weights=probe.head_class_weights(cfg.class_balance, rows["train"][1], k))
     fit_s = time.perf_counter() - t_fit
     state.epoch = 1
     state.train_time_s = state.epoch_time_s = time.perf_counter() - t0

@@ -295,6 +295,10 @@ def test_evaluate_a_run_on_a_new_folder_of_photos(tmp_path, fmnist_images, capsy
     again = json.loads(capsys.readouterr().out)
     assert again["accuracy"] == own["accuracy"] and again["samples"] == own["samples"] >= 29  # (files alike: one)
     assert (run / "evaluations" / "photos-test.json").is_file()
+    shutil.make_archive(str(tmp_path / "test-photos"), "zip", root / "test")  # its class folders at the top
+    assert main(["--quiet", "evaluate", str(run), "--data-dir", str(tmp_path / "test-photos.zip"), "--json"]) == 0
+    zipped = json.loads(capsys.readouterr().out)  # evaluated whole, as the folder is: not a split carved from it
+    assert zipped["accuracy"] == own["accuracy"] and zipped["samples"] == own["samples"]
     new = tmp_path / "new"
     for name, label in names.items():  # new photos, and a class the run never saw
         (new / name).mkdir(parents=True)

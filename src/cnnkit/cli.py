@@ -131,7 +131,7 @@ def _add_evaluate_command(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="test accuracy, per-class metrics and confusion matrix of a run")
     p.add_argument("run", type=Path, metavar="RUN", help="run folder")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--data-dir", help="any folder of class folders named as the run's classes (new photos): evaluated "
+    p.add_argument("--data-dir", help="any folder (or .zip/.tar.gz) of class folders named as the run's classes (new photos): evaluated "
                    "whole; or a dataset with train/ and test/ inside: its test split, classes matched by name. "
                    "Saved to RUN/evaluations/ (RUN/evaluation.json only for the run's own data)")
     p.add_argument("--skip-unknown-classes", action="store_true",

@@ -89,9 +89,11 @@ def _training_images_note(folder: Path, data_dir: str | None) -> list[str]:
 
 
 def is_class_folder_tree(folder: Path) -> bool:
-    """A directory of class folders, without train/ val/ test/ of its own."""
-    from cnnkit.data.folder import SPLIT_ALIASES
+    """A directory (or .zip/.tar.gz) of class folders, without train/ val/ test/ of its own."""
+    from cnnkit.data.folder import SPLIT_ALIASES, holds_splits, is_archive
 
+    if is_archive(folder):
+        return not holds_splits(folder)
     if not folder.is_dir():
         return False
     subdirs = [p.name.lower() for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]

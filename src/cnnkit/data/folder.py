@@ -28,6 +28,7 @@ SPLIT_ALIASES = {
 }
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 SKIPPED_NAMES = {"__MACOSX"}
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error)
 
 
 def is_archive(path: Path) -> bool:
@@ -126,9 +127,30 @@ def _read_archive(path: Path) -> tuple[dict[str, bytes], list[str]]:
                 if m.isfile():
                     wanted = _visible(m.name) and is_image_file(m.name)
                     files[m.name] = tar.extractfile(m).read(_bounded(m.size)) if wanted else b""  # type: ignore[union-attr]
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
-        raise DataError(f"{path}: cannot read the archive ({e}); it may be truncated or corrupt, provide it again") from None
+    except ARCHIVE_ERRORS as e:
+        raise _unreadable(path, e) from None
     return files, dirs
+
+
+def holds_splits(path: Path) -> bool:
+    """Whether an archive's class folders sit under train/ val/ test/ (a dataset) rather than at its top
+    (a folder of class folders), from its member names alone: nothing is decoded."""
+    try:
+        if path.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(path) as archive:
+                infos = archive.infolist()
+            files, dirs = [i.filename for i in infos if not i.is_dir()], [i.filename.rstrip("/") for i in infos if i.is_dir()]
+        else:
+            with tarfile.open(path, "r:*") as tar:
+                members = tar.getmembers()
+            files, dirs = [m.name for m in members if m.isfile()], [m.name for m in members if m.isdir()]
+    except ARCHIVE_ERRORS as e:
+        raise _unreadable(path, e) from None
+    return set(find_layout(files, str(path), dirs).splits) != {"train"}
+
+
+def _unreadable(path: Path, e: BaseException) -> DataError:
+    return DataError(f"{path}: cannot read the archive ({e}); it may be truncated or corrupt, provide it again")
 
 
 def _bounded(size: int) -> int:

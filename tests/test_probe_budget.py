@@ -89,8 +89,10 @@ def test_a_probe_under_a_time_budget_learns_from_the_images_that_fit(tmp_path, i
     assert 100 <= used < 3000 and summary["probe_images"] == used and summary["train_samples"] == 3000, used
     assert seen[0] == 200 and sum(seen[1:]) == used and max(seen[1:]) <= 256, seen  # validation first, then the chunks
     # the plan ends within the budget, and the run did (the plan reckons the test's and report's images at the
-    # slowed features' rate, so here it ends late: pessimistic, not optimistic)
-    assert summary["total_time_s"] <= summary["planned_time_s"] * time_slack and summary["planned_time_s"] <= budget
+    # slowed features' rate, so here it ends late: pessimistic, not optimistic). The plan is remade at the end with
+    # the last chunks' rate, which the other worker of `pytest -n 2` slows as it slows the run (seen: 30.1 s of 30)
+    assert summary["total_time_s"] <= summary["planned_time_s"] * time_slack
+    assert summary["planned_time_s"] <= budget * time_slack
     assert summary["best_val_accuracy"] > 0.5
     assert [r for r in caplog.records if f"learns from {used:,} of the 3,000" in r.getMessage()]
     assert f"{used:,} of 3,000 (as many as the time budget held)" in (result.run_dir / "report.html").read_text()

@@ -8,6 +8,7 @@ import tarfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable
+from typing import Any
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -28,7 +29,6 @@ SPLIT_ALIASES = {
 }
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 SKIPPED_NAMES = {"__MACOSX"}
-ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error)
 
 
 def is_archive(path: Path) -> bool:
@@ -112,69 +112,45 @@ def _decode_tree(root: Path, size: int, channels: int, skip_bad: bool) -> tuple[
     return arrays, {"classes": "\n".join(classes), "notes": "\n".join(notes)}
 
 
-def _read_archive(path: Path) -> tuple[dict[str, bytes], list[str]]:
-    """Image bytes by member name (other files with empty bytes, so empty class folders are caught),
-    and the directories' names. Each image is read up to its size or MAX_FILE_BYTES and one byte more,
-    which decode_image then refuses as too large."""
+def _read_archive(path: Path, contents: bool = True) -> tuple[dict[str, bytes], list[str]]:
+    """Image bytes by member name (other files, and every file without `contents`, with empty bytes, so
+    empty class folders are caught), and the directories' names; a .zip (what a photo service's or a
+    course's download usually is) or a tar. Each image is read up to its size or MAX_FILE_BYTES and one
+    byte more, which decode_image then refuses as too large."""
+    files: dict[str, bytes] = {}
     try:
         if path.name.lower().endswith(".zip"):
-            return _read_zip(path)
-        files: dict[str, bytes] = {}
-        with tarfile.open(path, "r:*") as tar:
-            members = tar.getmembers()
-            dirs = [m.name for m in members if m.isdir()]
-            for m in track(members, description="reading archive"):
-                if m.isfile():
-                    wanted = _visible(m.name) and is_image_file(m.name)
-                    files[m.name] = tar.extractfile(m).read(_bounded(m.size)) if wanted else b""  # type: ignore[union-attr]
-    except ARCHIVE_ERRORS as e:
-        raise _unreadable(path, e) from None
+            with zipfile.ZipFile(path) as archive:
+                infos = archive.infolist()
+                dirs = [i.filename.rstrip("/") for i in infos if i.is_dir()]
+                for info in track([i for i in infos if not i.is_dir()], description="reading archive"):
+                    files[info.filename] = _member(archive.open, info, info.filename, info.file_size, contents)
+        else:
+            with tarfile.open(path, "r:*") as tar:
+                members = tar.getmembers()
+                dirs = [m.name for m in members if m.isdir()]
+                for m in track([m for m in members if m.isfile()], description="reading archive"):
+                    files[m.name] = _member(tar.extractfile, m, m.name, m.size, contents)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read the archive ({e}); it may be truncated or corrupt, provide it again") from None
     return files, dirs
+
+
+def _member(open_member: Callable[[Any], Any], member: Any, name: str, size: int, contents: bool) -> bytes:
+    """An archive member's bytes if it is an image and `contents` are wanted (else none), at most one
+    byte over the limit. Never more: a read of n bytes sets aside n at once, and 60,000 reads of 50 MB,
+    each shrunk to its file, left CIFAR-10's archive in 60,000 memory maps, past Linux's 65,530 a process."""
+    if not (contents and _visible(name) and is_image_file(name)):
+        return b""
+    with open_member(member) as f:
+        return f.read(min(size, MAX_FILE_BYTES + 1))
 
 
 def holds_splits(path: Path) -> bool:
     """Whether an archive's class folders sit under train/ val/ test/ (a dataset) rather than at its top
     (a folder of class folders), from its member names alone: nothing is decoded."""
-    try:
-        if path.name.lower().endswith(".zip"):
-            with zipfile.ZipFile(path) as archive:
-                infos = archive.infolist()
-            files, dirs = [i.filename for i in infos if not i.is_dir()], [i.filename.rstrip("/") for i in infos if i.is_dir()]
-        else:
-            with tarfile.open(path, "r:*") as tar:
-                members = tar.getmembers()
-            files, dirs = [m.name for m in members if m.isfile()], [m.name for m in members if m.isdir()]
-    except ARCHIVE_ERRORS as e:
-        raise _unreadable(path, e) from None
+    files, dirs = _read_archive(path, contents=False)
     return set(find_layout(files, str(path), dirs).splits) != {"train"}
-
-
-def _unreadable(path: Path, e: BaseException) -> DataError:
-    return DataError(f"{path}: cannot read the archive ({e}); it may be truncated or corrupt, provide it again")
-
-
-def _bounded(size: int) -> int:
-    """Bytes to read of an archive member of `size`: all, or one more than the limit (decode_image then
-    refuses it). Never more: a read of n bytes sets aside n at once, and 60,000 reads of 50 MB, each
-    shrunk to its file, left CIFAR-10's archive in 60,000 memory maps, past Linux's 65,530 a process."""
-    return min(size, MAX_FILE_BYTES + 1)
-
-
-def _read_zip(path: Path) -> tuple[dict[str, bytes], list[str]]:
-    """`_read_archive` for a .zip (what a photo service's or a course's download usually is)."""
-    files: dict[str, bytes] = {}
-    with zipfile.ZipFile(path) as archive:
-        infos = archive.infolist()
-        dirs = [i.filename.rstrip("/") for i in infos if i.is_dir()]
-        for info in track(infos, description="reading archive"):
-            if not info.is_dir():
-                wanted = _visible(info.filename) and is_image_file(info.filename)
-                if wanted:
-                    with archive.open(info) as member:
-                        files[info.filename] = member.read(_bounded(info.file_size))
-                else:
-                    files[info.filename] = b""
-    return files, dirs
 
 
 class Layout:

@@ -106,3 +106,80 @@ def test_nproc_gives_the_workers_the_recipe_chosen_for_a_folder(photos, monkeypa
     assert launched[0][-2:] == ["--recipe", "photos"]  # chosen once here: the workers neither count nor say it again
     err = capsys.readouterr().err
     assert err.count("no --recipe for a folder of 66 images: using photos") == 1 and "--strategy frozen as asked" in err
+
+
+def _train_without_training(monkeypatch) -> list:
+    """`cnnkit train` up to the configuration it would train: each call's Config, nothing trained."""
+    from cnnkit import training
+
+    configs: list = []
+    monkeypatch.setattr(training, "train", lambda cfg, **kwargs: configs.append(cfg) or training.TrainResult(None, None, {}, {}))
+    return configs
+
+
+def test_a_data_dir_without_dataset_trains_what_it_holds(photos, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from cnnkit.data import cifar10, fashion_mnist
+
+    configs = _train_without_training(monkeypatch)
+    # Before, a folder of photos trained Fashion-MNIST (the default dataset, found in the system's copy).
+    assert main(["train", "--data-dir", str(photos)]) == 0
+    assert (configs[-1].dataset, configs[-1].recipe) == ("folder", "photos")
+    err = capsys.readouterr().err
+    assert f"--data-dir {photos} holds 66 images in 3 class folders: --dataset folder" in err
+    assert "no --recipe for a folder of 66 images: using photos" in err
+
+    fmnist = tmp_path / "fm"
+    fmnist.mkdir()
+    for name in fashion_mnist.FILES:  # known by their names; the loader checks their contents
+        (fmnist / name).write_bytes(b"")
+    assert main(["train", "--data-dir", str(fmnist)]) == 0
+    assert (configs[-1].dataset, configs[-1].recipe) == ("fashion-mnist", "fmnist-quick")
+
+    tree = tmp_path / "c10"
+    for name in cifar10.CLASSES:  # CIFAR-10's ten class folders get CIFAR-10's own recipe, not a photo probe
+        (tree / "train" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tree / "train" / name / "0.png")
+    assert main(["train", "--data-dir", str(tree)]) == 0
+    assert (configs[-1].dataset, configs[-1].recipe) == ("cifar10", "cifar10-quick")
+
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(tree)]) == 0  # named: not guessed
+    assert configs[-1].recipe == "cifar10-quick"
+    assert main(["train", "--recipe", "fmnist-quick", "--data-dir", str(fmnist)]) == 0
+    assert configs[-1].dataset == "fashion-mnist"
+
+    empty = tmp_path / "nothing"
+    (empty / "notes").mkdir(parents=True)
+    (empty / "notes" / "a.txt").write_text("no images")
+    assert main(["train", "--data-dir", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "no images found" in err and "neither Fashion-MNIST's IDX files nor CIFAR-10's archive" in err
+    assert main(["train", "--data-dir", str(tmp_path / "missing")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    assert len(configs) == 5
+
+
+def test_the_recipe_for_a_zip_of_photos_counts_its_images(photos, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    configs = _train_without_training(monkeypatch)
+    archive = shutil.make_archive(str(tmp_path / "photos"), "zip", photos)
+    assert main(["train", "--data-dir", archive]) == 0
+    assert (configs[-1].dataset, configs[-1].recipe) == ("folder", "photos")
+    assert "no --recipe for a folder of 66 images" in capsys.readouterr().err  # it read 0 for an archive before
+    from cnnkit import cli
+
+    monkeypatch.setattr(cli, "PHOTO_PROBE_MAX", 50)  # more images than a probe suits: fine-tuning
+    assert main(["train", "--dataset", "folder", "--data-dir", archive]) == 0
+    assert configs[-1].recipe == "folder-transfer"
+
+
+def test_nproc_gives_the_workers_the_dataset_guessed_from_the_data_dir(photos, monkeypatch):
+    from cnnkit import cli
+
+    launched = []
+    monkeypatch.setattr(cli, "launch_torchrun", lambda args: launched.append(args.argv) or 0)
+    assert main(["train", "--data-dir", str(photos), "--strategy", "frozen", "--probe-candidates", "[]",
+                 "--nproc", "2"]) == 0
+    assert launched[0][-4:] == ["--recipe", "photos", "--dataset", "folder"]

@@ -18,6 +18,7 @@ from cnnkit.errors import CnnkitError, ConfigError
 
 log = logging.getLogger("cnnkit")
 DEFAULT_RECIPE = "fmnist-quick"
+QUICK_RECIPES = {"fashion-mnist": DEFAULT_RECIPE, "cifar10": "cifar10-quick"}  # with no --recipe
 PHOTO_RECIPE, FOLDER_FINETUNE = "photos", "folder-transfer"
 PHOTO_PROBE_MAX = 5000  # images: beyond, fine-tuning has the data to beat a probe, and a probe of 3 backbones is slow
 
@@ -50,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a recipe", description=(
         "Train a model from a recipe; any recipe field can be overridden, e.g. --epochs 3 --lr 0.01. "
         "Writes a run folder (config, metrics per epoch, best and last checkpoints, test evaluation)."))
-    p.add_argument("--recipe", help=f"recipe name or path to a .toml file (default {DEFAULT_RECIPE}; with "
-                   f"--dataset folder, {PHOTO_RECIPE} or, for more than {PHOTO_PROBE_MAX} images, {FOLDER_FINETUNE})")
+    p.add_argument("--recipe", help=f"recipe name or path to a .toml file (default {DEFAULT_RECIPE}; cifar10-quick "
+                   f"for CIFAR-10; for a folder of class folders, {PHOTO_RECIPE} or, for more than {PHOTO_PROBE_MAX} "
+                   f"images, {FOLDER_FINETUNE}). A --data-dir without --dataset is read for what it holds")
     p.add_argument("--resume", metavar="RUN", type=Path, help="continue an interrupted run from its last checkpoint")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel training in N processes on this machine (runs torchrun for you; "
@@ -281,7 +283,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = None if recipe is None else apply_overrides(load_recipe(recipe), overrides)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         if recipe is not None and not args.recipe:  # the workers train what was chosen here, and say it once
-            args.argv = [*args.argv, "--recipe", recipe]
+            guessed = "dataset" in overrides and not hasattr(args, "cfg_dataset")  # from --data-dir's contents
+            args.argv = [*args.argv, "--recipe", recipe, *(["--dataset", overrides["dataset"]] if guessed else [])]
         refused = distributed.refusal(cfg.strategy) if cfg is not None else None
         if refused:  # here, once, not in every worker under torchrun's traceback
             raise ConfigError(f"--nproc {args.nproc}: {refused}")
@@ -326,13 +329,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def default_recipe(overrides: dict[str, Any]) -> str:
-    """The recipe when none is named: fmnist-quick, or, for a folder of the user's own photos, a
-    transfer recipe that suits how many there are (said in the log, with why)."""
-    if overrides.get("dataset") != "folder":
-        return DEFAULT_RECIPE
-    from cnnkit.data.images import count_image_files
+    """The recipe when none is named: each dataset's quick recipe, or, for a folder of the user's own
+    photos, a transfer recipe that suits how many there are (said in the log, with why). A --data-dir
+    without --dataset sets `overrides["dataset"]` to what it holds (data.guess_dataset)."""
+    from cnnkit.data import canonical_name, guess_dataset
 
-    n = count_image_files(Path(overrides["data_dir"])) if overrides.get("data_dir") else 0
+    guess = None
+    if "dataset" not in overrides and overrides.get("data_dir"):
+        guess = guess_dataset(overrides["data_dir"])
+        overrides["dataset"] = guess.name
+        log.info("--data-dir %s holds %s: --dataset %s", overrides["data_dir"], guess.why, guess.name)
+    dataset = canonical_name(overrides.get("dataset", "fashion-mnist"))
+    if dataset != "folder":
+        return QUICK_RECIPES[dataset]
+    from cnnkit.data import count_images
+
+    n = guess.images if guess else count_images(overrides.get("data_dir"))
     name = PHOTO_RECIPE if n <= PHOTO_PROBE_MAX else FOLDER_FINETUNE
     why = ("a linear probe on pretrained features, the backbone chosen by cross-validation on your images: "
            "strong and quick on small sets" if name == PHOTO_RECIPE else

@@ -67,7 +67,7 @@ class Config:
     device: str = opt("auto", "auto: CUDA when available, else CPU")
     threads: int | None = opt(None, "CPU threads for torch; default: torch's choice (all cores)")
     # -- data
-    dataset: str = opt("fashion-mnist", "fashion-mnist | cifar10 | folder")
+    dataset: str = opt("fashion-mnist", "fashion-mnist | cifar10 | folder (with no --recipe: what --data-dir holds)")
     data_dir: str | None = opt(None, "where the data is; see `cnnkit datasets`")
     image_size: int | None = opt(None, "folder datasets: images are decoded to this square size (default 64)")
     channels: int | None = opt(None, "folder datasets: 1 (grey) or 3 (RGB, default)")

@@ -63,6 +63,52 @@ def where_available() -> dict[str, str | None]:
 
 
 @dataclass
+class Guess:
+    """What a --data-dir holds, as `guess_dataset` reads it from names alone."""
+
+    name: str  # a dataset name, as --dataset takes it
+    why: str  # for the log: what was found
+    images: int | None  # image files found (a folder or an archive of one), else None
+
+
+def guess_dataset(data_dir: str | Path) -> Guess:
+    """The dataset a --data-dir holds, for `cnnkit train --data-dir X` with neither --dataset nor --recipe.
+
+    Without it, a folder of photos went to the default dataset, Fashion-MNIST, whose loader then found
+    the system's copy: a user's own photos trained nothing of theirs. Fashion-MNIST's four files and
+    CIFAR-10's official archive are known by name; anything else must be class folders of images (or an
+    archive of them), and CIFAR-10's ten class folders are CIFAR-10."""
+    path = Path(data_dir).expanduser()
+    if not path.exists():
+        raise DataError(f"--data-dir {path}: no such file or directory")
+    if path.is_dir() and fashion_mnist.holds(path):
+        return Guess("fashion-mnist", "Fashion-MNIST's four IDX files", None)
+    if cifar10.official_archive(path) is not None:
+        return Guess("cifar10", f"CIFAR-10's official archive ({cifar10.ARCHIVE})", None)
+    if not (path.is_dir() or folder.is_archive(path)):
+        raise DataError(f"--data-dir {path}: expected a directory of class folders (or a .zip/.tar.gz of one), "
+                        "or one holding Fashion-MNIST's IDX files or CIFAR-10's archive")
+    try:
+        layout = folder.list_layout(path)
+    except DataError as e:
+        raise DataError(f"{e}\n(--data-dir without --dataset: neither Fashion-MNIST's IDX files nor CIFAR-10's "
+                        "archive are there either; name --dataset to load one of those)") from None
+    images = layout.image_count()
+    if layout.classes == cifar10.CLASSES:
+        return Guess("cifar10", f"CIFAR-10's ten class folders ({images} images)", images)
+    return Guess("folder", f"{images} images in {len(layout.classes)} class folders", images)
+
+
+def count_images(data_dir: str | Path | None) -> int:
+    """Image files in a folder (or an archive) of class folders, by their names: enough to choose a
+    recipe before anything is decoded; 0 where there is nothing to count (the loader then says why)."""
+    path = Path(data_dir).expanduser() if data_dir else None
+    if path is None or not (path.is_dir() or folder.is_archive(path)):
+        return 0
+    return folder.list_layout(path).image_count()
+
+
+@dataclass
 class Splits:
     train: Split
     val: Split

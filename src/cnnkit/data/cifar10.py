@@ -123,6 +123,13 @@ def _read_batches(archive: Path, names: list[str]) -> dict[str, tuple[np.ndarray
     return out
 
 
+def official_archive(data_dir: Path) -> Path | None:
+    """The official pickled archive if `data_dir` is it or holds it by its name, else None."""
+    if data_dir.is_file():
+        return data_dir if _is_pickle_archive(data_dir) else None
+    return data_dir / ARCHIVE if (data_dir / ARCHIVE).is_file() else None
+
+
 def _is_pickle_archive(path: Path) -> bool:
     if path.name == ARCHIVE:
         return True

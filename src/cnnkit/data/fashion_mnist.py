@@ -56,6 +56,12 @@ def find(data_dir: Path | None) -> Path | None:
     return None
 
 
+def holds(data_dir: Path) -> bool:
+    """Whether `data_dir` itself (or its fashion-mnist/ folder) holds the four files, not the places
+    `find` falls back to."""
+    return any(all((d / f).is_file() for f in FILES) for d in (data_dir, data_dir / NAME))
+
+
 def load(data_dir: Path | None = None, allow_download: bool = True, verify: bool = True) -> Dataset:
     directory = find(data_dir)
     if directory is None:

@@ -73,16 +73,27 @@ def _source_fingerprint(root: Path) -> str:
     return h.hexdigest()
 
 
-def _decode_tree(root: Path, size: int, channels: int, skip_bad: bool) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _listing(root: Path, contents: bool) -> tuple[list[str], list[str], Callable[[str], bytes | Path]]:
+    """A directory's or an archive's file and directory names (relative, POSIX style), and how to read
+    a file by its name: an archive's image bytes are read here (with `contents`), a directory's later."""
     if root.is_file():
-        files, dirs = _read_archive(root)
-        paths = list(files)
-        read: Callable[[str], bytes | Path] = files.__getitem__
-    else:
-        entries = list(root.rglob("*"))
-        paths = [p.relative_to(root).as_posix() for p in entries if p.is_file()]
-        dirs = [p.relative_to(root).as_posix() for p in entries if p.is_dir()]
-        read = lambda rel: root / rel  # noqa: E731
+        files, dirs = _read_archive(root, contents)
+        return list(files), dirs, files.__getitem__
+    entries = list(root.rglob("*"))
+    paths = [p.relative_to(root).as_posix() for p in entries if p.is_file()]
+    dirs = [p.relative_to(root).as_posix() for p in entries if p.is_dir()]
+    return paths, dirs, lambda rel: root / rel
+
+
+def list_layout(root: Path) -> Layout:
+    """The splits and classes of a directory or an archive of class folders, from names alone (nothing
+    decoded): what a folder holds before a recipe is chosen for it."""
+    paths, dirs, _ = _listing(root, contents=False)
+    return find_layout(paths, str(root), dirs)
+
+
+def _decode_tree(root: Path, size: int, channels: int, skip_bad: bool) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    paths, dirs, read = _listing(root, contents=True)
     layout = find_layout(paths, str(root), dirs)
     classes = layout.classes
     arrays: dict[str, np.ndarray] = {}
@@ -149,8 +160,7 @@ def _member(open_member: Callable[[Any], Any], member: Any, name: str, size: int
 def holds_splits(path: Path) -> bool:
     """Whether an archive's class folders sit under train/ val/ test/ (a dataset) rather than at its top
     (a folder of class folders), from its member names alone: nothing is decoded."""
-    files, dirs = _read_archive(path, contents=False)
-    return set(find_layout(files, str(path), dirs).splits) != {"train"}
+    return set(list_layout(path).splits) != {"train"}
 
 
 class Layout:
@@ -158,6 +168,9 @@ class Layout:
 
     def __init__(self, classes: list[str], splits: dict[str, list[tuple[str, int]]], notes: list[str]):
         self.classes, self.splits, self.notes = classes, splits, notes
+
+    def image_count(self) -> int:
+        return sum(len(items) for items in self.splits.values())
 
 
 def find_layout(paths: Iterable[str], where: str, dirs: Iterable[str] = ()) -> Layout:

@@ -42,14 +42,6 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def count_image_files(root: Path) -> int:
-    """Image files under a directory by their names (0 for an archive or a missing path): enough to
-    choose a recipe before anything is decoded."""
-    if not root.is_dir():
-        return 0
-    return sum(1 for p in root.rglob("*") if p.is_file() and is_image_file(p) and "/." not in p.as_posix())
-
-
 def find_images(inputs: list[str | os.PathLike]) -> list[Path]:
     """Files as given; directories searched (recursively) for image files."""
     from cnnkit.errors import DataError

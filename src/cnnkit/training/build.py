@@ -90,7 +90,7 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
     ds, splits = data or run_splits(cfg.to_dict())
     _log_data(ds, splits, cfg.strategy)
     cross_validated = bool(record and record.selection)  # its validation images train too (training/choose.py)
-    data_warnings = (copies_warnings(splits, ds.classes, validation=not cross_validated)
+    data_warnings = (copies_warnings(splits, ds.classes, validation=not cross_validated, near=ds.name == "folder")
                      if data is None and dist.is_main else [])  # not a fold's
     for warning in data_warnings:
         log.warning("%s", warning)

@@ -74,3 +74,19 @@ def photos(tmp_path, fmnist_images):
             for i in np.flatnonzero(y == label)[start:start + count]:
                 Image.fromarray(x[i]).resize((40, 40)).convert("RGB").save(d / f"{i}.jpg", quality=92)
     return root
+
+
+@pytest.fixture
+def smooth_pictures():
+    """make(n, size=96, seed=0): (n, 3, size, size) uint8 pictures of blurred noise, each unlike the
+    others, with a photo's smoothness."""
+    from PIL import Image, ImageFilter
+
+    def make(n: int, size: int = 96, seed: int = 0) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(n):
+            noise = Image.fromarray(rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)).resize((size, size))
+            out.append(np.asarray(noise.filter(ImageFilter.GaussianBlur(2))).transpose(2, 0, 1))
+        return np.stack(out)
+    return make

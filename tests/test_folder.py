@@ -329,6 +329,19 @@ def test_evaluate_a_run_on_a_new_folder_of_photos(tmp_path, fmnist_images, capsy
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert any("holds the images this run trained on" in n for n in notes), notes
     assert again["notes"] == []  # its test folder: no such note
+    # A folder holding test/ alone (refused before: "no train/ folder"): that folder, evaluated whole
+    shutil.copytree(root / "test", tmp_path / "only-test" / "test")
+    assert main(["--quiet", "evaluate", str(run), "--data-dir", str(tmp_path / "only-test"), "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert (alone["accuracy"], alone["samples"]) == (own["accuracy"], own["samples"])
+    # The dataset inside a wrapping folder: its test split, not its training images taken for new photos
+    shutil.copytree(root, tmp_path / "download" / "photos")
+    assert main(["--quiet", "evaluate", str(run), "--data-dir", str(tmp_path / "download"), "--json"]) == 0
+    wrapped = json.loads(capsys.readouterr().out)
+    assert (wrapped["accuracy"], wrapped["samples"]) == (own["accuracy"], own["samples"])
+    shutil.make_archive(str(tmp_path / "only-test"), "zip", tmp_path / "only-test")
+    assert main(["--quiet", "evaluate", str(run), "--data-dir", str(tmp_path / "only-test.zip")]) == 2
+    assert "holds test/ and no train/: unpack it" in capsys.readouterr().err
 
 
 def test_copies_across_splits_and_classes_are_counted():
@@ -354,19 +367,7 @@ def test_copies_across_splits_and_classes_are_counted():
     assert [w[:6] for w in copies_warnings(copied, ["a", "b"], validation=False)] == ["2 of t", "1 pict"]
 
 
-def _smooth_pictures(n: int, size: int = 96, seed: int = 0) -> np.ndarray:
-    """(n, 3, size, size) uint8 pictures of blurred noise: each unlike the others, with a photo's smoothness."""
-    from PIL import ImageFilter
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        noise = Image.fromarray(rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)).resize((size, size))
-        out.append(np.asarray(noise.filter(ImageFilter.GaussianBlur(2))).transpose(2, 0, 1))
-    return np.stack(out)
-
-
-def test_near_copies_of_a_photo_are_found_and_others_are_not():
+def test_near_copies_of_a_photo_are_found_and_others_are_not(smooth_pictures):
     """A photo saved again (JPEG quality 30), at half size, or darker is a near copy of its original; its
     mirror image, a 20% crop, a 3% shift (6 bits and 0.96 apart) and other pictures are not; an exact copy
     is counted as one, not as near."""
@@ -375,7 +376,7 @@ def test_near_copies_of_a_photo_are_found_and_others_are_not():
     from cnnkit.data import Split, Splits
     from cnnkit.data.copies import Fingerprints, copies_warnings, near_copies
 
-    train = _smooth_pictures(40)
+    train = smooth_pictures(40)
 
     def redo(picture, change):
         image = change(Image.fromarray(picture.transpose(1, 2, 0)))
@@ -392,7 +393,7 @@ def test_near_copies_of_a_photo_are_found_and_others_are_not():
             redo(train[2], lambda im: im.point(lambda v: int(v * 0.9)))]
     unlike = [redo(train[3], lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
               redo(train[4], lambda im: im.crop((10, 10, 86, 86))), redo(train[6], lambda im: im.crop((3, 0, 96, 96))),
-              *_smooth_pictures(4, seed=1)]
+              *smooth_pictures(4, seed=1)]
     test = np.stack([*near, *unlike, train[5]])  # and one exact copy
     assert near_copies(Fingerprints.of(test), Fingerprints.of(train)) == 3
     assert near_copies(Fingerprints.of(test[3:]), Fingerprints.of(train)) == 0
@@ -403,7 +404,7 @@ def test_near_copies_of_a_photo_are_found_and_others_are_not():
     assert warnings[0].startswith("1 of the 11 test images is a copy of training or validation images")
     assert warnings[1].startswith("3 of the 11 test images are near copies of training or validation images")
     assert len(copies_warnings(splits, ["a", "b"], near=False)) == 1
-    few = Splits(splits.train, splits.val, Split(np.concatenate([test[:1], _smooth_pictures(120, seed=2)]),
+    few = Splits(splits.train, splits.val, Split(np.concatenate([test[:1], smooth_pictures(120, seed=2)]),
                                                  np.zeros(121, dtype=np.int64)), [])
     assert copies_warnings(few, ["a", "b"]) == []  # one near copy in 121: under 1% of the test split
 

@@ -134,7 +134,8 @@ def _add_evaluate_command(sub: Any) -> None:
     p.add_argument("run", type=Path, metavar="RUN", help="run folder")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--data-dir", help="any folder (or .zip/.tar.gz) of class folders named as the run's classes (new photos): evaluated "
-                   "whole; or a dataset with train/ and test/ inside: its test split, classes matched by name. "
+                   "whole (a folder holding test/ alone: that folder); or a dataset with train/ and test/ inside: its test "
+                   "split, classes matched by name. "
                    "Saved to RUN/evaluations/ (RUN/evaluation.json only for the run's own data)")
     p.add_argument("--skip-unknown-classes", action="store_true",
                    help="with a folder: leave out images of classes the run does not know, instead of stopping")

@@ -35,25 +35,26 @@ class Evaluation:
 def evaluate_run(run_dir: Path, *, checkpoint: str = "best", tta: str | None = None, data_dir: str | None = None,
                  skip_unknown_classes: bool = False, device: torch.device | str = "cpu") -> Evaluation:
     """The run's test split (where its dataset is now: `data_dir`), or a labelled folder: a folder
-    of class folders (no train/ or test/ inside) is evaluated whole, against the run's classes; a
+    of class folders (no train/ or test/ inside; or test/ alone: `whole_folder`) is evaluated whole, against the run's classes; a
     dataset elsewhere (train/ and test/ inside) by its test split, its classes matched by name. Only
     the run's own data (no `data_dir`, or the one it trained on) is saved as evaluation.json."""
     cfg = run_settings(run_dir)  # with the run's own decisions (a budget's test views)
     run = load_run(run_dir, checkpoint, device)
     run_tta = cfg.get("tta", "none")
     folder = Path(data_dir) if data_dir else None
-    tree = folder is not None and is_class_folder_tree(folder)  # else the run's dataset, or one laid out like it
-    if tree:
-        split, notes = _folder_split(folder, run.classes, run.preprocess.data_size, run.preprocess.data_channels,
+    whole = whole_folder(folder) if folder is not None else None
+    tree = whole is not None  # else the run's dataset, or one laid out like it
+    if whole is not None:
+        split, notes = _folder_split(whole, run.classes, run.preprocess.data_size, run.preprocess.data_channels,
                                      cfg["skip_bad_images"], skip_unknown_classes)
-        notes += _training_images_note(folder, cfg.get("data_dir"))
+        notes += _training_images_note(whole, cfg.get("data_dir"))
     else:
         ds, splits = run_splits(cfg, data_dir)
         split, notes = in_run_classes(splits.test, ds.classes, run.classes, data_dir or cfg["data_dir"],
                                       skip_unknown_classes)
     own = folder is None or (not tree and _same_path(folder, cfg.get("data_dir")))
     out = None if own else Path(run_dir) / "evaluations" / f"{_name(folder)}.json"
-    name = "test" if out is None else str(folder) if tree else f"{folder} (its test split)"
+    name = "test" if out is None else str(whole) if tree else f"{folder} (its test split)"
     used = tta or run_tta
     logits = predict_logits(run.model, run.preprocess, split.images, device=device, tta=used,
                             **InferenceSettings.for_run(cfg, device).kwargs())
@@ -88,16 +89,24 @@ def _training_images_note(folder: Path, data_dir: str | None) -> list[str]:
             "`cnnkit evaluate RUN` (no --data-dir) evaluates its held-out test split"]
 
 
-def is_class_folder_tree(folder: Path) -> bool:
-    """A directory (or .zip/.tar.gz) of class folders, without train/ val/ test/ of its own."""
-    from cnnkit.data.folder import SPLIT_ALIASES, holds_splits, is_archive
+def whole_folder(folder: Path) -> Path | None:
+    """The folder of class folders to evaluate whole: `folder` itself where its class folders sit at its
+    top (or under one wrapping folder), its test/ (or val/) folder where it holds that and no train/;
+    None where it is a dataset with train/ inside (its test split is evaluated, carved out as the run's
+    was), or not a directory or an archive."""
+    from cnnkit.data.folder import is_archive, list_layout
 
+    if not (folder.is_dir() or is_archive(folder)):
+        return None
+    found = list_layout(folder, need_train=False).split_folders
+    if not found:
+        return folder
+    if "train" in found:
+        return None
     if is_archive(folder):
-        return not holds_splits(folder)
-    if not folder.is_dir():
-        return False
-    subdirs = [p.name.lower() for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return bool(subdirs) and not any(name in SPLIT_ALIASES for name in subdirs)
+        raise DataError(f"{folder} holds {', '.join(f + '/' for f in sorted(found.values()))} and no train/: unpack it "
+                        "and evaluate that folder (a folder of class folders)")
+    return folder / found["test" if "test" in found else min(found)]
 
 
 def _folder_split(folder: Path, classes: list[str], size: int, channels: int, skip_bad: bool,

@@ -85,11 +85,11 @@ def _listing(root: Path, contents: bool) -> tuple[list[str], list[str], Callable
     return paths, dirs, lambda rel: root / rel
 
 
-def list_layout(root: Path) -> Layout:
+def list_layout(root: Path, need_train: bool = True) -> Layout:
     """The splits and classes of a directory or an archive of class folders, from names alone (nothing
-    decoded): what a folder holds before a recipe is chosen for it."""
+    decoded): what a folder holds before a recipe is chosen for it, or before it is evaluated."""
     paths, dirs, _ = _listing(root, contents=False)
-    return find_layout(paths, str(root), dirs)
+    return find_layout(paths, str(root), dirs, need_train)
 
 
 def _decode_tree(root: Path, size: int, channels: int, skip_bad: bool) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -158,26 +158,31 @@ def _member(open_member: Callable[[Any], Any], member: Any, name: str, size: int
 
 
 def holds_splits(path: Path) -> bool:
-    """Whether an archive's class folders sit under train/ val/ test/ (a dataset) rather than at its top
-    (a folder of class folders), from its member names alone: nothing is decoded."""
-    return set(list_layout(path).splits) != {"train"}
+    """Whether a directory's or an archive's class folders sit under train/ val/ test/ (a dataset, or
+    test/ alone) rather than at its top, under one wrapping folder or none (a folder of class folders),
+    from names alone: nothing is decoded."""
+    return bool(list_layout(path, need_train=False).split_folders)
 
 
 class Layout:
-    """Which file belongs to which split and class, before any pixel is decoded."""
+    """Which file belongs to which split and class, before any pixel is decoded; `split_folders`: each
+    split's folder (relative, e.g. "flowers12/test") where the class folders sit under split folders."""
 
-    def __init__(self, classes: list[str], splits: dict[str, list[tuple[str, int]]], notes: list[str]):
+    def __init__(self, classes: list[str], splits: dict[str, list[tuple[str, int]]], notes: list[str],
+                 split_folders: dict[str, str] | None = None):
         self.classes, self.splits, self.notes = classes, splits, notes
+        self.split_folders = split_folders or {}
 
     def image_count(self) -> int:
         return sum(len(items) for items in self.splits.values())
 
 
-def find_layout(paths: Iterable[str], where: str, dirs: Iterable[str] = ()) -> Layout:
+def find_layout(paths: Iterable[str], where: str, dirs: Iterable[str] = (), need_train: bool = True) -> Layout:
     """Work out splits and classes from relative file paths (POSIX style).
 
     Hidden entries (any part starting with a dot) are ignored. A single wrapping folder is
-    descended into. Splits present must have the same classes.
+    descended into. Splits present must have the same classes, and a train/ split folder must be
+    among them (unless not `need_train`: a folder to evaluate may hold test/ alone).
     """
     parts = [PurePosixPath(p).parts for p in paths if _visible(p)]
     prefix: tuple[str, ...] = ()
@@ -198,7 +203,7 @@ def find_layout(paths: Iterable[str], where: str, dirs: Iterable[str] = ()) -> L
     if split_dirs:
         if len(set(split_dirs.values())) != len(split_dirs):
             raise DataError(f"{where}: several folders name the same split: {sorted(split_dirs)}")
-        if "train" not in split_dirs.values():
+        if need_train and "train" not in split_dirs.values():
             raise DataError(f"{where}: found {sorted(split_dirs)} but no train/ folder")
         for p in parts:
             if len(p) > len(prefix) + 2 and p[len(prefix)] in split_dirs and is_image_file(p[-1]):
@@ -217,12 +222,13 @@ def find_layout(paths: Iterable[str], where: str, dirs: Iterable[str] = ()) -> L
         )
     dir_parts = [PurePosixPath(d).parts for d in dirs if _visible(d)]
     _check_class_folders(found, parts, dir_parts, prefix, split_dirs, where)
-    classes = sorted(found["train"])
+    first = "train" if "train" in found else min(found)
+    classes = sorted(found[first])
     for split, by_class in found.items():
         missing, extra = set(classes) - set(by_class), set(by_class) - set(classes)
         if missing or extra:
             raise DataError(
-                f"{where}: the {split} split's classes differ from train's"
+                f"{where}: the {split} split's classes differ from {first}'s"
                 + (f"; missing in {split}: {sorted(missing)}" if missing else "")
                 + (f"; only in {split}: {sorted(extra)}" if extra else "")
                 + ". Every split needs the same class folders, so that label numbers mean the same thing."
@@ -234,7 +240,7 @@ def find_layout(paths: Iterable[str], where: str, dirs: Iterable[str] = ()) -> L
         for split, by_class in found.items()
     }
     notes = [f"{where}: " + ", ".join(f"{s} {len(v)}" for s, v in splits.items()) + f" images in {len(classes)} classes"]
-    return Layout(classes, splits, notes)
+    return Layout(classes, splits, notes, {split: "/".join((*prefix, name)) for name, split in split_dirs.items()})
 
 
 def _check_class_folders(found, parts, dir_parts, prefix, split_dirs, where) -> None:

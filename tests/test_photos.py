@@ -41,6 +41,41 @@ def test_cross_validation_tells_separable_features_from_noise():
     assert mean > 0.9 and 0 <= sd < 0.2
 
 
+def test_copies_of_a_photo_share_a_fold_so_a_head_is_not_judged_by_photos_it_learnt():
+    """Features with no signal at all, each image twice (a near copy): folds that split the copies score
+    what the head remembers (most copies); folds that keep them together score chance."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 256))
+    labels = np.tile(rng.integers(0, 2, 100), 2)
+    rows = np.concatenate([x, x + rng.normal(scale=0.01, size=x.shape)])
+    groups = np.tile(np.arange(100), 2)
+    ids = fold_ids(labels, 5, 0, groups)
+    assert np.array_equal(ids[:100], ids[100:]) and set(ids) == set(range(5))
+    apart = np.mean(probe.fold_accuracies(rows, None, labels, 5, 0, 0.0, (1e-4,))[1e-4])
+    together = np.mean(probe.fold_accuracies(rows, None, labels, 5, 0, 0.0, (1e-4,), groups=groups)[1e-4])
+    assert apart > 0.75 and together < 0.65, (apart, together)  # apart: 4 in 5 copies held out from their twin
+
+
+def test_copy_groups_join_a_photo_and_its_copies_only(smooth_pictures):
+    import io
+
+    from PIL import Image
+
+    from cnnkit.data.copies import copy_groups
+
+    pictures = smooth_pictures(12)
+
+    def resaved(picture):
+        buf = io.BytesIO()
+        Image.fromarray(picture.transpose(1, 2, 0)).save(buf, "JPEG", quality=40)
+        return np.asarray(Image.open(buf).convert("RGB")).transpose(2, 0, 1)
+
+    images = np.stack([*pictures, resaved(pictures[0]), pictures[3], resaved(pictures[3])])
+    groups = copy_groups(images)
+    assert groups[0] == groups[12] and groups[3] == groups[13] == groups[14]
+    assert len(set(groups)) == 12  # each picture's group, the other ten alone
+
+
 def test_small_splits_are_flagged_with_the_interval_of_their_accuracy():
     lo, hi = accuracy_interval(0.975, 240)
     assert 0.94 < lo < 0.96 and 0.98 < hi < 0.995

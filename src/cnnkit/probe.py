@@ -330,13 +330,19 @@ def check(cfg: Any, model: nn.Module) -> None:
 #    small to tell candidates apart: 72 images tell 97% from 99% by less than two images)
 
 
-def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """A fold number for every image, each class spread evenly over the folds (seeded)."""
+def fold_ids(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """A fold number for every image, each class spread evenly over the folds (seeded). Images of one
+    of `groups` (copies of one photo: data.copies.copy_groups) share the fold of its first: a fold
+    holding out one copy while its head learns the other would judge the head by a photo it has seen
+    (flowers12's training images hold 36 such pairs)."""
     rng = np.random.default_rng(seed)
     out = np.empty(len(labels), dtype=np.int64)
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         out[idx] = (np.arange(len(idx)) + rng.integers(folds)) % folds
+    if groups is not None:
+        _, first, group = np.unique(groups, return_index=True, return_inverse=True)
+        out = out[first[group]]
     return out
 
 
@@ -350,13 +356,13 @@ def cross_validate(plain: np.ndarray, flipped: np.ndarray | None, labels: np.nda
 
 def fold_accuracies(plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray, folds: int, seed: int,
                     label_smoothing: float, weight_decays: tuple[float, ...],
-                    class_weights: np.ndarray | None = None) -> dict[float, list[float]]:
+                    class_weights: np.ndarray | None = None, groups: np.ndarray | None = None) -> dict[float, list[float]]:
     """Each fold's held-out accuracy of a linear head (fold 0 first, as `fold_ids` numbers them), for
     each weight decay. With `flipped`, mirrored images are extra training rows and a held-out image
     is judged on the mean of its two views' features: for a linear head, the same as averaging the
     two views' logits (--tta flip). `class_weights` weigh each class's rows in the fits (--class-balance);
-    the held-out images are counted alike, as the test's are."""
-    ids = fold_ids(labels, folds, seed)
+    the held-out images are counted alike, as the test's are. Copies of one photo (`groups`) share a fold."""
+    ids = fold_ids(labels, folds, seed, groups)
     scores: dict[float, list[float]] = {wd: [] for wd in weight_decays}
     for k in range(folds):
         t, v = ids != k, ids == k

@@ -143,13 +143,41 @@ def _perceptual_hash(grey: torch.Tensor) -> torch.Tensor:
     return low > low.median(1, keepdim=True).values
 
 
-def nearest_by_hash(a: torch.Tensor, b: torch.Tensor, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each hash in `a`: the fewest bits by which one in `b` differs, and which. As +-1 vectors, two
-    hashes' product is 64 less twice the bits that differ, so one matrix product compares them all."""
+def copy_groups(images: np.ndarray) -> np.ndarray:
+    """A group number for each image, one for all the copies of a photo (exact or near) among `images`:
+    for cross-validation's folds, which keep a group together (probe.fold_ids). Each image is joined to
+    its nearest other image by hash where the two are near copies, and groups are what those links join."""
+    if len(images) < 2:
+        return np.arange(len(images))
+    prints = Fingerprints.of(images)
+    bits, nearest = nearest_by_hash(prints.bits, prints.bits, others_only=True)
+    correlation = (_standardized(prints.grey) * _standardized(prints.grey[nearest])).sum(1)
+    parent = np.arange(len(images))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in np.flatnonzero(((bits <= NEAR_BITS) & (correlation >= NEAR_CORRELATION)).numpy()):
+        parent[root(i)] = root(int(nearest[i]))
+    return np.asarray([root(i) for i in range(len(images))])
+
+
+def nearest_by_hash(a: torch.Tensor, b: torch.Tensor, chunk: int = 128,
+                    others_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each hash in `a`: the fewest bits by which one in `b` differs, and which (with `others_only`,
+    `a` is `b` and each hash's own place is passed over). As +-1 vectors, two hashes' product is 64 less
+    twice the bits that differ, so one matrix product compares them all."""
     pm_a, pm_b = a.float() * 2 - 1, (b.float() * 2 - 1).T.contiguous()
     bits, nearest = [], []
     for start in range(0, len(a), chunk):
-        agree, index = (pm_a[start:start + chunk] @ pm_b).max(1)
+        products = pm_a[start:start + chunk] @ pm_b
+        if others_only:
+            rows = torch.arange(len(products))
+            products[rows, rows + start] = -math.inf
+        agree, index = products.max(1)
         bits.append(((a.shape[1] - agree) / 2).round().int())
         nearest.append(index)
     return torch.cat(bits), torch.cat(nearest)

@@ -34,6 +34,7 @@ import torch
 from cnnkit import probe
 from cnnkit.budget import final_seconds, parse_duration
 from cnnkit.config import Config
+from cnnkit.data.copies import copy_groups
 from cnnkit.inference import inference_engine, predict_logits
 from cnnkit.models import create_model
 from cnnkit.models.block_pooled import ARG as POOLED_BLOCKS
@@ -63,6 +64,7 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     precision = resolve_precision(cfg.precision, device)
     _, splits = run_splits(cfg.to_dict())
     labels = np.concatenate([splits.train.labels, splits.val.labels])
+    groups = copy_groups(np.concatenate([splits.train.images, splits.val.images]))  # copies share a fold
     rows: list[dict[str, Any]] = []
     total_s = parse_duration(cfg.time_budget) if cfg.time_budget else None
     budget_s = total_s * CANDIDATES_SHARE if total_s is not None else None
@@ -80,19 +82,19 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
                          time.perf_counter() - started, f" and {kept:.0f} s kept for mirror images" if kept else "",
                          budget_s, cfg.time_budget)
                 continue
-        rows.append(_candidate(replace(cfg, model=name), splits, labels, device, precision, flip=not screen,
+        rows.append(_candidate(replace(cfg, model=name), splits, labels, groups, device, precision, flip=not screen,
                                macs=budget_s is not None and not timed, keep=features))
         if len(rows) > 1 and budget_s is not None:
             rows[-1]["guessed_seconds"] = round(guess, 1)  # what the plan took it for (run.json)
     if screen:
-        rows = _finalists(rows, cfg, splits, labels, device, precision, features)
+        rows = _finalists(rows, cfg, splits, labels, groups, device, precision, features)
     scored = [r for r in rows if not screen or "screen_accuracy" in r]  # on the views the run trains on
     if cfg.probe_concat and len(scored) > 1:
         top = sorted(scored, key=lambda r: r["cv_accuracy"], reverse=True)[:2]
         samples = report_samples(cfg.report, cfg.report_robustness_samples, splits, len(np.unique(labels)))
         after_s = pair_after_seconds(top, len(labels), final_images(len(splits.test), cfg.tta, samples), cfg.report)
         if total_s is None or time.perf_counter() - started + after_s <= total_s:
-            rows.append(_concat_candidate(top, features, labels, cfg))
+            rows.append(_concat_candidate(top, features, labels, groups, cfg))
             scored.append(rows[-1])
         else:
             log.info("  the two best side by side: left out, both backbones over the test and report images would "
@@ -109,7 +111,7 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
 
 
 def _concat_candidate(top: list[dict[str, Any]], features: dict[str, Variants], labels: np.ndarray,
-                      cfg: Config) -> dict[str, Any]:
+                      groups: np.ndarray, cfg: Config) -> dict[str, Any]:
     """The two best backbones' (`top`) features side by side (models.concat), scored as the others:
     their rows are already computed, so this costs the folds' fits alone. With probe_blocks, both
     with their blocks' outputs or both without (models.concat gives its members one model_args)."""
@@ -121,7 +123,7 @@ def _concat_candidate(top: list[dict[str, Any]], features: dict[str, Variants], 
         flips = [features[n][blocks][1] for n in names]
         variants[blocks] = plain, None if any(f is None for f in flips) else np.concatenate(flips, 1)  # type: ignore[arg-type]
     sizes = [input_size(n, cfg.input_size) for n in names]  # as each one's rows were made
-    return _best_variant(SEPARATOR.join(names), variants, labels, cfg, t0, {"member_sizes": sizes})
+    return _best_variant(SEPARATOR.join(names), variants, labels, groups, cfg, t0, {"member_sizes": sizes})
 
 
 def fits_in_budget(elapsed_s: float, rows: list[dict[str, Any]], guess_s: float, screen: bool,
@@ -186,8 +188,8 @@ def seconds_per_image(cfg: Config, splits: Any, device: torch.device, precision:
     return (time.perf_counter() - t0) / max(len(timed), 1)
 
 
-def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.ndarray, device: torch.device,
-               precision: str, keep: dict[str, Variants]) -> list[dict[str, Any]]:
+def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.ndarray, groups: np.ndarray,
+               device: torch.device, precision: str, keep: dict[str, Variants]) -> list[dict[str, Any]]:
     """The rows again: those within `probe_screen` standard deviations (the spread of the best one's
     folds) of the best plain-view estimate now scored with their mirrored views too, and marked
     with their `screen_accuracy`; the others as they were. The margin is the folds' own noise, so a
@@ -204,16 +206,16 @@ def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.
                      100 * (top["cv_accuracy"] - r["cv_accuracy"]), cfg.probe_screen)
             out.append(r)
             continue
-        full = _candidate(replace(cfg, model=r["model"]), splits, labels, device, precision, flip=True, macs=False,
-                          keep=keep)
+        full = _candidate(replace(cfg, model=r["model"]), splits, labels, groups, device, precision, flip=True,
+                          macs=False, keep=keep)
         guessed = {"guessed_seconds": r["guessed_seconds"]} if "guessed_seconds" in r else {}  # its plain views'
         out.append({**full, **guessed, "screen_accuracy": r["cv_accuracy"], "seconds": round(full["seconds"] + r["seconds"], 1),
                     "feature_seconds": round(full["feature_seconds"] + r["feature_seconds"], 1)})
     return out
 
 
-def _candidate(cfg: Config, splits: Any, labels: np.ndarray, device: torch.device, precision: str, flip: bool,
-               macs: bool, keep: dict[str, Variants]) -> dict[str, Any]:
+def _candidate(cfg: Config, splits: Any, labels: np.ndarray, groups: np.ndarray, device: torch.device, precision: str,
+               flip: bool, macs: bool, keep: dict[str, Variants]) -> dict[str, Any]:
     """One backbone's row of the choice: its cross-validated accuracy at the best weight decay,
     on its plain views alone or (`flip`) with the mirrored ones as the run will train on them.
     Its features go into `keep` (for the backbones side by side)."""
@@ -221,17 +223,17 @@ def _candidate(cfg: Config, splits: Any, labels: np.ndarray, device: torch.devic
     variants = candidate_features(cfg if flip else replace(cfg, probe_flip=False, tta="none"), splits, device, precision)
     keep[cfg.model] = variants
     extra = {"feature_seconds": round(time.perf_counter() - t0, 1), **({"macs": _macs(cfg.model, cfg)} if macs else {})}
-    return _best_variant(cfg.model, variants, labels, cfg, t0, extra)
+    return _best_variant(cfg.model, variants, labels, groups, cfg, t0, extra)
 
 
-def _best_variant(model: str, variants: Variants, labels: np.ndarray, cfg: Config, t0: float,
+def _best_variant(model: str, variants: Variants, labels: np.ndarray, groups: np.ndarray, cfg: Config, t0: float,
                   extra: dict[str, Any]) -> dict[str, Any]:
     """The candidate's row: its features alone, or with probe_blocks the better of them and them joined
     by its blocks' pooled outputs (a tie: without), the other's estimate kept in the row. Its seconds
     are both's (one forward pass, two sets of fits), so a time budget counts a backbone once."""
     if len(variants) == 1:
-        return _score(model, *variants[0], labels, cfg, t0, extra)
-    rows = {blocks: _score(model, *rows, labels, cfg, t0, extra, blocks) for blocks, rows in variants.items()}
+        return _score(model, *variants[0], labels, groups, cfg, t0, extra)
+    rows = {blocks: _score(model, *rows, labels, groups, cfg, t0, extra, blocks) for blocks, rows in variants.items()}
     best = max(rows, key=lambda b: (rows[b]["cv_accuracy"], -b))
     other = next(row for blocks, row in rows.items() if blocks != best)
     return {**rows[best], "seconds": round(time.perf_counter() - t0, 1),
@@ -239,11 +241,11 @@ def _best_variant(model: str, variants: Variants, labels: np.ndarray, cfg: Confi
                              "cv_sd": other["cv_sd"]}}
 
 
-def _score(model: str, plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray, cfg: Config, t0: float,
-           extra: dict[str, Any], blocks: int = 0) -> dict[str, Any]:
+def _score(model: str, plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray, groups: np.ndarray,
+           cfg: Config, t0: float, extra: dict[str, Any], blocks: int = 0) -> dict[str, Any]:
     plain, flipped = probe.powered((plain, flipped), probe.rows_power(cfg.model_args))  # as the run's head sees them
     folds = probe.fold_accuracies(plain, flipped, labels, cfg.cv_folds, cfg.seed, cfg.label_smoothing, WEIGHT_DECAYS,
-                                  probe.head_class_weights(cfg.class_balance, labels, int(labels.max()) + 1))
+                                  probe.head_class_weights(cfg.class_balance, labels, int(labels.max()) + 1), groups)
     wd, accuracies = max(folds.items(), key=lambda kv: (np.mean(kv[1]), -kv[0]))  # a tie: the smaller decay
     mean, sd = float(np.mean(accuracies)), float(np.std(accuracies))
     row = {"model": model, "cv_accuracy": round(mean, 4), "cv_sd": round(sd, 4), "weight_decay": wd,

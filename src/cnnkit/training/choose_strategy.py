@@ -49,6 +49,7 @@ from cnnkit.data.dataset import Split
 from cnnkit.errors import ConfigError
 from cnnkit.inference import predict_logits
 from cnnkit.models.concat import SEPARATOR
+from cnnkit.data.copies import copy_groups
 from cnnkit.probe import fold_ids
 from cnnkit.runs import RunRecord, run_splits
 from cnnkit.training.build import build
@@ -127,7 +128,7 @@ def _folds(cfg: Config, folds: int) -> tuple[Dataset, list[Splits]]:
     ds, splits = run_splits(cfg.to_dict())
     pool = Split(np.concatenate([splits.train.images, splits.val.images]),
                  np.concatenate([splits.train.labels, splits.val.labels]))
-    ids = fold_ids(pool.labels, cfg.cv_folds, cfg.seed)
+    ids = fold_ids(pool.labels, cfg.cv_folds, cfg.seed, copy_groups(pool.images))
     out = []
     for k in range(folds):
         held = pool.subset(np.flatnonzero(ids == k))

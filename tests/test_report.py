@@ -139,6 +139,37 @@ def test_the_robustness_sample_is_in_proportion_to_the_data_and_takes_the_classe
     assert labels[order].tolist() == [0, 1, 2, 0, 1, 2, 0, 2, 0] and order[:3].tolist() == [1, 4, 0]
 
 
+def test_shifts_and_blurs_scale_with_the_images_side(monkeypatch):
+    """A 256-px picture (a 32-px one, each pixel made an 8x8 block) is shifted and blurred by the same share
+    of its side as the 32-px picture: shrunk back, the two corrupted pictures agree; the values reported are
+    the pixels used; severities not in pixels are as they were."""
+    import torch
+    import torch.nn.functional as F
+
+    from cnnkit.preprocess import Preprocess
+
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(analysis, "predict_logits", lambda model, pre, u8, **kw: seen.append(u8.float()) or torch.zeros(len(u8), 2))
+    small = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    runs = {}
+    for side, images in ((32, small), (256, small.repeat(8, axis=2).repeat(8, axis=3))):
+        pre = Preprocess(data_size=side, data_channels=3, input_size=side, model_channels=3, mean=[0.5] * 3, std=[0.5] * 3)
+        seen.clear()
+        rob = analysis.robustness(torch.nn.Identity(), pre, images, np.array([0, 1]), ["a", "b"])
+        names = [(c["name"], c["severity"]) for c in rob["corruptions"]]
+        runs[side] = {"values": dict(zip(names, (c["value"] for c in rob["corruptions"]))),
+                      "images": dict(zip(names, seen[1:]))}
+    assert runs[256]["values"][("shift", 3)] == 24 and runs[256]["values"][("blur", 3)] == 12
+    assert runs[32]["values"][("shift", 3)] == 3 and runs[32]["values"][("blur", 3)] == 1.5  # as before
+    assert runs[256]["values"][("rotation", 3)] == 20 and runs[256]["values"][("jpeg", 3)] == 15
+    for corruption in (("shift", 3), ("blur", 3), ("blur", 1)):
+        shrunk = F.avg_pool2d(runs[256]["images"][corruption], 8)
+        gap = (shrunk - runs[32]["images"][corruption]).abs().mean()
+        assert gap < 12, (corruption, gap)  # measured 0-7.6
+    unscaled = F.avg_pool2d(analysis._blur(torch.from_numpy(small.repeat(8, axis=2).repeat(8, axis=3)).float() / 255, 1.5) * 255, 8)
+    assert (unscaled - runs[32]["images"][("blur", 3)]).abs().mean() > 25  # a 1.5-px blur of 256 px: hardly any (45.6)
+
+
 def test_the_report_of_a_test_split_sorted_by_class_tests_robustness_on_every_class(run, tmp_path, monkeypatch):
     from cnnkit.report import build_report
     from cnnkit.runs import run_settings, run_splits

@@ -337,7 +337,8 @@ probability the model gave its prediction.</p>{_img(plots / 'worst_mistakes.png'
 <section><h2>What the network looks at</h2>{looks}</section>
 <section><h2>Augmentation</h2>{_img(plots / 'augmentation.png', 'augmentation')}</section>
 <section><h2>Robustness</h2><p class="note">Accuracy on {rob['samples']} test images (the classes in turn), clean:
-{pct('robustness.clean', rob['clean'])}, and under each corruption.</p>
+{pct('robustness.clean', rob['clean'])}, and under each corruption (shifts and blurs in pixels scaled to the images'
+side: the same share of the picture as at 32 px).</p>
 {_img(plots / 'robustness.png', 'robustness')}<table><tr><th>corruption</th><th>severity</th><th>accuracy</th></tr>{rob_rows}</table></section>
 <section><h2>Layers</h2>{layers_html or '<p>Not computed.</p>'}</section>
 <section><h2>Calibration</h2><p class="note">How far the model's confidence is from its accuracy.</p>

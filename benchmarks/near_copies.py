@@ -69,7 +69,7 @@ CHANGES: dict[str, Callable[[Image.Image], Image.Image]] = {
 def dataset_row(name: str, ds) -> str:
     train, test = ds.splits["train"].images, ds.splits["test"].images
     t0 = time.perf_counter()
-    near = near_copies(Fingerprints.of(test), Fingerprints.of(train))
+    near = len(near_copies(Fingerprints.of(test), Fingerprints.of(train)))
     seconds = time.perf_counter() - t0
     return (f"| {name} | {len(train)} | {len(test)} | {near} | {100 * near / len(test):.2f}% | {seconds:.2f} |")
 
@@ -90,7 +90,7 @@ def found_after_changes(name: str, images: np.ndarray) -> list[str]:
     rows = []
     for change, fn in CHANGES.items():
         copies = Fingerprints.of(changed(images, fn))
-        found = near_copies(copies, originals)
+        found = len(near_copies(copies, originals))
         bits, _ = nearest_by_hash(copies.bits, originals.bits)
         rows.append(f"| {name} | {change} | {len(images)} | {100 * found / len(images):.0f}% | {int(bits.median())} |")
         print(rows[-1], flush=True)

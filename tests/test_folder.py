@@ -395,8 +395,8 @@ def test_near_copies_of_a_photo_are_found_and_others_are_not(smooth_pictures):
               redo(train[4], lambda im: im.crop((10, 10, 86, 86))), redo(train[6], lambda im: im.crop((3, 0, 96, 96))),
               *smooth_pictures(4, seed=1)]
     test = np.stack([*near, *unlike, train[5]])  # and one exact copy
-    assert near_copies(Fingerprints.of(test), Fingerprints.of(train)) == 3
-    assert near_copies(Fingerprints.of(test[3:]), Fingerprints.of(train)) == 0
+    assert near_copies(Fingerprints.of(test), Fingerprints.of(train)) == [(0, 0), (1, 1), (2, 2)]
+    assert near_copies(Fingerprints.of(test[3:]), Fingerprints.of(train)) == []
 
     labels = np.zeros(len(test), dtype=np.int64)
     splits = Splits(Split(train, np.zeros(40, dtype=np.int64)), Split(train[:0], labels[:0]), Split(test, labels), [])
@@ -404,13 +404,19 @@ def test_near_copies_of_a_photo_are_found_and_others_are_not(smooth_pictures):
     assert warnings[0].startswith("1 of the 11 test images is a copy of training or validation images")
     assert warnings[1].startswith("3 of the 11 test images are near copies of training or validation images")
     assert len(copies_warnings(splits, ["a", "b"], near=False)) == 1
+    named = Splits(Split(train, splits.train.labels, np.array([f"train/a/{i}.jpg" for i in range(40)])), splits.val,
+                   Split(test, labels, np.array([f"test/a/{i}.jpg" for i in range(11)])), [])
+    exact, near_ones = copies_warnings(named, ["a", "b"])  # the files to move, where the splits know them
+    assert "(the same pixels; for example test/a/10.jpg and train/a/5.jpg)" in exact
+    assert ("brighter or darker; for example test/a/0.jpg and train/a/0.jpg; test/a/1.jpg and train/a/1.jpg; "
+            "test/a/2.jpg and train/a/2.jpg)") in near_ones
     few = Splits(splits.train, splits.val, Split(np.concatenate([test[:1], smooth_pictures(120, seed=2)]),
                                                  np.zeros(121, dtype=np.int64)), [])
     assert copies_warnings(few, ["a", "b"]) == []  # one near copy in 121: under 1% of the test split
 
 
 @pytest.mark.slow
-def test_a_run_warns_of_a_test_photo_it_learnt_from(tmp_path, fmnist_images):
+def test_a_run_warns_of_a_test_photo_it_learnt_from(tmp_path, fmnist_images, capsys):
     """The same photo in train/ and test/, and one under two classes: the log, summary.json and the
     report's page say so."""
     import json
@@ -431,6 +437,9 @@ def test_a_run_warns_of_a_test_photo_it_learnt_from(tmp_path, fmnist_images):
                  "--channels", "1", "--recipe", "fmnist-baseline", "--epochs", "1", "--output", str(tmp_path),
                  "--name", "r"]) == 0
     warnings = json.loads((tmp_path / "r" / "summary.json").read_text())["warnings"]
-    assert any(w.startswith("1 of the 9 test images is a copy of training") for w in warnings), warnings
-    assert any(w.startswith("1 picture appears under more than one class (bag and sandal)") for w in warnings)
+    assert any(w.startswith("1 of the 9 test images is a copy of training") and
+               f"for example test/bag/copy.png and train/bag/{bag[0].name}" in w for w in warnings), warnings
+    assert any(w.startswith("1 picture appears under more than one class (bag and sandal; for example train/")
+               and "also-a-sandal.png" in w for w in warnings), warnings
     assert "is a copy of training or validation images" in (tmp_path / "r" / "report.html").read_text()
+    assert capsys.readouterr().err.count("1 of the 9 test images is a copy") == 1  # said once, as the data was split

@@ -6,8 +6,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from cnnkit.data import cifar10, fashion_mnist, folder
 from cnnkit.data.dataset import Dataset, Split
 from cnnkit.data.splits import stratified_split, stratified_subset
@@ -157,7 +155,7 @@ def make_splits(
         if len(split) == 0:
             raise DataError(f"{ds.name}: the {split_name} split is empty; add images or lower the split fractions")
     if final_fit:
-        train = Split(np.concatenate([train.images, val.images]), np.concatenate([train.labels, val.labels]))
+        train = Split.joined([train, val])
         notes.append(f"final fit: the {len(val)} validation images train too; the last epoch is tested")
     return Splits(train, val, test, notes)
 

@@ -39,48 +39,71 @@ HASH_SIZE, HASH_FROM = 8, 32  # the 8x8 lowest frequencies of a 32x32 grey image
 
 
 def copies_warnings(splits: Splits, classes: list[str], validation: bool = True, near: bool = True) -> list[str]:
-    """What a person should know of the copies in these splits (nothing where there are none); near copies
-    too with `near` (for a folder of one's own images: docs/data.md has the built-in datasets' counts). With
-    `validation` false (a run that cross-validates on the training and validation images together, so
-    the validation split chooses nothing of its own) copies between those two are not warned of: nor are
-    copies within one split, which a photo set may hold by chance (flowers12 one pair in 720)."""
+    """What a person should know of the copies in these splits (nothing where there are none), with a few
+    of the files where the splits know them (a folder's); near copies too with `near` (for a folder of
+    one's own images: docs/data.md has the built-in datasets' counts). With `validation` false (a run that
+    cross-validates on the training and validation images together, so the validation split chooses
+    nothing of its own) copies between those two are not warned of: nor are copies within one split, which
+    a photo set may hold by chance (flowers12 one pair in 720)."""
     groups = [g for g in _by_pixels(splits).values() if len(g) > 1]
     out = []
     test = _copied(groups, "test", ("train", "validation"))
     if test:
-        out.append(f"{test} of the {len(splits.test)} test images {_are_copies(test)} of training or validation images "
-                   "(the same pixels): the test accuracy overstates what new images would get; keep each picture in one "
-                   "split")
-    val = _copied(groups, "validation", ("train",)) if validation else 0
+        out.append(f"{len(test)} of the {len(splits.test)} test images {_are_copies(len(test))} of training or "
+                   f"validation images (the same pixels{_examples(test)}): the test accuracy overstates what new "
+                   "images would get; keep each picture in one split")
+    val = _copied(groups, "validation", ("train",)) if validation else []
     if val:
-        out.append(f"{val} of the {len(splits.val)} validation images {_are_copies(val)} of training images: "
-                   "validation chooses by pictures the model has learnt; keep each picture in one split")
+        out.append(f"{len(val)} of the {len(splits.val)} validation images {_are_copies(len(val))} of training images"
+                   f"{_examples(val, ' (', ')')}: validation chooses by pictures the model has learnt; keep each picture "
+                   "in one split")
     if near:
         out += _near_warnings(splits, validation)
-    mixed = [sorted({label for _, label in g}) for g in groups if len({label for _, label in g}) > 1]
+    mixed = [g for g in groups if len({label for _, label, _ in g}) > 1]
     if mixed:
-        pairs = sorted({" and ".join(classes[c] for c in labels) for labels in mixed})
+        pairs = sorted({" and ".join(classes[c] for c in sorted({label for _, label, _ in g})) for g in mixed})
+        files = [(g[0][2], g[1][2]) for g in mixed]
         out.append(f"{len(mixed)} {'picture appears' if len(mixed) == 1 else 'pictures appear'} under more than one "
-                   f"class ({'; '.join(pairs[:3])}"
-                   f"{'; ...' if len(pairs) > 3 else ''}): no model can get every copy right; keep each in one class folder")
+                   f"class ({'; '.join(pairs[:3])}{'; ...' if len(pairs) > 3 else ''}{_examples(files, '; ', '')}): "
+                   "no model can get every copy right; keep each in one class folder")
     return out
 
 
 def _near_warnings(splits: Splits, validation: bool) -> list[str]:
     """Near copies in the test split of the images learnt from, and (with `validation`) in the validation
     split of the training images, where they are at least NEAR_SHARE of the split."""
-    train, val, test = (Fingerprints.of(s.images) for s in (splits.train, splits.val, splits.test))
+    train, val, test = (Fingerprints.of(s.images, s.names) for s in (splits.train, splits.val, splits.test))
     out = []
-    near = near_copies(test, Fingerprints.joined([train, val]))
-    if near and near >= NEAR_SHARE * len(splits.test):
-        out.append(f"{near} of the {len(splits.test)} test images {_are_near(near)} of training or validation images (the "
-                   "same photo saved again, rescaled, brighter or darker): the test accuracy overstates what new "
-                   "photos would get; keep each photo and its versions in one split")
-    near = near_copies(val, train) if validation else 0
-    if near and near >= NEAR_SHARE * len(splits.val):
-        out.append(f"{near} of the {len(splits.val)} validation images {_are_near(near)} of training images: "
-                   "validation chooses by photos the model has learnt; keep each photo and its versions in one split")
+    pool = Fingerprints.joined([train, val])
+    near = _named(near_copies(test, pool), test, pool)
+    if near and len(near) >= NEAR_SHARE * len(splits.test):
+        out.append(f"{len(near)} of the {len(splits.test)} test images {_are_near(len(near))} of training or validation "
+                   f"images (the same photo saved again, rescaled, brighter or darker{_examples(near)}): the test "
+                   "accuracy overstates what new photos would get; keep each photo and its versions in one split")
+    near = _named(near_copies(val, train), val, train) if validation else []
+    if near and len(near) >= NEAR_SHARE * len(splits.val):
+        out.append(f"{len(near)} of the {len(splits.val)} validation images {_are_near(len(near))} of training images"
+                   f"{_examples(near, ' (', ')')}: validation chooses by photos the model has learnt; keep each photo "
+                   "and its versions in one split")
     return out
+
+
+Pair = tuple[str | None, str | None]  # the files of an image and of its copy, where known
+
+
+def _named(pairs: list[tuple[int, int]], split: Fingerprints, pool: Fingerprints) -> list[Pair]:
+    def name(prints: Fingerprints, i: int) -> str | None:
+        return None if prints.names is None else str(prints.names[i])
+    return [(name(split, i), name(pool, j)) for i, j in pairs]
+
+
+def _examples(pairs: list[Pair], before: str = "; ", after: str = "") -> str:
+    """A few of the pairs' files, for the person who has to move them ("" where the files are unknown)."""
+    known = [(a, b) for a, b in pairs if a and b]
+    if not known:
+        return ""
+    more = f", and {len(known) - 3} more" if len(known) > 3 else ""
+    return f"{before}for example {'; '.join(f'{a} and {b}' for a, b in known[:3])}{more}{after}"
 
 
 def _are_copies(n: int) -> str:
@@ -93,34 +116,37 @@ def _are_near(n: int) -> str:
 
 @dataclass
 class Fingerprints:
-    """Each image of a split small and grey (for the pixel check) and its perceptual hash."""
+    """Each image of a split small and grey (for the pixel check), its perceptual hash, and its file."""
 
     images: np.ndarray
     grey: torch.Tensor  # (N, HASH_FROM * HASH_FROM)
     bits: torch.Tensor  # (N, 64) bool
+    names: np.ndarray | None = None
 
     @classmethod
-    def of(cls, images: np.ndarray) -> Fingerprints:
+    def of(cls, images: np.ndarray, names: np.ndarray | None = None) -> Fingerprints:
         grey = _grey(images)
-        return cls(images, grey, _perceptual_hash(grey))
+        return cls(images, grey, _perceptual_hash(grey), names)
 
     @classmethod
     def joined(cls, prints: list[Fingerprints]) -> Fingerprints:
-        return cls(*(np.concatenate([p.images for p in prints]),
-                     torch.cat([p.grey for p in prints]), torch.cat([p.bits for p in prints])))
+        named = [p for p in prints if len(p.images)]  # an empty split's names are no loss
+        return cls(np.concatenate([p.images for p in prints]), torch.cat([p.grey for p in prints]),
+                   torch.cat([p.bits for p in prints]),
+                   None if any(p.names is None for p in named) else np.concatenate([p.names for p in named] or [[]]))
 
 
-def near_copies(split: Fingerprints, pool: Fingerprints) -> int:
-    """How many of `split`'s images are near copies, not exact ones, of an image in `pool`: the nearest
-    image by perceptual hash, if within NEAR_BITS, whose small grey pixels correlate with it at
-    NEAR_CORRELATION or more."""
+def near_copies(split: Fingerprints, pool: Fingerprints) -> list[tuple[int, int]]:
+    """(its index, its copy's in `pool`) of each of `split`'s images that is a near copy, not an exact one,
+    of an image in `pool`: the nearest image by perceptual hash, if within NEAR_BITS, whose small grey
+    pixels correlate with it at NEAR_CORRELATION or more."""
     if not len(split.images) or not len(pool.images):
-        return 0
+        return []
     bits, nearest = nearest_by_hash(split.bits, pool.bits)
     correlation = (_standardized(split.grey) * _standardized(pool.grey[nearest])).sum(1)
     near = ((bits <= NEAR_BITS) & (correlation >= NEAR_CORRELATION)).numpy()
     exact = np.asarray([np.array_equal(a, b) for a, b in zip(split.images, pool.images[nearest.numpy()])], dtype=bool)
-    return int((near & ~exact).sum())
+    return [(int(i), int(nearest[i])) for i in np.flatnonzero(near & ~exact)]
 
 
 def _grey(images: np.ndarray, batch_bytes: int = 1 << 26) -> torch.Tensor:
@@ -188,16 +214,22 @@ def _standardized(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
 
 
-def _by_pixels(splits: Splits) -> dict[bytes, list[tuple[str, int]]]:
-    """(split, label) of every image, by a digest of its pixels."""
-    seen: dict[bytes, list[tuple[str, int]]] = {}
+def _by_pixels(splits: Splits) -> dict[bytes, list[tuple[str, int, str | None]]]:
+    """(split, label, file or None) of every image, by a digest of its pixels."""
+    seen: dict[bytes, list[tuple[str, int, str | None]]] = {}
     for name, split in zip(SPLITS, (splits.train, splits.val, splits.test)):
-        for image, label in zip(split.images, split.labels):
+        files = split.names if split.names is not None else [None] * len(split)
+        for image, label, file in zip(split.images, split.labels, files):
             digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).digest()
-            seen.setdefault(digest, []).append((name, int(label)))
+            seen.setdefault(digest, []).append((name, int(label), None if file is None else str(file)))
     return seen
 
 
-def _copied(groups: list[list[tuple[str, int]]], split: str, others: tuple[str, ...]) -> int:
-    """Images of `split` whose pixels are also among the `others` splits' images."""
-    return sum(sum(s == split for s, _ in g) for g in groups if any(s in others for s, _ in g))
+def _copied(groups: list[list[tuple[str, int, str | None]]], split: str, others: tuple[str, ...]) -> list[Pair]:
+    """(its file, a copy's file) of each image of `split` whose pixels are also among the `others` splits'."""
+    out = []
+    for g in groups:
+        copies = [file for s, _, file in g if s in others]
+        if copies:
+            out += [(file, copies[0]) for s, _, file in g if s == split]
+    return out

@@ -13,19 +13,29 @@ from cnnkit.errors import DataError
 class Split:
     images: np.ndarray  # uint8, (N, C, H, W)
     labels: np.ndarray  # int64, (N,)
+    names: np.ndarray | None = None  # each image's file (a folder's, relative to it), for people; else None
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
             raise DataError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}")
         if len(self.images) != len(self.labels):
             raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if self.names is not None and len(self.names) != len(self.labels):
+            raise DataError(f"{len(self.names)} file names for {len(self.labels)} images")
         self.labels = self.labels.astype(np.int64, copy=False)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray) -> Split:
-        return Split(self.images[idx], self.labels[idx])
+        return Split(self.images[idx], self.labels[idx], None if self.names is None else self.names[idx])
+
+    @staticmethod
+    def joined(splits: list[Split]) -> Split:
+        """The splits one after another (file names where every one has them)."""
+        names = [s.names for s in splits]
+        return Split(np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits]),
+                     None if any(n is None for n in names) else np.concatenate(names))  # type: ignore[arg-type]
 
     def class_counts(self, num_classes: int) -> np.ndarray:
         return np.bincount(self.labels, minlength=num_classes)

@@ -55,12 +55,20 @@ def load(
     if not (root.is_dir() or is_archive(root)):
         raise DataError(f"{root}: expected a directory of class folders or a .zip/.tar.gz/.tgz/.tar of one")
     key = cache_key(source=_source_fingerprint(root), size=size, channels=channels, skip_bad=skip_bad,
-                    v=2)  # v2: large JPEGs decoded at a reduced scale (data.images.REDUCING_GAP)
+                    v=3)  # v2: large JPEGs decoded at a reduced scale (data.images.REDUCING_GAP); v3: file names kept
     arrays, meta = cached_arrays(f"{name}-{size}px-{channels}ch", key, lambda: _decode_tree(root, size, channels, skip_bad), cache_dir)
     classes = meta["classes"].split("\n")
-    splits = {s: Split(arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in ("train", "val", "test") if f"{s}_images" in arrays}
+    splits = {s: Split(arrays[f"{s}_images"], arrays[f"{s}_labels"], _file_names(meta, s, len(arrays[f"{s}_labels"])))
+              for s in ("train", "val", "test") if f"{s}_images" in arrays}
     notes = [n for n in meta.get("notes", "").split("\n") if n]
     return Dataset(name, classes, splits, source=str(root), notes=notes)
+
+
+def _file_names(meta: dict[str, str], split: str, count: int) -> np.ndarray | None:
+    """A split's file names as the cache keeps them (None from a cache written before it kept them)."""
+    if f"{split}_files" not in meta:
+        return None
+    return np.asarray(meta[f"{split}_files"].split("\n") if count else [], dtype=object)
 
 
 def _source_fingerprint(root: Path) -> str:
@@ -97,17 +105,20 @@ def _decode_tree(root: Path, size: int, channels: int, skip_bad: bool) -> tuple[
     layout = find_layout(paths, str(root), dirs)
     classes = layout.classes
     arrays: dict[str, np.ndarray] = {}
+    files: dict[str, str] = {}  # each split's decoded files, relative to `root`, for people (copies.py)
     bad: list[ImageDecodeError] = []
     for split, items in layout.splits.items():
         names = [f"{root}/{rel}" if root.is_file() else str(root / rel) for rel, _ in items]
         decoded = decode_images([read(rel) for rel, _ in items], size, channels, names=names)
-        images, labels = [], []
-        for (_, label), result in zip(items, track(decoded, description=f"decoding {split} images", total=len(items))):
+        images, labels, kept = [], [], []
+        for (rel, label), result in zip(items, track(decoded, description=f"decoding {split} images", total=len(items))):
             if isinstance(result, ImageDecodeError):
                 bad.append(result)
             else:
                 images.append(result)
                 labels.append(label)
+                kept.append(rel)
+        files[f"{split}_files"] = "\n".join(kept)
         arrays[f"{split}_images"] = np.stack(images) if images else np.zeros((0, channels, size, size), np.uint8)
         arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)
     notes = list(layout.notes)
@@ -120,7 +131,7 @@ def _decode_tree(root: Path, size: int, channels: int, skip_bad: bool) -> tuple[
             )
         notes.append(f"skipped {len(bad)} undecodable image file(s)")
         log.warning("skipped %d undecodable image file(s):\n%s", len(bad), listing)
-    return arrays, {"classes": "\n".join(classes), "notes": "\n".join(notes)}
+    return arrays, {"classes": "\n".join(classes), "notes": "\n".join(notes), **files}
 
 
 def _read_archive(path: Path, contents: bool = True) -> tuple[dict[str, bytes], list[str]]:

@@ -126,8 +126,7 @@ def _folds(cfg: Config, folds: int) -> tuple[Dataset, list[Splits]]:
     """The first `folds` folds of the training and validation images, numbered as the probe's
     cross-validation numbers them (the same seed, the same held-out images)."""
     ds, splits = run_splits(cfg.to_dict())
-    pool = Split(np.concatenate([splits.train.images, splits.val.images]),
-                 np.concatenate([splits.train.labels, splits.val.labels]))
+    pool = Split.joined([splits.train, splits.val])
     ids = fold_ids(pool.labels, cfg.cv_folds, cfg.seed, copy_groups(pool.images))
     out = []
     for k in range(folds):

@@ -241,7 +241,8 @@ def _test_and_report(setup: Setup, loop: Loop, started_at: float) -> TrainResult
     save_evaluation(setup.run_dir, test, setup.ds.classes, split="test", checkpoint="best")
     summary = _summary(setup, loop, test, started_at)
     for warning in summary["warnings"]:
-        log.warning("%s", warning)
+        if warning not in setup.data_warnings:  # those were said as the data was split (training/build.py)
+            log.warning("%s", warning)
     write_json_atomic(setup.run_dir / "summary.json", summary)
     if cfg.report:
         from cnnkit.report import build_report

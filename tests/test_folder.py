@@ -443,3 +443,32 @@ def test_a_run_warns_of_a_test_photo_it_learnt_from(tmp_path, fmnist_images, cap
                and "also-a-sandal.png" in w for w in warnings), warnings
     assert "is a copy of training or validation images" in (tmp_path / "r" / "report.html").read_text()
     assert capsys.readouterr().err.count("1 of the 9 test images is a copy") == 1  # said once, as the data was split
+
+
+def test_cnnkit_datasets_dir_shows_a_folders_classes_and_its_copies(tmp_path, smooth_pictures, capsys):
+    """`cnnkit datasets DIR` before training: images by class and split, and each group of copies with its
+    files: a photo in train/ and test/, one saved again as JPEG under another class, and none made up."""
+    import json
+
+    from cnnkit.cli import main
+
+    pictures = smooth_pictures(14)
+    root = tmp_path / "mine"
+    for n, picture in enumerate(pictures):
+        split, cls = ("test" if n >= 10 else "train"), ("cats" if n % 2 else "dogs")
+        (root / split / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture.transpose(1, 2, 0)).save(root / split / cls / f"{n}.png")
+    shutil.copy(root / "train" / "dogs" / "0.png", root / "test" / "dogs" / "again.png")
+    Image.fromarray(pictures[3].transpose(1, 2, 0)).save(root / "train" / "dogs" / "3-resaved.jpg", quality=60)
+    assert main(["--quiet", "datasets", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"{root}: 16 images in 2 classes" in out
+    assert "2 groups of copies of one picture (4 images): 1 under more than one class, 1 across splits" in out
+    assert "train/cats/3.png [cats] = train/dogs/3-resaved.jpg [dogs]  (classes differ)" in out
+    assert "test/dogs/again.png = train/dogs/0.png  (splits differ)" in out or \
+        "train/dogs/0.png = test/dogs/again.png  (splits differ)" in out
+    assert main(["--quiet", "datasets", str(root), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["images"] == {"train": [5, 6], "test": [2, 3]} and shown["classes"] == ["cats", "dogs"]
+    assert sorted(g["across"] for g in shown["copies"]) == ["classes", "splits"]
+    assert main(["--quiet", "datasets"]) == 0 and "fashion-mnist" in capsys.readouterr().out  # without DIR: as ever

@@ -124,7 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     aug.add_parser("ops", help="list augmentation ops, their parameters, and the presets")
 
-    sub.add_parser("datasets", help="which datasets are available here, and where they were found")
+    p = sub.add_parser("datasets", help="which datasets are available here; with DIR, what cnnkit sees in your folder",
+                       description="Without DIR: the datasets cnnkit knows and where they were found. With DIR (a folder, "
+                       ".zip or .tar.gz of class folders): its classes and images by split, and every group of copies of "
+                       "one picture (exact, or saved again, rescaled, brighter or darker), before you train on it.")
+    p.add_argument("dir", nargs="?", type=Path, metavar="DIR", help="a folder of your own images to look into")
+    p.add_argument("--image-size", type=int, default=64, help="DIR's images are decoded to this size to compare them "
+                   "(default 64; near copies are judged at 32 px)")
+    p.add_argument("--json", action="store_true", help="with DIR: everything as JSON, every group of copies")
     sub.add_parser("recipes", help="list the recipes, one line each")
     return parser
 
@@ -598,10 +605,51 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_datasets(args: argparse.Namespace) -> int:
     from cnnkit.data import DATASETS, where_available
 
+    if args.dir is not None:
+        return _show_folder(args.dir, args.image_size, args.json)
     found = where_available()
     for name, description in DATASETS.items():
         where = found[name] or "not found here; downloaded on first use (or give --data-dir)"
         print(f"{name:14} {description}\n{'':14} -> {where}")
+    return 0
+
+
+SHOWN_GROUPS = 20  # groups of copies printed; --json gives them all
+
+
+def _show_folder(root: Path, size: int, as_json: bool) -> int:
+    """`cnnkit datasets DIR`: the folder's classes by split, and its copies of one picture, for a person."""
+    from rich.table import Table
+
+    from cnnkit.data import folder
+    from cnnkit.data.copies import find_copy_groups
+
+    ds = folder.load(root, size=size, channels=3)
+    groups = find_copy_groups(ds.splits, ds.classes)
+    counts = {name: split.class_counts(len(ds.classes)).tolist() for name, split in ds.splits.items()}
+    if as_json:
+        print(json.dumps({"source": str(root), "classes": ds.classes, "images": counts, "notes": ds.notes,
+                          "copies": [{**vars(g), "across": g.across} for g in groups]}, indent=2))
+        return 0
+    print(f"{root}: {sum(map(sum, counts.values()))} images in {len(ds.classes)} classes (decoded at {size} px)")
+    table = Table()
+    table.add_column("class")
+    for name in counts:
+        table.add_column(name, justify="right")
+    for c, cls in enumerate(ds.classes):
+        table.add_row(escape(cls), *(str(n[c]) for n in counts.values()))
+    out_console().print(table)
+    for note in ds.notes:
+        print(note)
+    across = {kind: sum(g.across == kind for g in groups) for kind in ("classes", "splits", "")}
+    print(f"{len(groups)} groups of copies of one picture ({sum(len(g.files) for g in groups)} images): "
+          f"{across['classes']} under more than one class, {across['splits']} across splits, {across['']} within one "
+          "split and class" if groups else "No copies of one picture (exact, or saved again, rescaled, brighter or darker).")
+    for g in sorted(groups, key=lambda g: ("classes", "splits", "").index(g.across))[:SHOWN_GROUPS]:
+        what = {"classes": "  (classes differ)", "splits": "  (splits differ)", "": ""}[g.across]
+        print("  " + " = ".join(f"{f} [{c}]" if g.across == "classes" else f for f, c in zip(g.files, g.classes)) + what)
+    if len(groups) > SHOWN_GROUPS:
+        print(f"  ... and {len(groups) - SHOWN_GROUPS} more (--json lists them all)")
     return 0
 
 

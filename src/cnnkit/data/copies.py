@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnkit.data import Splits
+from cnnkit.data import Split, Splits
 
 SPLITS = ("train", "validation", "test")
 # A near copy: hashes at most NEAR_BITS of 64 apart, and 32x32 grey pixels correlated at NEAR_CORRELATION
@@ -167,6 +167,39 @@ def _perceptual_hash(grey: torch.Tensor) -> torch.Tensor:
     dct = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)).float()  # unscaled: the median test does not need it
     low = (dct @ grey.view(-1, n, n) @ dct.T)[:, :HASH_SIZE, :HASH_SIZE].flatten(1)
     return low > low.median(1, keepdim=True).values
+
+
+@dataclass
+class CopyGroup:
+    """Copies of one picture found in a dataset (exact, or near: saved again, rescaled, ...)."""
+
+    files: list[str]  # each copy's file (or "<split> image <index>" where the files are unknown)
+    splits: list[str]
+    classes: list[str]
+
+    @property
+    def across(self) -> str:
+        """What makes the group a problem: "classes" (no model gets both right), "splits" (one is
+        learnt, the other judged), or "" (copies within one split and class: weight, not harm)."""
+        return "classes" if len(set(self.classes)) > 1 else "splits" if len(set(self.splits)) > 1 else ""
+
+
+def find_copy_groups(splits: dict[str, Split], classes: list[str]) -> list[CopyGroup]:
+    """Every group of copies of one picture across the given splits (`cnnkit datasets DIR`), largest first."""
+    named = [(name, split) for name, split in splits.items() if len(split)]
+    if not named:
+        return []
+    images = np.concatenate([split.images for _, split in named])
+    where = [(name, i, split) for name, split in named for i in range(len(split))]
+    groups: dict[int, list[int]] = {}
+    for index, group in enumerate(copy_groups(images)):
+        groups.setdefault(int(group), []).append(index)
+    out = []
+    for members in (m for m in groups.values() if len(m) > 1):
+        rows = [where[i] for i in members]
+        out.append(CopyGroup([str(split.names[i]) if split.names is not None else f"{name} image {i}" for name, i, split in rows],
+                             [name for name, _, _ in rows], [classes[int(split.labels[i])] for _, i, split in rows]))
+    return sorted(out, key=lambda g: (-len(g.files), g.files))
 
 
 def copy_groups(images: np.ndarray) -> np.ndarray:

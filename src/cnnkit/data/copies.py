@@ -143,8 +143,7 @@ def near_copies(split: Fingerprints, pool: Fingerprints) -> list[tuple[int, int]
     if not len(split.images) or not len(pool.images):
         return []
     bits, nearest = nearest_by_hash(split.bits, pool.bits)
-    correlation = (_standardized(split.grey) * _standardized(pool.grey[nearest])).sum(1)
-    near = ((bits <= NEAR_BITS) & (correlation >= NEAR_CORRELATION)).numpy()
+    near = _near(bits, split.grey, pool.grey[nearest])
     exact = np.asarray([np.array_equal(a, b) for a, b in zip(split.images, pool.images[nearest.numpy()])], dtype=bool)
     return [(int(i), int(nearest[i])) for i in np.flatnonzero(near & ~exact)]
 
@@ -210,7 +209,6 @@ def copy_groups(images: np.ndarray) -> np.ndarray:
         return np.arange(len(images))
     prints = Fingerprints.of(images)
     bits, nearest = nearest_by_hash(prints.bits, prints.bits, others_only=True)
-    correlation = (_standardized(prints.grey) * _standardized(prints.grey[nearest])).sum(1)
     parent = np.arange(len(images))
 
     def root(i: int) -> int:
@@ -219,7 +217,7 @@ def copy_groups(images: np.ndarray) -> np.ndarray:
             i = parent[i]
         return i
 
-    for i in np.flatnonzero(((bits <= NEAR_BITS) & (correlation >= NEAR_CORRELATION)).numpy()):
+    for i in np.flatnonzero(_near(bits, prints.grey, prints.grey[nearest])):
         parent[root(i)] = root(int(nearest[i]))
     return np.asarray([root(i) for i in range(len(images))])
 
@@ -240,6 +238,13 @@ def nearest_by_hash(a: torch.Tensor, b: torch.Tensor, chunk: int = 128,
         bits.append(((a.shape[1] - agree) / 2).round().int())
         nearest.append(index)
     return torch.cat(bits), torch.cat(nearest)
+
+
+def _near(bits: torch.Tensor, grey: torch.Tensor, nearest_grey: torch.Tensor) -> np.ndarray:
+    """Which images are near copies of their nearest by hash: within NEAR_BITS, and their small grey
+    pixels correlated at NEAR_CORRELATION or more."""
+    correlation = (_standardized(grey) * _standardized(nearest_grey)).sum(1)
+    return ((bits <= NEAR_BITS) & (correlation >= NEAR_CORRELATION)).numpy()
 
 
 def _standardized(x: torch.Tensor) -> torch.Tensor:

@@ -370,7 +370,7 @@ def test_copies_across_splits_and_classes_are_counted():
 def test_near_copies_of_a_photo_are_found_and_others_are_not(smooth_pictures):
     """A photo saved again (JPEG quality 30), at half size, or darker is a near copy of its original; its
     mirror image, a 20% crop, a 3% shift (6 bits and 0.96 apart) and other pictures are not; an exact copy
-    is counted as one, not as near."""
+    is counted as one, not as near; a near copy under another class is warned of too."""
     import io
 
     from cnnkit.data import Split, Splits
@@ -410,6 +410,14 @@ def test_near_copies_of_a_photo_are_found_and_others_are_not(smooth_pictures):
     assert "(the same pixels; for example test/a/10.jpg and train/a/5.jpg)" in exact
     assert ("brighter or darker; for example test/a/0.jpg and train/a/0.jpg; test/a/1.jpg and train/a/1.jpg; "
             "test/a/2.jpg and train/a/2.jpg)") in near_ones
+    # A photo saved again under another class, in the same split: no model gets both right
+    resaved = redo(train[7], jpeg)
+    two = Splits(Split(np.concatenate([train, resaved[None]]), np.array([0] * 40 + [1]),
+                       np.array([f"train/a/{i}.jpg" for i in range(40)] + ["train/b/7-again.jpg"])),
+                 splits.val, Split(test[3:10], labels[3:10], np.array([f"test/a/{i}.jpg" for i in range(7)])), [])
+    assert copies_warnings(two, ["a", "b"]) == [
+        "1 photo appears under more than one class as near copies (a and b; for example train/a/7.jpg and "
+        "train/b/7-again.jpg): no model can get every copy right; keep each photo and its versions in one class folder"]
     few = Splits(splits.train, splits.val, Split(np.concatenate([test[:1], smooth_pictures(120, seed=2)]),
                                                  np.zeros(121, dtype=np.int64)), [])
     assert copies_warnings(few, ["a", "b"]) == []  # one near copy in 121: under 1% of the test split

@@ -58,7 +58,7 @@ def copies_warnings(splits: Splits, classes: list[str], validation: bool = True,
                    f"{_examples(val, ' (', ')')}: validation chooses by pictures the model has learnt; keep each picture "
                    "in one split")
     if near:
-        out += _near_warnings(splits, validation)
+        out += _near_warnings(splits, classes, validation)
     mixed = [g for g in groups if len({label for _, label, _ in g}) > 1]
     if mixed:
         pairs = sorted({" and ".join(classes[c] for c in sorted({label for _, label, _ in g})) for g in mixed})
@@ -69,9 +69,10 @@ def copies_warnings(splits: Splits, classes: list[str], validation: bool = True,
     return out
 
 
-def _near_warnings(splits: Splits, validation: bool) -> list[str]:
+def _near_warnings(splits: Splits, classes: list[str], validation: bool) -> list[str]:
     """Near copies in the test split of the images learnt from, and (with `validation`) in the validation
-    split of the training images, where they are at least NEAR_SHARE of the split."""
+    split of the training images, where they are at least NEAR_SHARE of the split; and any photo whose near
+    copies are under more than one class."""
     train, val, test = (Fingerprints.of(s.images, s.names) for s in (splits.train, splits.val, splits.test))
     out = []
     pool = Fingerprints.joined([train, val])
@@ -85,7 +86,27 @@ def _near_warnings(splits: Splits, validation: bool) -> list[str]:
         out.append(f"{len(near)} of the {len(splits.val)} validation images {_are_near(len(near))} of training images"
                    f"{_examples(near, ' (', ')')}: validation chooses by photos the model has learnt; keep each photo "
                    "and its versions in one split")
-    return out
+    every = Fingerprints.joined([train, val, test])
+    labels = np.concatenate([splits.train.labels, splits.val.labels, splits.test.labels])
+    return out + _near_in_two_classes(every, labels, classes)
+
+
+def _near_in_two_classes(prints: Fingerprints, labels: np.ndarray, classes: list[str]) -> list[str]:
+    """A warning where near copies of one photo (not all the same pixels: those are warned of as exact
+    copies) are under more than one class."""
+    groups: dict[int, list[int]] = {}
+    for index, group in enumerate(copy_groups(prints)):
+        groups.setdefault(int(group), []).append(index)
+    mixed = [m for m in groups.values() if len(set(labels[m])) > 1
+             and not all(np.array_equal(prints.images[m[0]], prints.images[i]) for i in m[1:])]
+    if not mixed:
+        return []
+    kinds = sorted({" and ".join(classes[c] for c in sorted(set(labels[m]))) for m in mixed})
+    names = prints.names
+    files = [(None, None) if names is None else (str(names[m[0]]), str(names[m[1]])) for m in mixed]
+    return [f"{len(mixed)} {'photo appears' if len(mixed) == 1 else 'photos appear'} under more than one class as near "
+            f"copies ({'; '.join(kinds[:3])}{'; ...' if len(kinds) > 3 else ''}{_examples(files, '; ', '')}): no model "
+            "can get every copy right; keep each photo and its versions in one class folder"]
 
 
 Pair = tuple[str | None, str | None]  # the files of an image and of its copy, where known
@@ -201,15 +222,15 @@ def find_copy_groups(splits: dict[str, Split], classes: list[str]) -> list[CopyG
     return sorted(out, key=lambda g: (-len(g.files), g.files))
 
 
-def copy_groups(images: np.ndarray) -> np.ndarray:
+def copy_groups(images: np.ndarray | Fingerprints) -> np.ndarray:
     """A group number for each image, one for all the copies of a photo (exact or near) among `images`:
     for cross-validation's folds, which keep a group together (probe.fold_ids). Each image is joined to
     its nearest other image by hash where the two are near copies, and groups are what those links join."""
-    if len(images) < 2:
-        return np.arange(len(images))
-    prints = Fingerprints.of(images)
+    prints = images if isinstance(images, Fingerprints) else Fingerprints.of(images)
+    if len(prints.images) < 2:
+        return np.arange(len(prints.images))
     bits, nearest = nearest_by_hash(prints.bits, prints.bits, others_only=True)
-    parent = np.arange(len(images))
+    parent = np.arange(len(prints.images))
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -219,7 +240,7 @@ def copy_groups(images: np.ndarray) -> np.ndarray:
 
     for i in np.flatnonzero(_near(bits, prints.grey, prints.grey[nearest])):
         parent[root(i)] = root(int(nearest[i]))
-    return np.asarray([root(i) for i in range(len(images))])
+    return np.asarray([root(i) for i in range(len(prints.images))])
 
 
 def nearest_by_hash(a: torch.Tensor, b: torch.Tensor, chunk: int = 128,

@@ -404,6 +404,10 @@ def test_near_copies_of_a_photo_are_found_and_others_are_not(smooth_pictures):
     assert warnings[0].startswith("1 of the 11 test images is a copy of training or validation images")
     assert warnings[1].startswith("3 of the 11 test images are near copies of training or validation images")
     assert len(copies_warnings(splits, ["a", "b"], near=False)) == 1
+    from cnnkit.data.copies import check_copies
+
+    assert check_copies(splits, ["a", "b"]).copied_test.tolist() == [0, 1, 2, 10]  # the near ones and the exact one
+    assert check_copies(splits, ["a", "b"], near=False).copied_test.tolist() == [10]
     named = Splits(Split(train, splits.train.labels, np.array([f"train/a/{i}.jpg" for i in range(40)])), splits.val,
                    Split(test, labels, np.array([f"test/a/{i}.jpg" for i in range(11)])), [])
     exact, near_ones = copies_warnings(named, ["a", "b"])  # the files to move, where the splits know them
@@ -451,6 +455,10 @@ def test_a_run_warns_of_a_test_photo_it_learnt_from(tmp_path, fmnist_images, cap
                and "also-a-sandal.png" in w for w in warnings), warnings
     assert "is a copy of training or validation images" in (tmp_path / "r" / "report.html").read_text()
     assert capsys.readouterr().err.count("1 of the 9 test images is a copy") == 1  # said once, as the data was split
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["test_copies_left_out"] == 1  # and the accuracy on the other 8, the copy right or wrong
+    assert round(9 * summary["test_accuracy"] - 8 * summary["test_accuracy_without_copies"], 6) in (0, 1)
+    assert "test accuracy without copies" in (tmp_path / "r" / "report.html").read_text()
 
 
 def test_cnnkit_datasets_dir_shows_a_folders_classes_and_its_copies(tmp_path, smooth_pictures, capsys):

@@ -297,6 +297,10 @@ def write_page(run_dir: Path, metrics: dict[str, Any], classes: list[str], pair_
              ("augmentation", json.dumps(cfg["augment"])), ("precision", cfg["precision"]),
              ("training samples", f"{summary['probe_images']:,} of {summary['train_samples']:,} (as many as the time "
               "budget held)" if "probe_images" in summary else summary.get("train_samples", "?")), ("seed", cfg["seed"])]
+    if summary.get("test_accuracy_without_copies") is not None:  # data.copies: what new images would get
+        facts.insert(0, ("test accuracy without copies", f"{100 * summary['test_accuracy_without_copies']:.2f}% "
+                         f"({summary['test_samples'] - summary['test_copies_left_out']} test images: the "
+                         f"{summary['test_copies_left_out']} copies of training images left out)"))
     def pct(key: str, value: float) -> str:
         return _num(key, f"{100 * value:.2f}%")
 

@@ -38,7 +38,21 @@ NEAR_SHARE = 0.01  # near copies of under 1% of a split move its accuracy by und
 HASH_SIZE, HASH_FROM = 8, 32  # the 8x8 lowest frequencies of a 32x32 grey image's DCT (pHash's own sizes)
 
 
+@dataclass
+class CopiesFound:
+    """What `check_copies` found: warnings for a person, and which test images are copies (exact or near)
+    of images the model learns from, so that the test accuracy can also be given without them."""
+
+    warnings: list[str]
+    copied_test: np.ndarray  # indices into the test split
+
+
 def copies_warnings(splits: Splits, classes: list[str], validation: bool = True, near: bool = True) -> list[str]:
+    """`check_copies`' warnings."""
+    return check_copies(splits, classes, validation, near).warnings
+
+
+def check_copies(splits: Splits, classes: list[str], validation: bool = True, near: bool = True) -> CopiesFound:
     """What a person should know of the copies in these splits (nothing where there are none), with a few
     of the files where the splits know them (a folder's); near copies too with `near` (for a folder of
     one's own images: docs/data.md has the built-in datasets' counts). With `validation` false (a run that
@@ -47,6 +61,7 @@ def copies_warnings(splits: Splits, classes: list[str], validation: bool = True,
     a photo set may hold by chance (flowers12 one pair in 720)."""
     groups = [g for g in _by_pixels(splits).values() if len(g) > 1]
     out = []
+    copied = {i for g in groups if any(s != "test" for s, _, _, _ in g) for s, _, _, i in g if s == "test"}
     test = _copied(groups, "test", ("train", "validation"))
     if test:
         out.append(f"{len(test)} of the {len(splits.test)} test images {_are_copies(len(test))} of training or "
@@ -58,25 +73,28 @@ def copies_warnings(splits: Splits, classes: list[str], validation: bool = True,
                    f"{_examples(val, ' (', ')')}: validation chooses by pictures the model has learnt; keep each picture "
                    "in one split")
     if near:
-        out += _near_warnings(splits, classes, validation)
-    mixed = [g for g in groups if len({label for _, label, _ in g}) > 1]
+        near_out, near_test = _near_warnings(splits, classes, validation)
+        out += near_out
+        copied |= near_test
+    mixed = [g for g in groups if len({label for _, label, _, _ in g}) > 1]
     if mixed:
-        pairs = sorted({" and ".join(classes[c] for c in sorted({label for _, label, _ in g})) for g in mixed})
+        pairs = sorted({" and ".join(classes[c] for c in sorted({label for _, label, _, _ in g})) for g in mixed})
         files = [(g[0][2], g[1][2]) for g in mixed]
         out.append(f"{len(mixed)} {'picture appears' if len(mixed) == 1 else 'pictures appear'} under more than one "
                    f"class ({'; '.join(pairs[:3])}{'; ...' if len(pairs) > 3 else ''}{_examples(files, '; ', '')}): "
                    "no model can get every copy right; keep each in one class folder")
-    return out
+    return CopiesFound(out, np.asarray(sorted(copied), dtype=np.int64))
 
 
-def _near_warnings(splits: Splits, classes: list[str], validation: bool) -> list[str]:
+def _near_warnings(splits: Splits, classes: list[str], validation: bool) -> tuple[list[str], set[int]]:
     """Near copies in the test split of the images learnt from, and (with `validation`) in the validation
     split of the training images, where they are at least NEAR_SHARE of the split; and any photo whose near
     copies are under more than one class."""
     train, val, test = (Fingerprints.of(s.images, s.names) for s in (splits.train, splits.val, splits.test))
     out = []
     pool = Fingerprints.joined([train, val])
-    near = _named(near_copies(test, pool), test, pool)
+    pairs = near_copies(test, pool)
+    near = _named(pairs, test, pool)
     if near and len(near) >= NEAR_SHARE * len(splits.test):
         out.append(f"{len(near)} of the {len(splits.test)} test images {_are_near(len(near))} of training or validation "
                    f"images (the same photo saved again, rescaled, brighter or darker{_examples(near)}): the test "
@@ -88,7 +106,7 @@ def _near_warnings(splits: Splits, classes: list[str], validation: bool) -> list
                    "and its versions in one split")
     every = Fingerprints.joined([train, val, test])
     labels = np.concatenate([splits.train.labels, splits.val.labels, splits.test.labels])
-    return out + _near_in_two_classes(every, labels, classes)
+    return out + _near_in_two_classes(every, labels, classes), {i for i, _ in pairs}
 
 
 def _near_in_two_classes(prints: Fingerprints, labels: np.ndarray, classes: list[str]) -> list[str]:
@@ -273,22 +291,25 @@ def _standardized(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
 
 
-def _by_pixels(splits: Splits) -> dict[bytes, list[tuple[str, int, str | None]]]:
-    """(split, label, file or None) of every image, by a digest of its pixels."""
-    seen: dict[bytes, list[tuple[str, int, str | None]]] = {}
+Seen = tuple[str, int, str | None, int]  # an image's split, label, file (or None) and index in its split
+
+
+def _by_pixels(splits: Splits) -> dict[bytes, list[Seen]]:
+    """Every image (`Seen`), by a digest of its pixels."""
+    seen: dict[bytes, list[Seen]] = {}
     for name, split in zip(SPLITS, (splits.train, splits.val, splits.test)):
         files = split.names if split.names is not None else [None] * len(split)
-        for image, label, file in zip(split.images, split.labels, files):
+        for index, (image, label, file) in enumerate(zip(split.images, split.labels, files)):
             digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).digest()
-            seen.setdefault(digest, []).append((name, int(label), None if file is None else str(file)))
+            seen.setdefault(digest, []).append((name, int(label), None if file is None else str(file), index))
     return seen
 
 
-def _copied(groups: list[list[tuple[str, int, str | None]]], split: str, others: tuple[str, ...]) -> list[Pair]:
+def _copied(groups: list[list[Seen]], split: str, others: tuple[str, ...]) -> list[Pair]:
     """(its file, a copy's file) of each image of `split` whose pixels are also among the `others` splits'."""
     out = []
     for g in groups:
-        copies = [file for s, _, file in g if s in others]
+        copies = [file for s, _, file, _ in g if s in others]
         if copies:
-            out += [(file, copies[0]) for s, _, file in g if s == split]
+            out += [(file, copies[0]) for s, _, file, _ in g if s == split]
     return out

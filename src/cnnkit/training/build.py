@@ -22,7 +22,7 @@ from cnnkit.augment import build_augment
 from cnnkit.checkpoint import Checkpoint
 from cnnkit.config import Config
 from cnnkit.data import Dataset, Splits, canonical_name, imbalance_ratio
-from cnnkit.data.copies import copies_warnings
+from cnnkit.data.copies import CopiesFound, check_copies
 from cnnkit.data.dataset import balanced_class_weights
 from cnnkit.data.loader import BatchLoader
 from cnnkit.distributed import DistInfo
@@ -66,6 +66,7 @@ class Setup:
     meta: dict[str, Any]  # what every checkpoint says of the run (model, classes, preprocessing, config)
     record: RunRecord
     data_warnings: list[str] = field(default_factory=list)  # copies of a picture across splits or classes
+    copied_test: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # test images that are copies
 
 
 def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = None,
@@ -90,9 +91,9 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
     ds, splits = data or run_splits(cfg.to_dict())
     _log_data(ds, splits, cfg.strategy)
     cross_validated = bool(record and record.selection)  # its validation images train too (training/choose.py)
-    data_warnings = (copies_warnings(splits, ds.classes, validation=not cross_validated, near=ds.name == "folder")
-                     if data is None and dist.is_main else [])  # not a fold's
-    for warning in data_warnings:
+    copies = (check_copies(splits, ds.classes, validation=not cross_validated, near=ds.name == "folder")
+              if data is None and dist.is_main else CopiesFound([], np.zeros(0, dtype=np.int64)))  # not a fold's
+    for warning in copies.warnings:
         log.warning("%s", warning)
     if dist.enabled:
         log.info("distributed: %d processes (%s), global batch %d = %d per process", dist.world,
@@ -131,7 +132,7 @@ def build(cfg: Config, run_dir: Path | None, checkpoint: Checkpoint | None = Non
     return Setup(cfg, dist, device, precision, InferenceSettings.for_run(cfg.to_dict(), device), ds, splits,
                  preprocess, model, net, optimizer, loader, step,
                  torch.amp.GradScaler("cuda") if precision == "fp16" else None, unfreezer, weights_source,
-                 run_dir, meta, record, data_warnings)
+                 run_dir, meta, record, copies.warnings, copies.copied_test)
 
 
 def _make_model(cfg: Config, imagenet: nn.Module | None, k: int, preprocess: Preprocess, train_images: np.ndarray,

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from cnnkit.training.hooks import (BestEpoch, Checkpointer, LookaheadHook, LrSch
                                    Unfreeze, append_metrics, saved_loop_state)
 from cnnkit.training.loop import Hook, Loop, TrainState
 from cnnkit.training.probe_budget import budgeted_rows
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +242,7 @@ def _test_and_report(setup: Setup, loop: Loop, started_at: float) -> TrainResult
                             tta=settings["tta"], **setup.inference.kwargs())
     test = classification_metrics(logits, splits.test.labels, setup.ds.classes)
     save_evaluation(setup.run_dir, test, setup.ds.classes, split="test", checkpoint="best")
-    summary = _summary(setup, loop, test, started_at)
+    summary = {**_summary(setup, loop, test, started_at), **_without_copies(logits, splits.test.labels, setup.copied_test)}
     for warning in summary["warnings"]:
         if warning not in setup.data_warnings:  # those were said as the data was split (training/build.py)
             log.warning("%s", warning)
@@ -284,6 +287,17 @@ def _summary(setup: Setup, loop: Loop, test: dict[str, Any], started_at: float) 
         "device": describe_device(setup.device), "precision": setup.precision,
         "finished_at": datetime.now().isoformat(timespec="seconds"), "versions": versions(), "notes": splits.notes,
     }
+
+
+def _without_copies(logits: torch.Tensor, labels: np.ndarray, copied: np.ndarray) -> dict[str, Any]:
+    """The test accuracy on the test images that are not copies of images the model learnt from (exact or
+    near: data.copies), where some are: what new photos would get, more nearly than the whole split's."""
+    if not len(copied):
+        return {}
+    rest = np.setdiff1d(np.arange(len(labels)), copied)
+    right = (logits[rest].argmax(1).numpy() == labels[rest]) if len(rest) else np.zeros(0, dtype=bool)
+    return {"test_accuracy_without_copies": float(right.mean()) if len(rest) else None,
+            "test_copies_left_out": int(len(copied))}
 
 
 def _cv_summary(selection: dict[str, Any] | None) -> dict[str, Any]:

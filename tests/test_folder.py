@@ -329,6 +329,19 @@ def test_evaluate_a_run_on_a_new_folder_of_photos(tmp_path, fmnist_images, capsy
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert any("holds the images this run trained on" in n for n in notes), notes
     assert again["notes"] == []  # its test folder: no such note
+    # New photos, three of them training photos saved again as JPEG: said, with the accuracy without them
+    mixed = tmp_path / "mixed"
+    for name in ("bag", "sandal", "trouser"):
+        (mixed / name).mkdir(parents=True)
+        for f in sorted((root / "test" / name).iterdir())[:4]:
+            shutil.copy(f, mixed / name / f.name)
+    for f in sorted((root / "train" / "bag").iterdir())[:3]:
+        Image.open(f).save(mixed / "bag" / f"{f.stem}-again.jpg", quality=70)
+    assert main(["--quiet", "evaluate", str(run), "--data-dir", str(mixed), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["samples"] == 15 and got["copies_of_training_images"] == 3
+    assert any(n.startswith("3 of the 15 images are copies") for n in got["notes"]), got["notes"]
+    assert round(15 * got["accuracy"] - 12 * got["accuracy_without_copies"], 6) in (0, 1, 2, 3)
     # A folder holding test/ alone (refused before: "no train/ folder"): that folder, evaluated whole
     shutil.copytree(root / "test", tmp_path / "only-test" / "test")
     assert main(["--quiet", "evaluate", str(run), "--data-dir", str(tmp_path / "only-test"), "--json"]) == 0

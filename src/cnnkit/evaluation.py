@@ -15,12 +15,16 @@ import numpy as np
 import torch
 
 from cnnkit.data import load_dataset
+from cnnkit.data.copies import copies_among
 from cnnkit.data.dataset import Split
 from cnnkit.errors import DataError
 from cnnkit.evaluate import classification_metrics, plot_confusion_matrix
 from cnnkit.fileio import write_json_atomic
 from cnnkit.inference import InferenceSettings, predict_logits
 from cnnkit.runs import load_run, run_settings, run_splits, save_evaluation
+
+
+TRAINED_ON = "the images this run trained on"  # in the note on a run's own training folder
 
 
 @dataclass
@@ -59,6 +63,8 @@ def evaluate_run(run_dir: Path, *, checkpoint: str = "best", tta: str | None = N
     logits = predict_logits(run.model, run.preprocess, split.images, device=device, tta=used,
                             **InferenceSettings.for_run(cfg, device).kwargs())
     metrics = classification_metrics(logits, split.labels, run.classes)
+    if out is not None and not any(TRAINED_ON in n for n in notes):  # new photos: any the run learnt from?
+        metrics, notes = _without_copies_of_training(cfg, split, logits, metrics, notes)
     if used != run_tta:
         return Evaluation(metrics, name, used, None, notes)
     if out is None:
@@ -69,6 +75,22 @@ def evaluate_run(run_dir: Path, *, checkpoint: str = "best", tta: str | None = N
     plot_confusion_matrix(metrics["confusion_matrix"], run.classes, out.with_suffix(".png"),
                           title=f"{folder}: accuracy {100 * metrics['accuracy']:.2f}%")
     return Evaluation(metrics, name, used, out, notes)
+
+
+def _without_copies_of_training(cfg: dict[str, Any], split: Split, logits: torch.Tensor, metrics: dict[str, Any],
+                                notes: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Where images evaluated as new are copies (exact or near: data.copies) of the run's training or
+    validation images, a note saying how many, and the accuracy without them (`accuracy_without_copies`)."""
+    _, splits = run_splits(cfg)
+    copied = copies_among(split.images, np.concatenate([splits.train.images, splits.val.images]))
+    if not len(copied):
+        return metrics, notes
+    rest = np.setdiff1d(np.arange(len(split)), copied)
+    accuracy = float((logits[rest].argmax(1).numpy() == split.labels[rest]).mean()) if len(rest) else None
+    without = f"; without them {100 * accuracy:.2f}% on {len(rest)}" if accuracy is not None else ""
+    return ({**metrics, "accuracy_without_copies": accuracy, "copies_of_training_images": int(len(copied))},
+            [*notes, f"{len(copied)} of the {len(split)} images are copies (exact, or saved again, rescaled, brighter or "
+                     f"darker) of images this run learnt from{without}"])
 
 
 def _same_path(a: Path, b: str | None) -> bool:
@@ -85,7 +107,7 @@ def _training_images_note(folder: Path, data_dir: str | None) -> list[str]:
     trained = [Path(data_dir), *(p for p in Path(data_dir).iterdir() if SPLIT_ALIASES.get(p.name.lower()) == "train")]
     if not any(_same_path(folder, str(p)) for p in trained):
         return []
-    return [f"{folder} holds the images this run trained on, so this accuracy overstates what new photos would get; "
+    return [f"{folder} holds {TRAINED_ON}, so this accuracy overstates what new photos would get; "
             "`cnnkit evaluate RUN` (no --data-dir) evaluates its held-out test split"]
 
 

@@ -240,6 +240,17 @@ def find_copy_groups(splits: dict[str, Split], classes: list[str]) -> list[CopyG
     return sorted(out, key=lambda g: (-len(g.files), g.files))
 
 
+def copies_among(images: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """Indices of `images` that are copies, exact or near, of an image in `pool` (`cnnkit evaluate` on
+    new photos: which of them the run learnt from)."""
+    if not len(images) or not len(pool):
+        return np.zeros(0, dtype=np.int64)
+    seen = {_digest(p) for p in pool}
+    exact = {i for i, image in enumerate(images) if _digest(image) in seen}
+    near = {i for i, _ in near_copies(Fingerprints.of(images), Fingerprints.of(pool))}
+    return np.asarray(sorted(exact | near), dtype=np.int64)
+
+
 def copy_groups(images: np.ndarray | Fingerprints) -> np.ndarray:
     """A group number for each image, one for all the copies of a photo (exact or near) among `images`:
     for cross-validation's folds, which keep a group together (probe.fold_ids). Each image is joined to
@@ -300,9 +311,12 @@ def _by_pixels(splits: Splits) -> dict[bytes, list[Seen]]:
     for name, split in zip(SPLITS, (splits.train, splits.val, splits.test)):
         files = split.names if split.names is not None else [None] * len(split)
         for index, (image, label, file) in enumerate(zip(split.images, split.labels, files)):
-            digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).digest()
-            seen.setdefault(digest, []).append((name, int(label), None if file is None else str(file), index))
+            seen.setdefault(_digest(image), []).append((name, int(label), None if file is None else str(file), index))
     return seen
+
+
+def _digest(image: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16).digest()
 
 
 def _copied(groups: list[list[Seen]], split: str, others: tuple[str, ...]) -> list[Pair]:

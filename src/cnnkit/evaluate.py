@@ -37,6 +37,12 @@ def classification_metrics(logits: torch.Tensor, labels: np.ndarray | torch.Tens
     }
 
 
+def accuracy_without(logits: torch.Tensor, labels: np.ndarray, left_out: np.ndarray) -> float | None:
+    """Accuracy on the images not `left_out` (indices: copies of training images, data.copies); None if none are left."""
+    rest = np.setdiff1d(np.arange(len(labels)), left_out)
+    return float((logits[rest].argmax(1).cpu().numpy() == labels[rest]).mean()) if len(rest) else None
+
+
 def plot_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path, title: str = "") -> None:
     """Two panels: counts, and row-normalised (each row sums to 1: the recall of that class)."""
     plt = pyplot()

@@ -18,7 +18,7 @@ from cnnkit.data import load_dataset
 from cnnkit.data.copies import copies_among
 from cnnkit.data.dataset import Split
 from cnnkit.errors import DataError
-from cnnkit.evaluate import classification_metrics, plot_confusion_matrix
+from cnnkit.evaluate import accuracy_without, classification_metrics, plot_confusion_matrix
 from cnnkit.fileio import write_json_atomic
 from cnnkit.inference import InferenceSettings, predict_logits
 from cnnkit.runs import load_run, run_settings, run_splits, save_evaluation
@@ -85,9 +85,8 @@ def _without_copies_of_training(cfg: dict[str, Any], split: Split, logits: torch
     copied = copies_among(split.images, np.concatenate([splits.train.images, splits.val.images]))
     if not len(copied):
         return metrics, notes
-    rest = np.setdiff1d(np.arange(len(split)), copied)
-    accuracy = float((logits[rest].argmax(1).numpy() == split.labels[rest]).mean()) if len(rest) else None
-    without = f"; without them {100 * accuracy:.2f}% on {len(rest)}" if accuracy is not None else ""
+    accuracy = accuracy_without(logits, split.labels, copied)
+    without = f"; without them {100 * accuracy:.2f}% on {len(split) - len(copied)}" if accuracy is not None else ""
     return ({**metrics, "accuracy_without_copies": accuracy, "copies_of_training_images": int(len(copied))},
             [*notes, f"{len(copied)} of the {len(split)} images are copies (exact, or saved again, rescaled, brighter or "
                      f"darker) of images this run learnt from{without}"])

@@ -170,9 +170,10 @@ class Fingerprints:
     @classmethod
     def joined(cls, prints: list[Fingerprints]) -> Fingerprints:
         named = [p for p in prints if len(p.images)]  # an empty split's names are no loss
+        names = None if any(p.names is None for p in named) else np.concatenate(
+            [p.names for p in named] or [np.zeros(0, dtype=object)])  # type: ignore[misc]
         return cls(np.concatenate([p.images for p in prints]), torch.cat([p.grey for p in prints]),
-                   torch.cat([p.bits for p in prints]),
-                   None if any(p.names is None for p in named) else np.concatenate([p.names for p in named] or [[]]))
+                   torch.cat([p.bits for p in prints]), names)
 
 
 def near_copies(split: Fingerprints, pool: Fingerprints) -> list[tuple[int, int]]:

@@ -32,10 +32,11 @@ class Split:
 
     @staticmethod
     def joined(splits: list[Split]) -> Split:
-        """The splits one after another (file names where every one has them)."""
-        names = [s.names for s in splits]
-        return Split(np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits]),
-                     None if any(n is None for n in names) else np.concatenate(names))  # type: ignore[arg-type]
+        """The splits one after another (file names where every one that holds images has them)."""
+        named = [s for s in splits if len(s)]  # an empty split's names are no loss
+        names = None if any(s.names is None for s in named) else np.concatenate(
+            [s.names for s in named] or [np.zeros(0, dtype=object)])  # type: ignore[misc]
+        return Split(np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits]), names)
 
     def class_counts(self, num_classes: int) -> np.ndarray:
         return np.bincount(self.labels, minlength=num_classes)

@@ -168,13 +168,6 @@ def _member(open_member: Callable[[Any], Any], member: Any, name: str, size: int
         return f.read(min(size, MAX_FILE_BYTES + 1))
 
 
-def holds_splits(path: Path) -> bool:
-    """Whether a directory's or an archive's class folders sit under train/ val/ test/ (a dataset, or
-    test/ alone) rather than at its top, under one wrapping folder or none (a folder of class folders),
-    from names alone: nothing is decoded."""
-    return bool(list_layout(path, need_train=False).split_folders)
-
-
 class Layout:
     """Which file belongs to which split and class, before any pixel is decoded; `split_folders`: each
     split's folder (relative, e.g. "flowers12/test") where the class folders sit under split folders."""

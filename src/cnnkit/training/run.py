@@ -27,7 +27,7 @@ from cnnkit.checkpoint import Checkpoint, load_checkpoint
 from cnnkit.config import Config
 from cnnkit.distributed import DistInfo
 from cnnkit.errors import ConfigError, RunError
-from cnnkit.evaluate import accuracy_interval, classification_metrics, small_split_warnings
+from cnnkit.evaluate import accuracy_interval, accuracy_without, classification_metrics, small_split_warnings
 from cnnkit.fileio import write_bytes_atomic, write_json_atomic
 from cnnkit.inference import predict_logits
 from cnnkit.models import count_parameters
@@ -294,9 +294,7 @@ def _without_copies(logits: torch.Tensor, labels: np.ndarray, copied: np.ndarray
     near: data.copies), where some are: what new photos would get, more nearly than the whole split's."""
     if not len(copied):
         return {}
-    rest = np.setdiff1d(np.arange(len(labels)), copied)
-    right = (logits[rest].argmax(1).numpy() == labels[rest]) if len(rest) else np.zeros(0, dtype=bool)
-    return {"test_accuracy_without_copies": float(right.mean()) if len(rest) else None,
+    return {"test_accuracy_without_copies": accuracy_without(logits, labels, copied),
             "test_copies_left_out": int(len(copied))}
 
 

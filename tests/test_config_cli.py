@@ -183,3 +183,23 @@ def test_nproc_gives_the_workers_the_dataset_guessed_from_the_data_dir(photos, m
     assert main(["train", "--data-dir", str(photos), "--strategy", "frozen", "--probe-candidates", "[]",
                  "--nproc", "2"]) == 0
     assert launched[0][-4:] == ["--recipe", "photos", "--dataset", "folder"]
+
+
+def test_tune_lr_find_and_augment_preview_read_a_data_dir_for_what_it_holds(photos, tmp_path, monkeypatch, capsys):
+    """Before, each of them took Fashion-MNIST's recipe for a folder of photos: tune tuned Fashion-MNIST
+    (found in the system's copy) and augment preview drew it."""
+    from cnnkit import tune
+
+    studied = []
+    monkeypatch.setattr(tune, "tune", lambda recipe, overrides, **kw: studied.append((recipe, dict(overrides))) or
+                        tune.TuneResult(kw["folder"], None, {}, [], None))
+    assert main(["tune", "--data-dir", str(photos), "--trials", "1", "--output", str(tmp_path)]) == 1  # no trial ran
+    assert studied[0][0] == "photos" and studied[0][1]["dataset"] == "folder"
+    assert "no --recipe for a folder of 66 images: using photos" in capsys.readouterr().err
+
+    assert main(["lr-find", "--data-dir", str(photos)]) == 2  # a linear probe has no learning rate to find
+    assert "lr-find is for recipes trained by gradient steps, e.g. --recipe folder-transfer" in capsys.readouterr().err
+
+    out = tmp_path / "preview.png"
+    assert main(["augment", "preview", "--data-dir", str(photos), "--rows", "3", "--out", str(out)]) == 0
+    assert out.is_file() and "--dataset folder" in capsys.readouterr().err

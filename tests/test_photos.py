@@ -12,6 +12,7 @@ import pytest
 from cnnkit import probe
 from cnnkit.cli import main
 from cnnkit.config import apply_overrides, load_recipe
+from cnnkit.errors import ConfigError
 from cnnkit.evaluate import accuracy_interval, small_split_warnings
 from cnnkit.models.pretrained import offline_weights_path
 from cnnkit.probe import cross_validate, fold_ids
@@ -54,6 +55,26 @@ def test_copies_of_a_photo_share_a_fold_so_a_head_is_not_judged_by_photos_it_lea
     apart = np.mean(probe.fold_accuracies(rows, None, labels, 5, 0, 0.0, (1e-4,))[1e-4])
     together = np.mean(probe.fold_accuracies(rows, None, labels, 5, 0, 0.0, (1e-4,), groups=groups)[1e-4])
     assert apart > 0.75 and together < 0.65, (apart, together)  # apart: 4 in 5 copies held out from their twin
+
+
+def test_folds_of_a_few_pictures_in_many_copies_are_all_used_and_keep_each_picture_whole():
+    """Six pictures saved at sixteen sizes each, eight copies under each of two classes (a folder that
+    crashed the photo default: groups taking their first image's fold left folds empty). A folder of pairs
+    keeps the folds it had."""
+    labels = np.tile(np.repeat([0, 1], 8), 6)
+    groups = np.repeat(np.arange(6), 16)
+    ids = fold_ids(labels, 5, 0, groups)
+    assert set(ids) == set(range(5)) and all(len(set(ids[groups == g])) == 1 for g in range(6))
+    rng = np.random.default_rng(0)
+    scores = probe.fold_accuracies(rng.normal(size=(96, 8)), None, labels, 5, 0, 0.0, (1e-3,), groups=groups)
+    assert len(scores[1e-3]) == 5
+    assert len(probe.fold_accuracies(rng.normal(size=(96, 8)), None, labels, 8, 0, 0.0, (1e-3,),
+                                     groups=groups)[1e-3]) == 6  # more folds than pictures: one picture a fold
+    with pytest.raises(ConfigError, match="two different pictures"):
+        probe.fold_accuracies(rng.normal(size=(96, 8)), None, labels, 5, 0, 0.0, (1e-3,), groups=np.zeros(96))
+    pairs = np.concatenate([np.arange(100), np.arange(50)])  # 50 photos twice, 50 once
+    _, first, group = np.unique(pairs, return_index=True, return_inverse=True)
+    assert np.array_equal(fold_ids(pairs % 2, 5, 0, pairs), fold_ids(pairs % 2, 5, 0)[first[group]])
 
 
 def test_copy_groups_join_a_photo_and_its_copies_only(smooth_pictures):

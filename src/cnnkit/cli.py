@@ -21,6 +21,9 @@ DEFAULT_RECIPE = "fmnist-quick"
 QUICK_RECIPES = {"fashion-mnist": DEFAULT_RECIPE, "cifar10": "cifar10-quick"}  # with no --recipe
 PHOTO_RECIPE, FOLDER_FINETUNE = "photos", "folder-transfer"
 PHOTO_PROBE_MAX = 5000  # images: beyond, fine-tuning has the data to beat a probe, and a probe of 3 backbones is slow
+RECIPE_HELP = (f"recipe name or path to a .toml file (default {DEFAULT_RECIPE}; cifar10-quick for CIFAR-10; for a "
+               f"folder of class folders, {PHOTO_RECIPE} or, for more than {PHOTO_PROBE_MAX} images, {FOLDER_FINETUNE})."
+               " A --data-dir without --dataset is read for what it holds")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -51,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a recipe", description=(
         "Train a model from a recipe; any recipe field can be overridden, e.g. --epochs 3 --lr 0.01. "
         "Writes a run folder (config, metrics per epoch, best and last checkpoints, test evaluation)."))
-    p.add_argument("--recipe", help=f"recipe name or path to a .toml file (default {DEFAULT_RECIPE}; cifar10-quick "
-                   f"for CIFAR-10; for a folder of class folders, {PHOTO_RECIPE} or, for more than {PHOTO_PROBE_MAX} "
-                   f"images, {FOLDER_FINETUNE}). A --data-dir without --dataset is read for what it holds")
+    p.add_argument("--recipe", help=RECIPE_HELP)
     p.add_argument("--resume", metavar="RUN", type=Path, help="continue an interrupted run from its last checkpoint")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel training in N processes on this machine (runs torchrun for you; "
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a few hundred steps while the learning rate grows exponentially from "
                        "--start to --end; write RUN/lr_find.png and lr_find.json and suggest a peak --lr for the "
                        "recipe (where the loss falls fastest). Recipe fields can be overridden as for train.")
-    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe name or path to a .toml file (default {DEFAULT_RECIPE})")
+    p.add_argument("--recipe", help=RECIPE_HELP)
     p.add_argument("--start", type=float, default=1e-5, help="first learning rate (default 1e-5)")
     p.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
     p.add_argument("--steps", type=int, default=100, help="steps of the test (default 100; it stops early when the loss diverges)")
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "`cnnkit augment preview` draws originals next to augmented versions; `cnnkit augment ops` lists the ops."))
     aug = p.add_subparsers(dest="augment_command", metavar="ACTION", required=True)
     q = aug.add_parser("preview", help="draw a grid of original and augmented images")
-    q.add_argument("--recipe", default=DEFAULT_RECIPE, help="take augmentation and dataset from this recipe")
+    q.add_argument("--recipe", help="take augmentation and dataset from this recipe (default: the one `cnnkit train` "
+                   f"would use with the same --dataset and --data-dir; {DEFAULT_RECIPE} with neither)")
     q.add_argument("--ops", help="augmentation to try instead: a preset name or a JSON list of ops")
     q.add_argument("--dataset", help="dataset to draw images from (default: the recipe's)")
     q.add_argument("--data-dir", help="where the dataset is (see `cnnkit datasets`)")
@@ -159,7 +161,7 @@ def _add_tune_command(sub: Any) -> None:
         "under DIR/NAME/trials; the study is DIR/NAME/study.db (or --storage), so the same command started again "
         "continues it, and several machines can share a PostgreSQL study. Writes DIR/NAME/best.toml (a recipe for "
         "cnnkit train) and DIR/NAME/report.html. Recipe fields given here apply to every trial."))
-    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"the recipe to tune (default {DEFAULT_RECIPE})")
+    p.add_argument("--recipe", help=f"the recipe to tune: {RECIPE_HELP}")
     p.add_argument("--time-budget", help="the whole search, e.g. 30m: a trial that would not fit is not started")
     p.add_argument("--trials", type=int, help="trials in all (on one study, every process's together)")
     p.add_argument("--trial-budget", help="each trial's --time-budget, e.g. 2m: trials compete on equal time")
@@ -372,8 +374,12 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from cnnkit.lr_find import lr_find
 
     overrides = _config_overrides(args)
-    overrides.setdefault("name", f"lr-find-{Path(args.recipe).stem}-{datetime.now():%Y%m%d-%H%M%S}")
-    cfg = apply_overrides(load_recipe(args.recipe), overrides)
+    recipe = args.recipe or default_recipe(overrides)
+    overrides.setdefault("name", f"lr-find-{Path(recipe).stem}-{datetime.now():%Y%m%d-%H%M%S}")
+    cfg = apply_overrides(load_recipe(recipe), overrides)
+    if cfg.strategy == "linear-probe":
+        raise ConfigError(f"recipe {recipe} fits a linear head by L-BFGS, with no learning rate to find; lr-find is "
+                          f"for recipes trained by gradient steps, e.g. --recipe {FOLDER_FINETUNE} for your photos")
     result = lr_find(cfg, args.start, args.end, args.steps)
     out_console().print(f"suggested --lr {result.suggested_lr:.3g} (steepest fall of the loss); "
                         f"the loss was lowest at {result.min_loss_lr:.3g} (/10: {result.min_loss_lr / 10:.3g}); "
@@ -485,10 +491,11 @@ def cmd_augment(args: argparse.Namespace) -> int:
     from cnnkit.data import load_dataset
     from cnnkit.preview import augment_grid, pick_examples
 
-    cfg = load_recipe(args.recipe)
+    data = {k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir)) if v}
+    cfg = load_recipe(args.recipe or default_recipe(data))  # a --data-dir alone: the recipe its images would train
     spec = parse_override("augment", args.ops) if args.ops else cfg.augment
     aug = augment.build_augment(spec)
-    ds = load_dataset(args.dataset or cfg.dataset, args.data_dir or (None if args.dataset else cfg.data_dir),
+    ds = load_dataset(data.get("dataset", cfg.dataset), args.data_dir or (None if args.dataset else cfg.data_dir),
                       image_size=cfg.image_size, channels=cfg.channels)
     train = ds.splits["train"]
     idx = pick_examples(train.labels, len(ds.classes), args.rows, args.seed)
@@ -553,8 +560,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from cnnkit.tune import tune
 
     overrides = _config_overrides(args)
-    name = args.name or Path(args.recipe).stem
-    result = tune(args.recipe, overrides, folder=args.output / name, trials=args.trials,
+    recipe = args.recipe or default_recipe(overrides)
+    name = args.name or Path(recipe).stem
+    result = tune(recipe, overrides, folder=args.output / name, trials=args.trials,
                   budget_s=parse_duration(args.time_budget) if args.time_budget else None,
                   trial_budget=args.trial_budget, storage=args.storage, space=args.space,
                   seed=overrides.get("seed", 0), grace_period_s=args.grace_period, final=args.final)

@@ -343,7 +343,39 @@ def fold_ids(labels: np.ndarray, folds: int, seed: int, groups: np.ndarray | Non
     if groups is not None:
         _, first, group = np.unique(groups, return_index=True, return_inverse=True)
         out = out[first[group]]
+        if np.bincount(out, minlength=folds).min() < len(labels) / folds / 2:  # large groups left a fold (nearly) empty
+            out = balanced_group_folds(labels, group, folds, rng)
     return out
+
+
+def balanced_group_folds(labels: np.ndarray, group: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """A fold for every image, whole groups (numbered 0..G-1) at a time: the largest first, each to the
+    fold holding the fewest images of its class (its first image's), then the fewest in all. For
+    folders of many copies of few pictures (bursts, one photo saved at many sizes), where a group
+    taking its first image's fold can leave folds empty. With fewer groups than folds, some stay empty."""
+    sizes = np.bincount(group)
+    order = rng.permutation(len(sizes))
+    order = order[np.argsort(-sizes[order], kind="stable")]
+    first = np.full(len(sizes), -1)
+    first[group[::-1]] = np.arange(len(group))[::-1]  # each group's first image
+    per_class = np.zeros((folds, int(labels.max()) + 1), dtype=np.int64)
+    fold_of = np.empty(len(sizes), dtype=np.int64)
+    for g in order:
+        f = int(np.lexsort((per_class.sum(1), per_class[:, labels[first[g]]]))[0])
+        fold_of[g] = f
+        per_class[f] += np.bincount(labels[group == g], minlength=per_class.shape[1])
+    return fold_of[group]
+
+
+def used_folds(ids: np.ndarray, folds: int) -> list[int]:
+    """The folds of `fold_ids` that hold images: all `folds` unless copies of fewer pictures than
+    folds fill them (a clear error where fewer than two pictures are left to cross-validate)."""
+    used = [k for k in range(folds) if np.any(ids == k)]
+    if len(used) < 2:
+        raise ConfigError("cross-validation needs at least two different pictures among the training images, and "
+                          "every one of these is a copy of one picture (the same photo saved again, rescaled, "
+                          "brighter or darker): add photos of other scenes, or look with `cnnkit datasets DIR`")
+    return used
 
 
 def cross_validate(plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray, folds: int, seed: int,
@@ -364,7 +396,7 @@ def fold_accuracies(plain: np.ndarray, flipped: np.ndarray | None, labels: np.nd
     the held-out images are counted alike, as the test's are. Copies of one photo (`groups`) share a fold."""
     ids = fold_ids(labels, folds, seed, groups)
     scores: dict[float, list[float]] = {wd: [] for wd in weight_decays}
-    for k in range(folds):
+    for k in used_folds(ids, folds):
         t, v = ids != k, ids == k
         x, y = (plain[t], labels[t]) if flipped is None else (np.concatenate([plain[t], flipped[t]]),
                                                                np.concatenate([labels[t], labels[t]]))

@@ -50,7 +50,7 @@ from cnnkit.errors import ConfigError
 from cnnkit.inference import predict_logits
 from cnnkit.models.concat import SEPARATOR
 from cnnkit.data.copies import copy_groups
-from cnnkit.probe import fold_ids
+from cnnkit.probe import fold_ids, used_folds
 from cnnkit.runs import RunRecord, run_splits
 from cnnkit.training.build import build
 from cnnkit.training.choose import CANDIDATES_SHARE, choose_backbone
@@ -129,7 +129,7 @@ def _folds(cfg: Config, folds: int) -> tuple[Dataset, list[Splits]]:
     pool = Split.joined([splits.train, splits.val])
     ids = fold_ids(pool.labels, cfg.cv_folds, cfg.seed, copy_groups(pool.images))
     out = []
-    for k in range(folds):
+    for k in used_folds(ids, cfg.cv_folds)[:folds]:
         held = pool.subset(np.flatnonzero(ids == k))
         out.append(Splits(pool.subset(np.flatnonzero(ids != k)), held, held, []))
     return ds, out

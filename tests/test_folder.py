@@ -501,3 +501,12 @@ def test_cnnkit_datasets_dir_shows_a_folders_classes_and_its_copies(tmp_path, sm
     assert shown["images"] == {"train": [5, 6], "test": [2, 3]} and shown["classes"] == ["cats", "dogs"]
     assert sorted(g["across"] for g in shown["copies"]) == ["classes", "splits"]
     assert main(["--quiet", "datasets"]) == 0 and "fashion-mnist" in capsys.readouterr().out  # without DIR: as ever
+
+
+def test_accuracy_without_copies_counts_one_copy_and_many():
+    from cnnkit.evaluate import without_copies
+
+    one = {"test_accuracy_without_copies": 1.0, "test_copies_left_out": 1, "test_samples": 13}
+    assert without_copies(one) == "100.00% (12 test images: 1 copy of training images left out)"
+    many = {"test_accuracy_without_copies": 213 / 217, "test_copies_left_out": 23, "test_samples": 240}
+    assert without_copies(many) == "98.16% (217 test images: 23 copies of training images left out)"

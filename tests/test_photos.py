@@ -366,3 +366,7 @@ def test_imbalanced_classes_get_advice_the_strategy_can_use(caplog):
         caplog.clear()
         build._log_data(ds, splits, strategy)
         assert "classes are imbalanced: the largest has 10.0x" in caplog.text and advice in caplog.text, strategy
+        assert "few images to learn a class from: few 4 (training and validation together)" in caplog.text
+    caplog.clear()
+    build._log_data(ds, Splits(splits.train, Split(images[-1:], labels[-1:]), splits.test, []), "linear-probe")
+    assert "few images to learn" not in caplog.text  # 4 + 1: enough

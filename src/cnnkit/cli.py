@@ -284,6 +284,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import cnnkit
     from cnnkit import distributed
     from cnnkit.config import apply_overrides, load_recipe
+    from cnnkit.evaluate import without_copies
     from cnnkit.runtime import settings_for_this_cpu
     from cnnkit.training import train
     from cnnkit.training.choose_strategy import describe_choice
@@ -324,9 +325,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         *([("strategy (auto)", describe_choice(s["strategy_choice"]))] if "strategy_choice" in s else []),
         ("test accuracy", f"{100 * s['test_accuracy']:.2f}%  ({s['test_samples']} images; 95% interval "
                           f"{100 * s['test_accuracy_ci95'][0]:.1f}-{100 * s['test_accuracy_ci95'][1]:.1f}%)"),
-        *([("without copies", f"{100 * s['test_accuracy_without_copies']:.2f}%  ({s['test_samples'] - s['test_copies_left_out']}"
-                              f" images: {s['test_copies_left_out']} copies of training images left out)")]
-          if s.get("test_accuracy_without_copies") is not None else []),
+        *([("without copies", without_copies(s))] if s.get("test_accuracy_without_copies") is not None else []),
         ("time", f"{s.get('total_time_s', s['wall_time_s']):.0f} s in all, {s['train_time_s']:.0f} s training, "
                  f"on {s['device']}"),
         *([("time budget", f"{s['time_budget_s']:.0f} s"

@@ -19,7 +19,7 @@ import torch
 
 from cnnkit import analysis
 from cnnkit.augment import build_augment
-from cnnkit.evaluate import accuracy_interval, classification_metrics, plot_confusion_matrix
+from cnnkit.evaluate import accuracy_interval, classification_metrics, plot_confusion_matrix, without_copies
 from cnnkit.fileio import write_bytes_atomic, write_json_atomic
 from cnnkit.inference import InferenceSettings, predict_logits
 from cnnkit.plotting import pyplot, save_figure
@@ -298,9 +298,7 @@ def write_page(run_dir: Path, metrics: dict[str, Any], classes: list[str], pair_
              ("training samples", f"{summary['probe_images']:,} of {summary['train_samples']:,} (as many as the time "
               "budget held)" if "probe_images" in summary else summary.get("train_samples", "?")), ("seed", cfg["seed"])]
     if summary.get("test_accuracy_without_copies") is not None:  # data.copies: what new images would get
-        facts.insert(0, ("test accuracy without copies", f"{100 * summary['test_accuracy_without_copies']:.2f}% "
-                         f"({summary['test_samples'] - summary['test_copies_left_out']} test images: the "
-                         f"{summary['test_copies_left_out']} copies of training images left out)"))
+        facts.insert(0, ("test accuracy without copies", without_copies(summary)))
     def pct(key: str, value: float) -> str:
         return _num(key, f"{100 * value:.2f}%")
 

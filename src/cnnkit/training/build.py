@@ -40,6 +40,7 @@ from cnnkit.training.optim import make_optimizer
 from cnnkit.training.step import TrainStep
 
 log = logging.getLogger(__name__)
+FEW_IMAGES = 5  # a class with fewer to learn from (training and validation) is warned of: no fold can hold one out each
 
 
 @dataclass
@@ -225,6 +226,11 @@ def _log_data(ds: Dataset, splits: Splits, strategy: str) -> None:
         log.warning("classes are imbalanced: the largest has %.1fx the images of the smallest. Consider "
                     "--class-balance %s.", ratio, "weights (the probe's head then weighs each class alike)"
                     if strategy == "linear-probe" else "weights or --class-balance sampler")
+    learnt = splits.train.class_counts(k) + splits.val.class_counts(k)
+    few = [f"{c} {n}" for c, n in zip(ds.classes, learnt) if n < FEW_IMAGES]
+    if few:
+        log.warning("few images to learn a class from: %s (training and validation together). A class needs at "
+                    "least %d; a few dozen photos a class are a good start", ", ".join(few), FEW_IMAGES)
 
 
 def _new_run_dir(cfg: Config) -> Path:

@@ -157,6 +157,12 @@ def test_a_data_dir_without_dataset_trains_what_it_holds(photos, tmp_path, monke
     assert "no images found" in err and "neither Fashion-MNIST's IDX files nor CIFAR-10's archive" in err
     assert main(["train", "--data-dir", str(tmp_path / "missing")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+    one = tmp_path / "one" / "cats"
+    one.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(one / "a.png")
+    assert main(["train", "--data-dir", str(one.parent)]) == 2  # class folders, found wanting: no hint of other datasets
+    err = capsys.readouterr().err
+    assert "found only one class folder (cats)" in err and "Fashion-MNIST" not in err
     assert len(configs) == 5
 
 

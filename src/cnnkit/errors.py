@@ -13,6 +13,10 @@ class DataError(CnnkitError):
     """A dataset is missing, corrupt or inconsistent."""
 
 
+class NoImagesFound(DataError):
+    """A folder (or archive) given as a dataset of images holds no image files where class folders go."""
+
+
 class ImageDecodeError(DataError):
     """One image file could not be decoded (or breaks a limit)."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from cnnkit.data import cifar10, fashion_mnist, folder
 from cnnkit.data.dataset import Dataset, Split
 from cnnkit.data.splits import stratified_split, stratified_subset
-from cnnkit.errors import ConfigError, DataError
+from cnnkit.errors import ConfigError, DataError, NoImagesFound
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def guess_dataset(data_dir: str | Path) -> Guess:
                         "or one holding Fashion-MNIST's IDX files or CIFAR-10's archive")
     try:
         layout = folder.list_layout(path)
-    except DataError as e:
+    except NoImagesFound as e:  # nothing of a folder dataset: perhaps a built-in one's files, misplaced
         raise DataError(f"{e}\n(--data-dir without --dataset: neither Fashion-MNIST's IDX files nor CIFAR-10's "
                         "archive are there either; name --dataset to load one of those)") from None
     images = layout.image_count()

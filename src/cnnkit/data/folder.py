@@ -16,7 +16,7 @@ import numpy as np
 from cnnkit.data.cache import cache_key, cached_arrays
 from cnnkit.data.dataset import Dataset, Split
 from cnnkit.data.images import MAX_FILE_BYTES, decode_images, is_image_file
-from cnnkit.errors import DataError, ImageDecodeError
+from cnnkit.errors import DataError, ImageDecodeError, NoImagesFound
 from cnnkit.fileio import file_digest
 from cnnkit.progress import track
 
@@ -220,7 +220,7 @@ def find_layout(paths: Iterable[str], where: str, dirs: Iterable[str] = (), need
             if len(p) > len(prefix) + 1 and is_image_file(p[-1]):
                 found.setdefault("train", {}).setdefault(p[len(prefix)], []).append("/".join(p))
     if not found:
-        raise DataError(
+        raise NoImagesFound(
             f"{where}: no images found. Expected class folders (e.g. cats/, dogs/) holding "
             "PNG/JPEG/BMP/WebP/GIF files, optionally under train/ and test/ or val/."
         )

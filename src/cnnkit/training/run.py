@@ -65,7 +65,9 @@ def train(cfg: Config | None, resume: Path | None = None, overrides: dict[str, A
           started_at: float | None = None, hooks: Sequence[Hook] = ()) -> TrainResult:
     """Train a model as `cfg` says (or resume the run in `resume`) and evaluate it on the test split.
     `started_at` (a time.perf_counter() value) is when the time budget's clock started; `hooks`
-    join the standard ones, first at every point."""
+    join the standard ones, first at every point. From Python, call `cnnkit.allocator.reuse_freed_memory()`
+    first, as the `cnnkit` command does: it is the process's choice, not a library's (the photo default's
+    report on flowers12 took 112 s without it, 69 s with it, a 2-core Zen 3)."""
     started_at = started_at if started_at is not None else time.perf_counter()
     setup, checkpoint = prepare(cfg, resume, overrides, started_at)
     return run_training(setup, checkpoint, hooks, started_at)

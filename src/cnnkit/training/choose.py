@@ -101,11 +101,11 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
                      "take about %.0f s, more than the time budget %s leaves", after_s, cfg.time_budget)
     best = max(scored, key=lambda r: r["cv_accuracy"])  # a tie: the first, a single backbone before two
     log.info("linear probe on %s: the best of %d candidates by %d-fold cross-validation on %d images",
-             best["model"], len(rows), cfg.cv_folds, len(labels))
+             best["model"], len(rows), len(best["fold_accuracies"]), len(labels))
     model_args = ({**cfg.model_args, **{k: best[k] for k in ("member_sizes", POOLED_BLOCKS) if k in best}}
                   if "member_sizes" in best or POOLED_BLOCKS in best else None)
     record = RunRecord(model=best["model"], model_args=model_args,
-                       selection={"folds": cfg.cv_folds, "images": int(len(labels)),
+                       selection={"folds": len(best["fold_accuracies"]), "images": int(len(labels)),
                                   "weight_decays": list(WEIGHT_DECAYS), "chosen": best, "candidates": rows})
     return replace(cfg, model=best["model"], model_args=model_args or cfg.model_args), record
 
@@ -253,7 +253,7 @@ def _score(model: str, plain: np.ndarray, flipped: np.ndarray | None, labels: np
            "views": "plain and mirrored" if flipped is not None else "plain", "features": int(plain.shape[1]),
            "seconds": round(time.perf_counter() - t0, 1), **extra, **({POOLED_BLOCKS: blocks} if blocks else {})}
     log.info("  %s%s: %d-fold cross-validated accuracy %.2f%% ± %.2f (weight decay %g, %s views), %.0f s", model,
-             f" with its last {blocks} blocks' pooled outputs" if blocks else "", cfg.cv_folds, 100 * mean, 100 * sd,
+             f" with its last {blocks} blocks' pooled outputs" if blocks else "", len(accuracies), 100 * mean, 100 * sd,
              wd, row["views"], row["seconds"])
     return row
 

@@ -17,6 +17,7 @@ from cnnkit import augment
 from cnnkit.evaluate import classification_metrics
 from cnnkit.inference import predict_logits
 from cnnkit.preprocess import Preprocess
+from cnnkit.progress import track
 
 
 def calibration(logits: torch.Tensor, labels: np.ndarray, bins: int = 15) -> dict[str, Any]:
@@ -151,11 +152,12 @@ def robustness(model: nn.Module, preprocess: Preprocess, images: np.ndarray, lab
                                       labels, classes)["accuracy"]
 
     results = {"samples": int(len(labels)), "clean": accuracy(x), "corruptions": []}
-    for name, (fn, severities, unit) in CORRUPTIONS.items():
-        for level, s in enumerate(severities, 1):
-            value = round(s * scale, 2) if unit in SPATIAL_UNITS else s
-            results["corruptions"].append({"name": name, "severity": level, "value": value, "unit": unit,
-                                           "accuracy": accuracy(fn(x, value))})
+    conditions = [(name, fn, level, s, unit) for name, (fn, severities, unit) in CORRUPTIONS.items()
+                  for level, s in enumerate(severities, 1)]
+    for name, fn, level, s, unit in track(conditions, f"report: robustness on {len(labels)} images"):
+        value = round(s * scale, 2) if unit in SPATIAL_UNITS else s
+        results["corruptions"].append({"name": name, "severity": level, "value": value, "unit": unit,
+                                       "accuracy": accuracy(fn(x, value))})
     return results
 
 

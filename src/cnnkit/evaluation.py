@@ -60,7 +60,7 @@ def evaluate_run(run_dir: Path, *, checkpoint: str = "best", tta: str | None = N
     out = None if own else Path(run_dir) / "evaluations" / f"{_name(folder)}.json"
     name = "test" if out is None else str(whole) if tree else f"{folder} (its test split)"
     used = tta or run_tta
-    logits = predict_logits(run.model, run.preprocess, split.images, device=device, tta=used,
+    logits = predict_logits(run.model, run.preprocess, split.images, device=device, tta=used, description="evaluating",
                             **InferenceSettings.for_run(cfg, device).kwargs())
     metrics = classification_metrics(logits, split.labels, run.classes)
     if out is not None and not any(TRAINED_ON in n for n in notes):  # new photos: any the run learnt from?

@@ -168,7 +168,8 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
     plots = run_dir / "plots"
     inference = InferenceSettings.for_run(cfg, device).kwargs()
     if logits is None:
-        logits = predict_logits(model, preprocess, test_images, device=device, tta=cfg.get("tta", "none"), **inference)
+        logits = predict_logits(model, preprocess, test_images, device=device, tta=cfg.get("tta", "none"),
+                                description="report: test", **inference)
     metrics = classification_metrics(logits, test_labels, classes)
     metrics["calibration"] = analysis.calibration(logits, test_labels)
     metrics["confused_pairs"] = analysis.confused_pairs(metrics["confusion_matrix"], classes)

@@ -241,7 +241,7 @@ def _test_and_report(setup: Setup, loop: Loop, started_at: float) -> TrainResult
     setup.model.load_state_dict(load_checkpoint(setup.run_dir / "checkpoints" / "best").model)
     settings = setup.record.settings(cfg.to_dict())  # the views a budget chose, not only the recipe's
     logits = predict_logits(setup.model, setup.preprocess, splits.test.images, device=setup.device,
-                            tta=settings["tta"], **setup.inference.kwargs())
+                            tta=settings["tta"], description="test", **setup.inference.kwargs())
     test = classification_metrics(logits, splits.test.labels, setup.ds.classes)
     save_evaluation(setup.run_dir, test, setup.ds.classes, split="test", checkpoint="best")
     summary = {**_summary(setup, loop, test, started_at), **_without_copies(logits, splits.test.labels, setup.copied_test)}

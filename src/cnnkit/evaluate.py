@@ -44,7 +44,7 @@ def accuracy_without(logits: torch.Tensor, labels: np.ndarray, left_out: np.ndar
 
 
 def without_copies(summary: dict) -> str:
-    """'98.16% (217 images: 23 copies of training images left out)': a run's test accuracy without the test
+    """'98.16% (217 test images: 23 copies of training images left out)': a run's test accuracy without the test
     images that are copies of what it learnt from (summary.json's keys), for the closing table and the report."""
     n = summary["test_copies_left_out"]
     return (f"{100 * summary['test_accuracy_without_copies']:.2f}% ({summary['test_samples'] - n} test images: "

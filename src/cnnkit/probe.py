@@ -356,8 +356,7 @@ def balanced_group_folds(labels: np.ndarray, group: np.ndarray, folds: int, rng:
     sizes = np.bincount(group)
     order = rng.permutation(len(sizes))
     order = order[np.argsort(-sizes[order], kind="stable")]
-    first = np.full(len(sizes), -1)
-    first[group[::-1]] = np.arange(len(group))[::-1]  # each group's first image
+    first = np.unique(group, return_index=True)[1]  # each group's first image
     per_class = np.zeros((folds, int(labels.max()) + 1), dtype=np.int64)
     fold_of = np.empty(len(sizes), dtype=np.int64)
     for g in order:

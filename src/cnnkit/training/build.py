@@ -40,7 +40,7 @@ from cnnkit.training.optim import make_optimizer
 from cnnkit.training.step import TrainStep
 
 log = logging.getLogger(__name__)
-FEW_IMAGES = 5  # a class with fewer to learn from (training and validation) is warned of: no fold can hold one out each
+FEW_IMAGES = 5  # a class with fewer to learn from (training and validation) is warned of: fewer than a probe's 5 folds
 
 
 @dataclass

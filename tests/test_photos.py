@@ -146,6 +146,11 @@ def test_a_folder_without_a_recipe_gets_the_photo_probe_chosen_by_cross_validati
     assert main(["--quiet", "evaluate", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == summary["test_accuracy"]
     assert summary["test_accuracy"] > 0.6  # three garments, 48 training photos
+    assert main(["--quiet", "report", str(run)]) == 0  # a probe's report: its choice, not learning curves it lacks
+    page = (run / "report.html").read_text()
+    assert "Choosing the backbone" in page and (run / "plots" / "candidates.png").is_file()
+    assert not (run / "plots" / "learning_curves.png").exists()
+    assert "<td>head</td>" in page and "fitted once by L-BFGS" in page and "<td>epochs</td>" not in page
 
 
 def test_screening_skips_the_mirror_images_of_a_backbone_clearly_behind(photos, monkeypatch):

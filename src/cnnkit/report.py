@@ -88,6 +88,20 @@ def plot_candidates(selection: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_training_views(cfg: dict[str, Any], images: np.ndarray, labels: np.ndarray, classes: list[str],
+                        path: Path) -> None:
+    """The run's augmentation on a few training images; for a linear probe, which does not use `augment`,
+    the views its head learns from: each image and, with probe_flip, its mirror."""
+    if cfg.get("strategy") == LINEAR_PROBE:
+        flip = bool(cfg.get("probe_flip"))
+        augment_grid(images, labels, classes, build_augment([{"op": "hflip", "p": 1.0}] if flip else []), path,
+                     columns=int(flip), title="a linear probe's training rows: each image" + " and its mirror" * flip)
+        return
+    augment = cfg.get("augment")
+    augment_grid(images, labels, classes, build_augment(augment), path, columns=5,
+                 title=f"augmentation: {augment if isinstance(augment, str) else 'custom ops'}")
+
+
 def plot_image_grid(images: np.ndarray, captions: list[str], path: Path, columns: int = 8,
                     overlays: np.ndarray | None = None) -> None:
     plt = pyplot()
@@ -236,9 +250,7 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
                         plots / "grad_cam.png", columns=6, overlays=cams)
         plot_filters(analysis.first_layer_filters(model), plots / "filters.png")
     pick = pick_examples(train_labels, len(classes), min(4, len(classes)), 0)
-    augment_grid(train_images[pick], train_labels[pick], classes, build_augment(cfg.get("augment")),
-                 plots / "augmentation.png", columns=5,
-                 title=f"augmentation: {cfg.get('augment') if isinstance(cfg.get('augment'), str) else 'custom ops'}")
+    plot_training_views(cfg, train_images[pick], train_labels[pick], classes, plots / "augmentation.png")
     layers = summarize(model, (preprocess.model_channels, preprocess.input_size, preprocess.input_size),
                        batch_size=cfg.get("batch_size", 64))
     write_page(run_dir, metrics, classes, pair_files, has_conv, cfg, layer_table(layers))

@@ -174,7 +174,22 @@ def test_model_info_and_openapi(client):
     info = client.get("/model").json()
     assert info["classes"][1] == "Trouser" and info["input"]["size"] == 28 and "test_accuracy" in info["metrics"]
     assert "/predict" in client.get("/openapi.json").json()["paths"]
-    assert "<input id=\"file\"" in client.get("/").text
+    page = client.get("/").text
+    assert "<input id=\"file\"" in page
+    tested = info["metrics"]["test_samples"]  # what the model tells apart, and how well it did, before any upload
+    assert "10 classes: T-shirt/top, Trouser, Pullover" in page and f"right on its {tested} test images" in page
+
+
+def test_the_web_page_names_many_classes_briefly_and_escapes_the_run_name(run, tmp_path):
+    from cnnkit.serve import create_app, page_about
+
+    about = page_about([f"c{i}" for i in range(25)], {"test_accuracy": 0.5, "test_samples": 8})
+    assert about == "25 classes: " + ", ".join(f"c{i}" for i in range(20)) + " and 5 more · 50.0% right on its 8 test images"
+    named = tmp_path / "<b>run"
+    shutil.copytree(run, named)
+    with TestClient(create_app(named, engine="torch")) as c:
+        page = c.get("/").text
+    assert "model &lt;b&gt;run" in page and "<b>run" not in page
 
 
 def free_port() -> int:

@@ -7,6 +7,7 @@ Inference runs in a bounded thread pool, off the event loop. Every upload goes t
 from __future__ import annotations
 
 import asyncio
+import html
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,14 @@ from cnnkit.runs import read_summary
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_BATCH_FILES = 64
 MAX_EXPLAIN_MAPS = 16  # feature maps per stage in one /explain answer
+
+
+def page_about(classes: list[str], summary: dict[str, Any]) -> str:
+    """The web page's line under the model's name: what it can tell apart, and how well it did on its test."""
+    shown = ", ".join(classes[:20]) + (f" and {len(classes) - 20} more" if len(classes) > 20 else "")
+    tested = (f" · {100 * summary['test_accuracy']:.1f}% right on its {summary['test_samples']} test images"
+              if "test_accuracy" in summary and "test_samples" in summary else "")
+    return f"{len(classes)} classes: {shown}{tested}"
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -111,8 +120,8 @@ def create_app(run_dir: Path, *, engine: str = "auto", max_upload_bytes: int = M
         return {"model": model_id, "engine": model.name, "classes": model.classes,
                 "input": {"size": pre["data_size"], "channels": pre["data_channels"], "model_input_size": pre["input_size"],
                           "mean": pre["mean"], "std": pre["std"]},
-                "metrics": {k: summary[k] for k in ("test_accuracy", "best_val_accuracy", "epochs_run", "dataset")
-                            if k in summary},
+                "metrics": {k: summary[k] for k in ("test_accuracy", "test_samples", "cv_accuracy", "best_val_accuracy",
+                                                     "epochs_run", "dataset") if k in summary},
                 "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_batch_files": MAX_BATCH_FILES}}
 
     @app.post("/predict")
@@ -145,6 +154,7 @@ def create_app(run_dir: Path, *, engine: str = "auto", max_upload_bytes: int = M
                 "time_ms": round(1000 * (time.perf_counter() - t0), 2)}
 
     inside = _Inside(run_dir, model)
+    about = page_about(model.classes, summary)
 
     @app.post("/explain")
     async def explain(file: UploadFile = File(..., description="an image: PNG, JPEG, BMP, WebP, GIF (HEIC with pillow-heif)"),
@@ -157,7 +167,8 @@ def create_app(run_dir: Path, *, engine: str = "auto", max_upload_bytes: int = M
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        return (resources.files("cnnkit") / "static" / "index.html").read_text().replace("{{MODEL}}", model_id)
+        page = (resources.files("cnnkit") / "static" / "index.html").read_text()
+        return page.replace("{{MODEL}}", html.escape(model_id)).replace("{{ABOUT}}", html.escape(about))
 
     app.state.engine = model
     return app

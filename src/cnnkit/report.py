@@ -272,7 +272,9 @@ def _facts(summary: dict[str, Any], cfg: dict[str, Any], selection: dict[str, An
     probe = cfg.get("strategy") == LINEAR_PROBE
     if probe:
         decay = f" at weight decay {selection['chosen']['weight_decay']:g}" if selection else ""
-        how = [("head", f"linear, fitted once by L-BFGS{decay}")]
+        hidden = (cfg.get("model_args") or {}).get("head_hidden")  # probe.fit_head: Adam for a hidden layer
+        how = [("head", f"a hidden layer of {hidden} units, fitted once by Adam{decay}" if hidden else
+                f"linear, fitted once by L-BFGS{decay}")]
     else:
         how = [("epochs", f"{summary.get('epochs_run', '?')} of {cfg['epochs']} ({summary.get('status', '')})"),
                ("optimizer", f"{cfg['optimizer']}, lr {cfg['lr']}, batch {cfg['batch_size']}, schedule {cfg['schedule']}")]
@@ -298,10 +300,10 @@ def curves_section(cfg: dict[str, Any], plots: Path) -> str:
     if cfg.get("strategy") != LINEAR_PROBE:
         return f"<section><h2>Learning curves</h2>{_img(plots / 'learning_curves.png', 'learning curves')}</section>"
     if not (plots / "candidates.png").is_file():
-        return ("<section><h2>Learning curves</h2><p>None: a linear probe's head is fitted once, by L-BFGS, on the "
-                "backbone's features.</p></section>")
+        return ("<section><h2>Learning curves</h2><p>None: a linear probe's head is fitted once, on the backbone's "
+                "features.</p></section>")
     return ("<section><h2>Choosing the backbone</h2>" + _img(plots / "candidates.png", "candidates") +
-            "<p class='note'>A linear probe has no learning curves: its head is fitted once, by L-BFGS. Each candidate "
+            "<p class='note'>A linear probe has no learning curves: its head is fitted once. Each candidate "
             "backbone (and the two best side by side) was scored by cross-validation on the training images, the test "
             "images unseen: the mean accuracy of the folds, with their standard deviation; the darker bar was chosen. "
             "A candidate scored on plain views alone was more than a standard deviation behind on them, so its mirror "

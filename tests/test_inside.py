@@ -153,3 +153,13 @@ def test_explain_works_for_fastnet_and_a_pretrained_backbone():
         assert sum(ex["probabilities"]) == pytest.approx(1.0, abs=1e-5)
         assert ex["label"]["loss"] == pytest.approx(-math.log(ex["probabilities"][2]), rel=1e-4)
         assert ex["receptive_field"]["size"] > 1 and len(ex["grad_cam"]) == 3
+
+
+
+def test_layers_of_backbones_side_by_side_are_named_by_their_backbone():
+    from cnnkit.models.concat import layer_label
+
+    pair = "tf_efficientnet_lite0+tf_efficientnet_lite2"
+    assert layer_label("members.1.blocks.2.0.bn1", pair) == "tf_efficientnet_lite2: blocks.2.0.bn1"
+    assert layer_label("members.0.bn2", pair) == "tf_efficientnet_lite0: bn2"
+    assert layer_label("members.1.bn2", "fastnet") == "members.1.bn2" and layer_label("head", pair) == "head"

@@ -306,6 +306,11 @@ def test_a_run_whose_folds_prefer_two_backbones_trains_tests_and_exports_both(ph
     assert main(["--quiet", "evaluate", str(run), "--json"]) == 0  # rebuilt from the checkpoint alone
     assert json.loads(capsys.readouterr().out)["accuracy"] == summary["test_accuracy"]
     assert main(["export", str(run)]) == 0 and (run / "export" / "model.onnx").is_file()
+    page = (run / "report.html").read_text()  # whose convolution Grad-CAM draws, and whose layers explain shows
+    assert f"the last convolution is {CANDIDATES[1]}'s" in page
+    image = next((photos / "test" / "bag").iterdir())
+    assert main(["--quiet", "explain", str(run), str(image), "--out", str(tmp_path / "x.html")]) == 0
+    assert f"Feature maps after {CANDIDATES[1]}: " in (tmp_path / "x.html").read_text()
 
 
 def test_the_choice_counts_the_folds_it_used_where_few_pictures_fill_fewer(photos, monkeypatch, caplog):

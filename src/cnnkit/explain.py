@@ -27,6 +27,7 @@ from torch import nn
 
 from cnnkit.analysis import grad_cam, last_conv
 from cnnkit.fileio import write_bytes_atomic
+from cnnkit.models.concat import layer_label
 from cnnkit.preprocess import Preprocess
 from cnnkit.summary import layers_of, summarize
 
@@ -243,9 +244,13 @@ th:first-child,td:first-child{text-align:left}table.num td{border:1px solid #cbd
 figcaption{font-size:12px;color:#4a5568}"""
 
 
-def render(ex: dict[str, Any], title: str) -> str:
-    """The explain page: one section per step of the network, each opened by what it shows."""
+def render(ex: dict[str, Any], title: str, model: str = "") -> str:
+    """The explain page: one section per step of the network, each opened by what it shows; layers are
+    named as `model`'s (models.concat.layer_label: backbones side by side by their own names)."""
     e = html.escape
+
+    def label(layer: str) -> str:
+        return layer_label(layer, model)
     sec = []
     shape = "×".join(map(str, ex["input_shape"]))
     sec.append(("The input", "What the model takes: the image resized to its input size and normalised "
@@ -258,7 +263,7 @@ def render(ex: dict[str, Any], title: str) -> str:
     for s in ex["stages"]:
         tiles = [to_pil(colour(m), 72) for m in s["maps"]]
         caption = ", ".join(f"#{c}" for c in s["channels"])
-        sec.append((f"Feature maps after {s['name']} ({s['type']}, {'×'.join(map(str, s['shape']))})",
+        sec.append((f"Feature maps after {label(s['name'])} ({s['type']}, {'×'.join(map(str, s['shape']))})",
                     f"The {len(s['maps'])} most active of its {s['shape'][0]} channels: where in the image "
                     "each detects its pattern (yellow: strong).",
                     f"<figure><img src='{png(grid(tiles, 8))}' alt='{e(s['name'])}'><figcaption>channels "
@@ -268,12 +273,12 @@ def render(ex: dict[str, Any], title: str) -> str:
         maps = "".join(f"<figure><img src='{png(to_pil(colour(p[k]), 120))}' alt='{k}'><figcaption>{t}</figcaption></figure>"
                        for k, t in (("map", "the map"), ("max_map", "2×2 max pooling"), ("avg_map", "2×2 average pooling")))
         sec.append(("Pooling", f"Pooling halves a map by keeping the largest (max) or the mean (average) of each "
-                    f"2×2 block. Channel {p['channel']} of {e(p['stage'])}, and a 4×4 corner of it with its results:",
+                    f"2×2 block. Channel {p['channel']} of {e(label(p['stage']))}, and a 4×4 corner of it with its results:",
                     f"<div class=row>{maps}{_table(p['patch'])}<span>max →</span>{_table(p['max'])}"
                     f"<span>average →</span>{_table(p['avg'])}</div>"))
     if ex.get("receptive_field"):
         r = ex["receptive_field"]
-        sec.append(("Receptive field", f"One unit of {e(r['stage'])} (channel {r['channel']}, position "
+        sec.append(("Receptive field", f"One unit of {e(label(r['stage']))} (channel {r['channel']}, position "
                     f"{tuple(r['unit'])}) sees only the input pixels in the red square: {r['size']:.0f} pixels wide; "
                     f"its neighbours' squares are {r['jump']:.0f} pixels apart.",
                     f"<img src='{png(_draw_box(ex['input'], r['box'], 256))}' alt='receptive field'>"))
@@ -325,6 +330,6 @@ def explain_run(run_dir: Path, image: Path, label: str | None = None, device: st
     pixels = decode_image(image, pre.data_size, pre.data_channels)
     ex = explain_image(run.model, pre, run.classes, pixels, index, device=device)
     path = out or Path(run_dir) / "explain" / f"{Path(image).stem}.html"
-    write_bytes_atomic(path, render(ex, f"{Path(image).name} through {Path(run_dir).name}").encode())
+    write_bytes_atomic(path, render(ex, f"{Path(image).name} through {Path(run_dir).name}", run.meta["model"]).encode())
     return path, ex
 

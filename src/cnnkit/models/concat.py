@@ -33,6 +33,15 @@ def member_names(name: str) -> list[str]:
     return name.split(SEPARATOR)
 
 
+def layer_label(layer: str, model: str) -> str:
+    """A layer's name as a person reads it: 'members.1.blocks.2' of backbones side by side is
+    'tf_efficientnet_lite2: blocks.2'; any other layer's name as it is."""
+    index, _, rest = layer.removeprefix("members.").partition(".")
+    if not is_concat(model) or not layer.startswith("members.") or not index.isdigit():
+        return layer
+    return f"{member_names(model)[int(index)]}: {rest}"
+
+
 def is_concat(name: str) -> bool:
     return SEPARATOR in name
 

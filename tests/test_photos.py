@@ -311,6 +311,13 @@ def test_a_run_whose_folds_prefer_two_backbones_trains_tests_and_exports_both(ph
     image = next((photos / "test" / "bag").iterdir())
     assert main(["--quiet", "explain", str(run), str(image), "--out", str(tmp_path / "x.html")]) == 0
     assert f"Feature maps after {CANDIDATES[1]}: " in (tmp_path / "x.html").read_text()
+    from fastapi.testclient import TestClient
+
+    from cnnkit.serve import create_app
+
+    with TestClient(create_app(run, engine="torch")) as client:  # the server's page shows the same names
+        stages = client.post("/explain", files={"file": (image.name, image.read_bytes())}).json()["stages"]
+    assert stages[-1]["label"].startswith(f"{CANDIDATES[1]}: ") and stages[-1]["name"].startswith("members.1.")
 
 
 def test_the_choice_counts_the_folds_it_used_where_few_pictures_fill_fewer(photos, monkeypatch, caplog):

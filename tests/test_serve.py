@@ -163,6 +163,7 @@ def test_explain_endpoint_shows_the_maps_of_each_stage_and_the_softmax(client, i
     assert r.status_code == 200, r.text
     body = r.json()
     assert [s["name"] for s in body["stages"]] and all(len(s["maps"]) == 4 for s in body["stages"])
+    assert all(s["label"] == s["name"] for s in body["stages"])  # one network: its layers' own names
     assert all(m.startswith("data:image/png;base64,") for s in body["stages"] for m in s["maps"])
     probs = [row["probability"] for row in body["softmax"]]
     assert sum(probs) == pytest.approx(1.0, abs=1e-5)
@@ -233,6 +234,8 @@ def test_web_page_in_chromium(run, images, tmp_path):
         # ... and inside the network: each stage's feature maps, and the softmax with its numbers
         WebDriverWait(browser, 20).until(lambda b: b.find_elements("css selector", "#stages .stage img"))
         assert len(browser.find_elements("css selector", "#stages .stage")) >= 3
+        titles = [h.text for h in browser.find_elements("css selector", "#stages .stage h3")]
+        assert titles and all(t.startswith("features.") for t in titles), titles  # each stage's label, as /explain gives
         assert browser.find_elements("css selector", "#softmax tr")[0].text.startswith("Trouser")
     finally:
         browser.quit()

@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from cnnkit.data.images import MAX_PIXELS, decode_image
 from cnnkit.errors import ImageDecodeError
+from cnnkit.models.concat import layer_label
 from cnnkit.predict import load_engine
 from cnnkit.runs import read_summary
 
@@ -192,7 +193,8 @@ class _Inside:
                 self.run = load_run(self.run_dir)
             ex, _ = look_inside(self.run.model, self.run.preprocess, self.run.classes, image, max_maps=maps)
         return {"input_shape": ex["input_shape"],
-                "stages": [{"name": st["name"], "type": st["type"], "shape": st["shape"], "channels": st["channels"],
+                "stages": [{"name": st["name"], "label": layer_label(st["name"], self.run.meta["model"]),
+                            "type": st["type"], "shape": st["shape"], "channels": st["channels"],
                             "maps": [png(to_pil(colour(m), 64)) for m in st["maps"]]} for st in ex["stages"]],
                 "softmax": [{"class": c, "logit": z, "probability": p}
                             for c, z, p in zip(ex["classes"], ex["logits"], ex["probabilities"])]}

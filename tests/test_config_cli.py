@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from cnnkit.cli import main
@@ -197,11 +199,14 @@ def test_tune_lr_find_and_augment_preview_read_a_data_dir_for_what_it_holds(phot
     from cnnkit import tune
 
     studied = []
+    probe_trial = {"number": 0, "state": "running", "value": None, "epochs": None, "params": {"probe_flip": True}}
     monkeypatch.setattr(tune, "tune", lambda recipe, overrides, **kw: studied.append((recipe, dict(overrides))) or
-                        tune.TuneResult(kw["folder"], None, {}, [], None))
-    assert main(["tune", "--data-dir", str(photos), "--trials", "1", "--output", str(tmp_path)]) == 1  # no trial ran
+                        tune.TuneResult(kw["folder"], None, {}, [probe_trial], None))
+    assert main(["tune", "--data-dir", str(photos), "--trials", "1", "--output", str(tmp_path)]) == 1  # none finished
     assert studied[0][0] == "photos" and studied[0][1]["dataset"] == "folder"
-    assert "no --recipe for a folder of 66 images: using photos" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "no --recipe for a folder of 66 images: using photos" in err
+    assert re.search(r"│ 0 +│ running +│ +│ - +│", out), out  # a probe's trial has no epochs: '-', not 0
 
     assert main(["lr-find", "--data-dir", str(photos)]) == 2  # a linear probe has no learning rate to find
     assert "lr-find is for recipes trained by gradient steps, e.g. --recipe folder-transfer" in capsys.readouterr().err

@@ -572,7 +572,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         table.add_column(col)
     for r in result.trials:
         table.add_row(str(r["number"]), r["state"], "" if r["value"] is None else f"{100 * r['value']:.2f}%",
-                      str(r["epochs"]), json.dumps(r["params"]))
+                      "-" if r["epochs"] is None else str(r["epochs"]), json.dumps(r["params"]))
     out_console().print(table)
     if result.recipe_path is None:
         print("No trial finished; nothing to recommend yet. Start the same command again to continue.")

@@ -286,7 +286,7 @@ def _trial_rows(study: Any, folder: Path) -> list[dict[str, Any]]:
     for t in study.get_trials(deepcopy=False):
         rows.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
                      "params": {k: _decode(v) for k, v in t.params.items()},
-                     "epochs": max(t.intermediate_values, default=0), "run": t.user_attrs.get("run"),
+                     "epochs": max(t.intermediate_values, default=None), "run": t.user_attrs.get("run"),  # None: a probe's
                      "error": t.user_attrs.get("error"),
                      "seconds": round(t.duration.total_seconds(), 1) if t.duration else None})
     return rows
@@ -352,7 +352,7 @@ def write_report(study: Any, rows: list[dict[str, Any]], folder: Path, final: di
         return "" if r["value"] is None else f"{100 * r['value']:.2f}%"
 
     table = "".join(
-        f"<tr><td>{r['number']}</td><td>{e(r['state'])}</td><td>{value(r)}</td><td>{r['epochs']}</td>"
+        f"<tr><td>{r['number']}</td><td>{e(r['state'])}</td><td>{value(r)}</td><td>{'-' if r['epochs'] is None else r['epochs']}</td>"
         f"<td>{e(json.dumps(r['params']))}</td><td>{r['seconds'] or ''}</td>"
         f"<td>{_link(r, folder)}</td><td>{e(r['error'] or '')}</td></tr>" for r in rows)
     figures = "".join(f"<h2>{e(t)}</h2><img src='{png(im)}' alt='{e(t)}'>" for t, im in plots)

@@ -251,6 +251,7 @@ def render(ex: dict[str, Any], title: str, model: str = "") -> str:
 
     def label(layer: str) -> str:
         return layer_label(layer, model)
+
     sec = []
     shape = "×".join(map(str, ex["input_shape"]))
     sec.append(("The input", "What the model takes: the image resized to its input size and normalised "

@@ -95,7 +95,8 @@ def plot_training_views(cfg: dict[str, Any], images: np.ndarray, labels: np.ndar
     if cfg.get("strategy") == LINEAR_PROBE:
         flip = bool(cfg.get("probe_flip"))
         augment_grid(images, labels, classes, build_augment([{"op": "hflip", "p": 1.0}] if flip else []), path,
-                     columns=int(flip), title="a linear probe's training rows: each image" + " and its mirror" * flip)
+                     columns=1 if flip else 0,
+                     title="a linear probe's training rows: each image" + (" and its mirror" if flip else ""))
         return
     augment = cfg.get("augment")
     augment_grid(images, labels, classes, build_augment(augment), path, columns=5,
@@ -295,11 +296,12 @@ def _facts(summary: dict[str, Any], cfg: dict[str, Any], selection: dict[str, An
     return facts
 
 
-def curves_section(cfg: dict[str, Any], plots: Path) -> str:
-    """Learning curves; for a linear probe, which has none, its choice of backbone (plot_candidates)."""
+def curves_section(cfg: dict[str, Any], plots: Path, selection: dict[str, Any] | None) -> str:
+    """Learning curves; for a linear probe, which has none, its choice of backbone (plot_candidates of
+    run.json's `selection`, where it chose among candidates)."""
     if cfg.get("strategy") != LINEAR_PROBE:
         return f"<section><h2>Learning curves</h2>{_img(plots / 'learning_curves.png', 'learning curves')}</section>"
-    if not (plots / "candidates.png").is_file():
+    if not (selection and selection.get("candidates")):
         return ("<section><h2>Learning curves</h2><p>None: a linear probe's head is fitted once, on the backbone's "
                 "features.</p></section>")
     return ("<section><h2>Choosing the backbone</h2>" + _img(plots / "candidates.png", "candidates") +
@@ -381,7 +383,8 @@ def write_page(run_dir: Path, metrics: dict[str, Any], classes: list[str], pair_
         ("calibration error", _num("calibration.ece", f"{100 * metrics['calibration']['ece']:.2f}%"), "ECE, 15 bins"),
         _time_card(summary),
     ]
-    facts = _facts(summary, cfg, RunRecord.load(run_dir).selection)
+    selection = RunRecord.load(run_dir).selection
+    facts = _facts(summary, cfg, selection)
 
     def pct(key: str, value: float) -> str:
         return _num(key, f"{100 * value:.2f}%")
@@ -415,7 +418,7 @@ finished {e(str(summary.get('finished_at', '')))}</p></header><main>
 {''.join(f'<p class="warning">{e(w)}</p>' for w in summary.get('warnings', []))}
 <section><h2>Summary</h2><div class="cards">{''.join(f'<div class="card"><small>{t}</small><b>{v}</b><small>{s}</small></div>' for t, v, s in cards)}</div>
 <table style="margin-top:12px">{''.join(f'<tr><td>{e(k)}</td><td style="text-align:left">{e(str(v))}</td></tr>' for k, v in facts)}</table></section>
-{curves_section(cfg, plots)}
+{curves_section(cfg, plots, selection)}
 <section><h2>Confusion matrix</h2>{_img(plots / 'confusion_matrix.png', 'confusion matrix')}
 <h3>Per class</h3><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{per_class}</table></section>
 <section><h2>Most confused pairs</h2>{pairs or '<p>No mistakes.</p>'}</section>

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from cnnkit.models import same_padding
+
 log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4  # of the output's largest magnitude; folding differs by rounding alone (about 1e-6)
@@ -42,7 +44,7 @@ TOLERANCE = 1e-4  # of the output's largest magnitude; folding differs by roundi
 # by weak references to those tensors, so a model is let go when its user lets it go.
 CACHE_SIZE = 4
 _Entry = tuple[tuple[weakref.ref, ...], tuple[tuple[int, int], ...], "nn.Module | None"]
-_folded: OrderedDict[tuple[type, tuple[int, ...]], _Entry] = OrderedDict()
+_folded: OrderedDict[tuple[type, tuple[int, ...], bool], _Entry] = OrderedDict()
 
 
 def enabled() -> bool:
@@ -66,7 +68,7 @@ def folded_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _folded_copy(module: nn.Module, example: torch.Tensor) -> nn.Module:
     tensors = (*module.parameters(), *module.buffers())
-    key = (type(module), tuple(id(t) for t in tensors))
+    key = (type(module), tuple(id(t) for t in tensors), same_padding.enabled())
     hit, state = _folded.get(key), _weights_state(tensors)
     if hit is None or hit[1] != state or any(r() is not t for r, t in zip(hit[0], tensors)):
         hit = tuple(weakref.ref(t) for t in tensors), state, fold(module, example)
@@ -85,7 +87,8 @@ def _weights_state(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, int], 
 
 def fold(module: nn.Module, example: torch.Tensor) -> nn.Module | None:
     """A copy of `module` (in eval mode) with each BatchNorm that follows a convolution folded into
-    it, checked on `example` (one input); None where nothing folds or the copy disagrees."""
+    it and TensorFlow's padding in the kernel, checked on `example` (one input); None where nothing
+    folds or the copy disagrees."""
     module.eval()
     with torch.no_grad(), torch.autocast(example.device.type, enabled=False):
         example = example.float()
@@ -98,6 +101,8 @@ def fold(module: nn.Module, example: torch.Tensor) -> nn.Module | None:
             _replace(folded, names[conv], fuse_conv_bn_eval(folded.get_submodule(names[conv]),
                                                            folded.get_submodule(names[bn])))
             _replace(folded, names[bn], _after_normalizing(folded.get_submodule(names[bn])))
+        if same_padding.enabled():
+            same_padding.use_same_conv(folded)
         got = folded(example)
     if not isinstance(want, torch.Tensor) or (got - want).abs().max() > TOLERANCE * want.abs().max().clamp_min(1):
         log.debug("BatchNorm not folded in %s: the folded copy disagrees", type(module).__name__)

@@ -112,9 +112,14 @@ def test_a_time_budget_leaves_out_the_candidates_that_would_not_fit(photos, tmp_
     assert main(["train", "--recipe", "photos", "--data-dir", str(photos), "--image-size", "48", "--input-size", "64",
                  "--probe-candidates", json.dumps(CANDIDATES), "--cv-folds", "3", "--report", "false",
                  "--time-budget", "1s", "--output", str(tmp_path), "--name", "b"]) == 0
-    assert "tf_efficientnet_lite1: left out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "tf_efficientnet_lite1: left out" in err
     record = json.loads((tmp_path / "b" / "run.json").read_text())
     assert [c["model"] for c in record["selection"]["candidates"]] == CANDIDATES[:1] == [record["model"]]
+    # nor did its mirror images fit: chosen, trained and tested on plain views (they took 51 s of a 30-s budget)
+    assert "tf_efficientnet_lite0: its mirror images would take" in err and "mirror images left out" in err
+    assert record["probe_flip"] is False and record["tta"] == "none"
+    assert record["selection"]["chosen"]["views"] == "plain"
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from cnnkit.budget import MARGIN, probe_end_s, probe_images
+from cnnkit.budget import MARGIN, REPORT_FIXED_S, TEST_FIXED_S, fit_to_left, probe_end_s, probe_images
 from cnnkit.models.pretrained import offline_weights_path
 from cnnkit.training.probe_budget import budget_order
 
@@ -23,6 +23,21 @@ def test_probe_images_fill_the_budget_to_its_margin():
     assert 3000 < later < n
     assert probe_images(budget, elapsed, 0, image_s, 10 * fit_s, final_s) < n / 2  # a costlier fit: fewer images
     assert probe_images(budget, 200.0, 3000, image_s, fit_s, final_s) == 3000  # past the budget: no more, none taken back
+
+
+def test_after_a_probes_choice_the_test_views_and_robustness_samples_fit_what_is_left():
+    """240 test images, 48 robustness samples of 22 passes, 12 classes, 0.01 s an image and view."""
+    views = {"flip": 2, "none": 1}.get
+    fixed = TEST_FIXED_S + REPORT_FIXED_S
+
+    def left_for(tta_views: int, samples: int) -> float:
+        return 0.01 * (240 * tta_views + 22 * samples) + fixed
+
+    assert fit_to_left(left_for(2, 48) + 1e-6, 0.01, 240, "flip", views, 48, 22, 12, True) == ("flip", 48)  # all fits
+    assert fit_to_left(left_for(2, 30) + 1e-3, 0.01, 240, "flip", views, 48, 22, 12, True) == ("flip", 30)
+    assert fit_to_left(left_for(2, 12) - 0.1, 0.01, 240, "flip", views, 48, 22, 12, True)[0] == "none"  # views first
+    assert fit_to_left(left_for(1, 5), 0.01, 240, "flip", views, 48, 22, 12, True) == ("none", 12)  # one a class
+    assert fit_to_left(1.0, 0.01, 240, "flip", views, 0, 22, 12, False) == ("none", 0)  # no report
 
 
 def test_a_deadline_cuts_the_weight_decay_path_after_the_planned_fits(caplog):

@@ -97,6 +97,23 @@ def fit_extras(budget_s: float, eval_image_s: float, test_images: int, tta: str,
     return tta, samples
 
 
+def fit_to_left(left_s: float, eval_image_s: float, test_images: int, tta: str, views: Callable[[str], int],
+                robustness_samples: int, robustness_passes: int, least_samples: int, report: bool) -> tuple[str, int]:
+    """After a linear probe's choice, which computed every training row: the test-time augmentation and
+    robustness samples whose evaluations fit in the `left_s` seconds the budget leaves (the test's and
+    report's own work included): fewer views first, then fewer samples, though not below `least_samples`
+    (one a class: the section's curves need every class)."""
+    least = min(robustness_samples, least_samples) if report else 0
+
+    def needs(tta: str, samples: int) -> float:
+        return final_seconds(test_images * views(tta) + robustness_passes * samples, eval_image_s, report)
+
+    while needs(tta, least) > left_s and tta in TTA_FALLBACK:
+        tta = TTA_FALLBACK[tta]
+    spare = left_s - needs(tta, 0)
+    return tta, min(robustness_samples, max(least, math.floor(spare / (robustness_passes * eval_image_s))))
+
+
 def estimate_costs(step_s: float, steps_per_epoch: int, eval_image_s: float, val_images: int,
                    final_images: int, report: bool, epoch_weights: tuple[float, ...] = ()) -> Costs:
     """From the time of one full-size training step and of evaluating one image; `final_images`

@@ -49,6 +49,7 @@ class RunRecord:
     strategy_selection: dict[str, Any] | None = None  # ... and every strategy's accuracy on the folds
     stop_after_epoch: int | None = None  # ... and the epoch at which its folds were best, where earlier than the last
     probe_images: int | None = None  # the training images a linear probe's head learnt from under --time-budget
+    probe_flip: bool | None = None  # False: a time budget left a chosen probe's mirror images out (training/choose.py)
 
     def planned(self, steps: int, epochs: int, planned_time_s: float) -> None:
         self.planned_steps, self.epochs, self.planned_time_s = steps, epochs, round(planned_time_s, 1)

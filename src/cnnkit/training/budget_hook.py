@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from cnnkit import distributed
 from cnnkit.analysis import ROBUSTNESS_PASSES, robustness_sample_count
 from cnnkit.augment import tta_view_count
-from cnnkit.budget import (EXTRAS_SHARE, REPLAN_PAST, Costs, calibration_window, describe_plan, epoch_weight,
-                           estimate_costs, final_seconds, first_settled_epoch, fit_extras, fit_steps, recent_epoch_s,
-                           replan_after_epoch, run_end_s)
+from cnnkit.budget import (EXTRAS_SHARE, MARGIN, REPLAN_PAST, Costs, calibration_window, describe_plan, epoch_weight,
+                           estimate_costs, final_seconds, first_settled_epoch, fit_extras, fit_steps, fit_to_left,
+                           recent_epoch_s, replan_after_epoch, run_end_s)
 from cnnkit.inference import predict_logits
 from cnnkit.training.loop import EpochEnd, Hook, Loop
 
@@ -129,10 +129,27 @@ class TimeBudget(Hook):
             log.info("time budget %s: test-time augmentation %s (recipe: %s), %d robustness samples (recipe: %d), "
                      "so that they take at most %.0f%% of the budget and the rest trains", setup.cfg.time_budget,
                      tta, self.tta, kept, self.samples, 100 * EXTRAS_SHARE)
-            self.tta, self.samples = tta, kept
-            setup.record.tta = tta
-            if setup.cfg.report:
-                setup.record.report_robustness_samples = kept
+            self._keep(tta, kept)
+
+    def fit_to_left(self, eval_image_s: float) -> None:
+        """A probe chosen by cross-validation: fewer test-time views and robustness samples where the test
+        and report would not end within the budget (see `budget.fit_to_left`)."""
+        setup = self.setup
+        left = MARGIN * self.budget_s - (time.perf_counter() - self.started_at)
+        tta, kept = fit_to_left(left, eval_image_s, len(setup.splits.test), self.tta, tta_view_count, self.samples,
+                                ROBUSTNESS_PASSES, len(setup.ds.classes), setup.cfg.report)
+        changes = ([f"test-time augmentation {tta} (recipe: {self.tta})"] if tta != self.tta else []) + (
+            [f"{kept} robustness samples (of {self.samples})"] if kept != self.samples else [])
+        if changes:
+            log.info("time budget %s: %s, so that the test and report end in the %.0f s left", setup.cfg.time_budget,
+                     ", ".join(changes), max(left, 0))
+            self._keep(tta, kept)
+
+    def _keep(self, tta: str, kept: int) -> None:
+        self.tta, self.samples = tta, kept
+        self.setup.record.tta = tta
+        if self.setup.cfg.report:
+            self.setup.record.report_robustness_samples = kept
 
     def plan(self, loop: Loop, costs: Costs, basis: str) -> None:
         """Fit the steps (and so the schedule) to the budget from here; every rank follows rank 0's plan."""

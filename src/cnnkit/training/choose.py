@@ -14,7 +14,8 @@ candidate, scored on the rows already computed: chosen only where the folds pref
 
 Under `--time-budget` the candidates may take 60% of it: one whose features would not fit (timed on a
 few of its images; screened, with room kept for the mirror images every candidate may yet need) is
-left out, and the log says so. The pair side by side runs
+left out, and the log says so; so are a finalist's mirror images where they would not fit (none fitting,
+the run trains and tests on plain views). The pair side by side runs
 both backbones over the test images and the report's, so it is a candidate only where that fits in
 what the budget leaves after choosing.
 The held-out test split is never looked at. The choice, its estimate and every candidate's score
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -87,12 +89,19 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
         if len(rows) > 1 and budget_s is not None:
             rows[-1]["guessed_seconds"] = round(guess, 1)  # what the plan took it for (run.json)
     if screen:
-        rows = _finalists(rows, cfg, splits, labels, groups, device, precision, features)
+        left = None if budget_s is None else lambda: budget_s - (time.perf_counter() - started)
+        rows = _finalists(rows, cfg, splits, labels, groups, device, precision, features, left)
     scored = [r for r in rows if not screen or "screen_accuracy" in r]  # on the views the run trains on
+    plain = cfg.probe_flip and not scored  # the budget held no candidate's mirror images
+    if plain:
+        scored = rows
+        log.info("  mirror images left out: not one candidate's fitted in what the time budget %s leaves choosing; "
+                 "the head learns from plain views, and the test takes no mirrored view", cfg.time_budget)
     if cfg.probe_concat and len(scored) > 1:
         top = sorted(scored, key=lambda r: r["cv_accuracy"], reverse=True)[:2]
         samples = report_samples(cfg.report, cfg.report_robustness_samples, splits, len(np.unique(labels)))
-        after_s = pair_after_seconds(top, len(labels), final_images(len(splits.test), cfg.tta, samples), cfg.report)
+        tta = "none" if plain else cfg.tta
+        after_s = pair_after_seconds(top, len(labels), final_images(len(splits.test), tta, samples), cfg.report)
         if total_s is None or time.perf_counter() - started + after_s <= total_s:
             rows.append(_concat_candidate(top, features, labels, groups, cfg))
             scored.append(rows[-1])
@@ -104,10 +113,11 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
              best["model"], len(rows), len(best["fold_accuracies"]), len(labels))
     model_args = ({**cfg.model_args, **{k: best[k] for k in ("member_sizes", POOLED_BLOCKS) if k in best}}
                   if "member_sizes" in best or POOLED_BLOCKS in best else None)
-    record = RunRecord(model=best["model"], model_args=model_args,
+    views = {"probe_flip": False, "tta": "none"} if plain else {}  # as the folds scored them
+    record = RunRecord(model=best["model"], model_args=model_args, **views,
                        selection={"folds": len(best["fold_accuracies"]), "images": int(len(labels)),
                                   "weight_decays": list(WEIGHT_DECAYS), "chosen": best, "candidates": rows})
-    return replace(cfg, model=best["model"], model_args=model_args or cfg.model_args), record
+    return replace(cfg, model=best["model"], model_args=model_args or cfg.model_args, **views), record
 
 
 def _concat_candidate(top: list[dict[str, Any]], features: dict[str, Variants], labels: np.ndarray,
@@ -145,6 +155,15 @@ def pair_after_seconds(top: list[dict[str, Any]], images: int, evaluated: int, r
     included, so an upper bound), times the `evaluated` images, and the test's and report's own work."""
     per_image = sum(r["seconds"] / (images * (2 if r["views"] != "plain" else 1)) for r in top)
     return final_seconds(evaluated, per_image, report)
+
+
+def seconds_per_view(selection: dict[str, Any]) -> float:
+    """The chosen model's forward seconds per image and view, from its backbones' features while choosing
+    (backbones side by side: the sum of theirs)."""
+    rows = {r["model"]: r for r in selection["candidates"]}
+    members = selection["chosen"]["model"].split(SEPARATOR)
+    return sum(rows[m]["feature_seconds"] / (selection["images"] * (1 if rows[m]["views"] == "plain" else 2))
+               for m in members)
 
 
 def candidate_seconds(guess_s: float, screen: bool) -> float:
@@ -189,29 +208,36 @@ def seconds_per_image(cfg: Config, splits: Any, device: torch.device, precision:
 
 
 def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.ndarray, groups: np.ndarray,
-               device: torch.device, precision: str, keep: dict[str, Variants]) -> list[dict[str, Any]]:
+               device: torch.device, precision: str, keep: dict[str, Variants],
+               left: Callable[[], float] | None = None) -> list[dict[str, Any]]:
     """The rows again: those within `probe_screen` standard deviations (the spread of the best one's
     folds) of the best plain-view estimate now scored with their mirrored views too, and marked
     with their `screen_accuracy`; the others as they were. The margin is the folds' own noise, so a
     small set (wide spread) keeps its candidates and a large one drops those clearly behind; it is at
     least one image of a fold, since folds that all read the same (a best of 100% on every fold: a
-    spread of 0) would otherwise keep only exact ties."""
+    spread of 0) would otherwise keep only exact ties. Under a time budget (`left`: the seconds choosing
+    has left) the best go first, and one whose mirror images (about its plain views' time) would not fit is
+    not scored on them."""
     top = max(rows, key=lambda r: r["cv_accuracy"])
     floor = top["cv_accuracy"] - max(cfg.probe_screen * top["cv_sd"], cfg.cv_folds / len(labels))
-    out = []
-    for r in rows:
+    done: dict[str, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["cv_accuracy"], reverse=True):
         if r["cv_accuracy"] < floor:
             log.info("  %s: %.1f points below the best on plain views (more than %g of its folds' standard "
                      "deviation); its mirror images are not computed", r["model"],
                      100 * (top["cv_accuracy"] - r["cv_accuracy"]), cfg.probe_screen)
-            out.append(r)
+            continue
+        if left is not None and r["seconds"] > left():
+            log.info("  %s: its mirror images would take about %.0f s, more than the %.0f s the time budget %s leaves "
+                     "choosing; they are not computed", r["model"], r["seconds"], max(left(), 0), cfg.time_budget)
             continue
         full = _candidate(replace(cfg, model=r["model"]), splits, labels, groups, device, precision, flip=True,
                           macs=False, keep=keep)
         guessed = {"guessed_seconds": r["guessed_seconds"]} if "guessed_seconds" in r else {}  # its plain views'
-        out.append({**full, **guessed, "screen_accuracy": r["cv_accuracy"], "seconds": round(full["seconds"] + r["seconds"], 1),
-                    "feature_seconds": round(full["feature_seconds"] + r["feature_seconds"], 1)})
-    return out
+        done[r["model"]] = {**full, **guessed, "screen_accuracy": r["cv_accuracy"],
+                            "seconds": round(full["seconds"] + r["seconds"], 1),
+                            "feature_seconds": round(full["feature_seconds"] + r["feature_seconds"], 1)}
+    return [done.get(r["model"], r) for r in rows]  # in the recipe's order
 
 
 def _candidate(cfg: Config, splits: Any, labels: np.ndarray, groups: np.ndarray, device: torch.device, precision: str,

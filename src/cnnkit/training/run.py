@@ -36,7 +36,7 @@ from cnnkit.runtime import describe_device, versions
 from cnnkit.training.budget_hook import TimeBudget
 from cnnkit.training.build import Setup, build
 from cnnkit.training import data_selection
-from cnnkit.training.choose import choose_backbone
+from cnnkit.training.choose import choose_backbone, seconds_per_view
 from cnnkit.training.choose_strategy import choose_strategy
 from cnnkit.training.hooks import (BestEpoch, Checkpointer, LookaheadHook, LrSchedule, MetricsLog, StopAfterEpoch,
                                    Unfreeze, append_metrics, saved_loop_state)
@@ -158,6 +158,9 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
     t0 = time.perf_counter()
     selection = setup.record.selection or {}
     chosen = selection.get("chosen")
+    budget = _find(loop, TimeBudget)
+    if chosen and budget is not None:  # choosing took its share: the test and report are fitted to the rest
+        budget.fit_to_left(seconds_per_view(selection))
     feats, train_labels = _probe_features(setup, loop, budgeted=not chosen)
     power, head = probe.head_parts(setup.model)
     feats = {name: probe.powered(rows, power) for name, rows in feats.items()}  # each view's, before averaging
@@ -174,7 +177,6 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
         fit = probe.fit_head(head, x, y, held["validation"], splits.val.labels, cfg.label_smoothing, path,
                              quiet=True, keep=wd, class_weights=probe.head_class_weights(cfg.class_balance, y, k))
     else:
-        budget = _find(loop, TimeBudget)
         fit = probe.fit_head(head, *rows["train"], held["validation"], splits.val.labels, cfg.label_smoothing,
                              deadline=budget.fit_deadline if budget else None,
                              class_weights=probe.head_class_weights(cfg.class_balance, rows["train"][1], k))

@@ -116,3 +116,15 @@ def test_a_probe_under_a_time_budget_learns_from_the_images_that_fit(tmp_path, i
     assert cli.main(["--quiet", "train", "--recipe", "fmnist-baseline"]) == 0
     table = " ".join(capsys.readouterr().out.split())
     assert "learnt" in table and f"{used:,}" in table
+
+
+def test_the_chosen_models_rate_is_its_backbones_features_per_image_and_view():
+    from cnnkit.training.choose import seconds_per_view
+
+    candidates = [{"model": "a", "views": "plain and mirrored", "feature_seconds": 20.0, "seconds": 23.0},
+                  {"model": "b", "views": "plain", "feature_seconds": 5.0, "seconds": 7.0},
+                  {"model": "c", "views": "plain", "seconds": 9.0},  # an older record: its whole seconds
+                  {"model": "a+b", "views": "plain and mirrored", "seconds": 4.0}]
+    selection = {"images": 100, "candidates": candidates, "chosen": candidates[3]}
+    assert seconds_per_view(selection) == pytest.approx(20 / 200 + 5 / 100)
+    assert seconds_per_view({**selection, "chosen": candidates[2]}) == pytest.approx(9 / 100)

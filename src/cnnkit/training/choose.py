@@ -159,11 +159,11 @@ def pair_after_seconds(top: list[dict[str, Any]], images: int, evaluated: int, r
 
 def seconds_per_view(selection: dict[str, Any]) -> float:
     """The chosen model's forward seconds per image and view, from its backbones' features while choosing
-    (backbones side by side: the sum of theirs)."""
+    (backbones side by side: the sum of theirs); a record without them, its candidates' whole seconds."""
     rows = {r["model"]: r for r in selection["candidates"]}
     members = selection["chosen"]["model"].split(SEPARATOR)
-    return sum(rows[m]["feature_seconds"] / (selection["images"] * (1 if rows[m]["views"] == "plain" else 2))
-               for m in members)
+    return sum(rows[m].get("feature_seconds", rows[m]["seconds"])
+               / (selection["images"] * (1 if rows[m]["views"] == "plain" else 2)) for m in members)
 
 
 def candidate_seconds(guess_s: float, screen: bool) -> float:

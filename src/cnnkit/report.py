@@ -308,8 +308,8 @@ def curves_section(cfg: dict[str, Any], plots: Path, selection: dict[str, Any] |
             "<p class='note'>A linear probe has no learning curves: its head is fitted once. Each candidate "
             "backbone (and the two best side by side) was scored by cross-validation on the training images, the test "
             "images unseen: the mean accuracy of the folds, with their standard deviation; the darker bar was chosen. "
-            "A candidate scored on plain views alone was more than a standard deviation behind on them, so its mirror "
-            "images were not computed.</p></section>")
+            "A candidate scored on plain views alone was more than a standard deviation behind on them, or its mirror "
+            "images did not fit the time budget, so they were not computed.</p></section>")
 
 
 def members_note(model: str) -> str:

@@ -153,17 +153,20 @@ def pair_after_seconds(top: list[dict[str, Any]], images: int, evaluated: int, r
     """The test and the report of the pair side by side: each member's seconds per image and view
     while choosing (its `images` training and validation images on its views, its folds' fits
     included, so an upper bound), times the `evaluated` images, and the test's and report's own work."""
-    per_image = sum(r["seconds"] / (images * (2 if r["views"] != "plain" else 1)) for r in top)
-    return final_seconds(evaluated, per_image, report)
+    return final_seconds(evaluated, sum(_per_view(r["seconds"], r, images) for r in top), report)
 
 
 def seconds_per_view(selection: dict[str, Any]) -> float:
     """The chosen model's forward seconds per image and view, from its backbones' features while choosing
     (backbones side by side: the sum of theirs); a record without them, its candidates' whole seconds."""
     rows = {r["model"]: r for r in selection["candidates"]}
-    members = selection["chosen"]["model"].split(SEPARATOR)
-    return sum(rows[m].get("feature_seconds", rows[m]["seconds"])
-               / (selection["images"] * (1 if rows[m]["views"] == "plain" else 2)) for m in members)
+    members = [rows[m] for m in selection["chosen"]["model"].split(SEPARATOR)]
+    return sum(_per_view(r.get("feature_seconds", r["seconds"]), r, selection["images"]) for r in members)
+
+
+def _per_view(seconds: float, row: dict[str, Any], images: int) -> float:
+    """A candidate's `seconds` per image and view: its `images` on its plain views, or with their mirrors."""
+    return seconds / (images * (1 if row["views"] == "plain" else 2))
 
 
 def candidate_seconds(guess_s: float, screen: bool) -> float:

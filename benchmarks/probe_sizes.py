@@ -5,7 +5,9 @@ choosing by cross-validation, as the backbone is. `--pooled-blocks 0 3` also sco
 its last blocks' pooled outputs joined to its features (models.block_pooled); `--recipe cifar10-probe
 --max-train-samples 15000` does the same on a subset of a recipe's own dataset (mirrored rows as the
 recipe's `probe_flip` says). `--head-power 1 0.5` scores each candidate on its rows as they are and
-power-normalised (the model argument head_power, models.signed_power). A candidate may be backbones side
+power-normalised (the model argument head_power, models.signed_power). `--tta-below none 0.9 0` scores
+the held-out images on both views' mean, on it only where their plain view's top probability is below 0.9
+(as `--tta-below 0.9` tests), and on their plain views alone. A candidate may be backbones side
 by side, `tf_efficientnet_lite0@224+tf_efficientnet_lite2@260`: their rows joined, as the photo default's
 pair is scored.
 
@@ -40,6 +42,9 @@ def main() -> None:
                    help="score each candidate with this many of its last blocks' pooled outputs joined (0: none)")
     p.add_argument("--head-power", type=float, nargs="+", default=[1.0],
                    help="score each candidate's rows to these powers (signed; 1: as they are)")
+    p.add_argument("--tta-below", type=_below, nargs="+", default=[None],
+                   help="judge held-out images on both views' mean where their plain view's top probability is "
+                        "below this (none: every image; 0: none); with mirrored rows only")
     p.add_argument("--fold-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--isa", choices=["avx2"], help="cap PyTorch's kernels to AVX2")
     p.add_argument("--label", default="probe-sizes")
@@ -60,10 +65,11 @@ def main() -> None:
     _, splits = run_splits(cfg.to_dict())
     labels = np.concatenate([splits.train.labels, splits.val.labels])
     folds = cfg.cv_folds
-    powers = args.head_power != [1.0]
-    rows = [f"| backbone | input | pooled blocks |{' head power |' if powers else ''} {folds}-fold accuracy, fold seeds "
-            f"{', '.join(map(str, args.fold_seeds))} | mean | features{' (plain and mirrored)' if cfg.probe_flip else ''} |",
-            "|---|---|---|---|---|---|" + ("---|" if powers else "")]
+    powers, below = args.head_power != [1.0], args.tta_below != [None]
+    rows = [f"| backbone | input | pooled blocks |{' head power |' if powers else ''}{' mirrored view below |' if below else ''}"
+            f" {folds}-fold accuracy, fold seeds {', '.join(map(str, args.fold_seeds))} | mean |"
+            f" features{' (plain and mirrored)' if cfg.probe_flip else ''} |",
+            "|---|---|---|---|---|---|" + ("---|" if powers else "") + ("---|" if below else "")]
     for spec, blocks in ((spec, b) for spec in args.candidates for b in args.pooled_blocks):
         t0 = time.perf_counter()
         model_args = {**cfg.model_args, "pooled_blocks": blocks} if blocks else cfg.model_args
@@ -73,20 +79,29 @@ def main() -> None:
         plain = np.concatenate([p for p, _ in parts], 1)
         flipped = None if parts[0][1] is None else np.concatenate([f for _, f in parts], 1)
         seconds = time.perf_counter() - t0
-        for power in args.head_power:
+        for power, tta_below in ((w, b) for w in args.head_power for b in args.tta_below):
             p, f = probe.powered((plain, flipped), SignedPower(power) if power != 1 else None)
             best = [max(np.mean(a) for a in probe.fold_accuracies(p, f, labels, folds, seed, cfg.label_smoothing,
-                                                                  probe.WEIGHT_DECAYS).values())
+                                                                  probe.WEIGHT_DECAYS, tta_below=tta_below).values())
                     for seed in args.fold_seeds]
             name = "+".join(n for n, _ in members)
             size = " + ".join(str(s) for _, s in members)
-            rows.append(f"| {name} | {size} px | {blocks} |{f' {power:g} |' if powers else ''} "
+            rows.append(f"| {name} | {size} px | {blocks} |{f' {power:g} |' if powers else ''}"
+                        f"{f' {_shown(tta_below)} |' if below else ''} "
                         f"{', '.join(f'{100 * b:.2f}' for b in best)} | {100 * np.mean(best):.2f}% | {seconds:.0f} s |")
             print(rows[-1], flush=True)
     block = measured_header("probe_sizes.py", " ".join(sys.argv[1:]),
                             f"{len(labels)} training images; each estimate at its best weight decay") + "\n".join(rows)
     write_block(args.label, block)
     print(block)
+
+
+def _below(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _shown(tta_below: float | None) -> str:
+    return "every image" if tta_below is None else "no image" if tta_below == 0 else f"{tta_below:g}"
 
 
 if __name__ == "__main__":

@@ -246,7 +246,8 @@ def test_the_final_head_is_the_one_the_folds_scored_along_the_same_path():
     x = rng.normal(size=(120, 16)) + 1.2 * np.eye(3, 16)[labels]  # overlapping classes: decays matter
     train, held = np.arange(120) % 4 != 0, np.arange(120) % 4 == 0
     decays = (1e-5, 1e-3, 1e-1)
-    folds = probe._fold_accuracies(x[train], labels[train], x[held], labels[held], probe._Loss(), decays)
+    folds = probe._fold_accuracies(x[train], labels[train], probe.HeldOut(x[held], None, labels[held]), probe._Loss(),
+                                   decays)
     for wd in decays:  # the run's fit at the chosen decay: the path from the largest decay down to it
         head = nn.Linear(16, 3)
         fit = probe.fit_head(head, x[train], labels[train], x[held], labels[held], 0.0,
@@ -254,6 +255,26 @@ def test_the_final_head_is_the_one_the_folds_scored_along_the_same_path():
         with torch.no_grad():
             accuracy = float((head(torch.from_numpy(x[held]).float()).argmax(1).numpy() == labels[held]).mean())
         assert fit["weight_decay"] == wd and accuracy == pytest.approx(folds[wd]), wd
+
+
+def test_held_out_images_take_the_mirrored_view_only_where_their_plain_view_is_unsure():
+    """The folds judge a held-out image as `--tta-below` tests it: on both views' mean only where its plain
+    view's top probability is below the threshold; every image's mean without one; plain views alone at 0."""
+    import torch
+    from torch import nn
+
+    head = nn.Linear(3, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(3))
+        head.bias.zero_()
+    y = torch.tensor([0, 1])
+    plain = torch.tensor([[5.0, 0, 0], [0.2, 0.1, 0]])  # sure and right; unsure and wrong
+    mean = torch.tensor([[0.0, 0, 3], [0, 1.0, 0]])  # the mean of both views: wrong for the first, right for the second
+    views = torch.cat([plain, mean])
+    assert probe._held_out_accuracy(head, views, y, 0.9) == 1.0
+    assert probe._held_out_accuracy(head, views, y, None) == 0.5  # every image on the mean
+    assert probe._held_out_accuracy(head, views, y, 0.0) == 0.5  # no image on it
+    assert probe._held_out_accuracy(head, plain, y, 0.9) == 0.5  # no mirrored views at all
 
 
 def test_backbones_side_by_side_see_the_image_at_each_ones_size_as_its_probe_rows_do(tmp_path, fmnist_images):

@@ -10,6 +10,7 @@ import logging
 import time
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -387,33 +388,60 @@ def cross_validate(plain: np.ndarray, flipped: np.ndarray | None, labels: np.nda
 
 def fold_accuracies(plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray, folds: int, seed: int,
                     label_smoothing: float, weight_decays: tuple[float, ...],
-                    class_weights: np.ndarray | None = None, groups: np.ndarray | None = None) -> dict[float, list[float]]:
+                    class_weights: np.ndarray | None = None, groups: np.ndarray | None = None,
+                    tta_below: float | None = None) -> dict[float, list[float]]:
     """Each fold's held-out accuracy of a linear head (fold 0 first, as `fold_ids` numbers them), for
     each weight decay. With `flipped`, mirrored images are extra training rows and a held-out image
     is judged on the mean of its two views' features: for a linear head, the same as averaging the
-    two views' logits (--tta flip). `class_weights` weigh each class's rows in the fits (--class-balance);
-    the held-out images are counted alike, as the test's are. Copies of one photo (`groups`) share a fold."""
+    two views' logits (--tta flip); with `tta_below`, only where its plain view's top probability is
+    below it, as the test then judges it (--tta-below). `class_weights` weigh each class's rows in the
+    fits (--class-balance); the held-out images are counted alike, as the test's are. Copies of one
+    photo (`groups`) share a fold."""
     ids = fold_ids(labels, folds, seed, groups)
     scores: dict[float, list[float]] = {wd: [] for wd in weight_decays}
     for k in used_folds(ids, folds):
         t, v = ids != k, ids == k
         x, y = (plain[t], labels[t]) if flipped is None else (np.concatenate([plain[t], flipped[t]]),
                                                                np.concatenate([labels[t], labels[t]]))
-        held = plain[v] if flipped is None else (plain[v] + flipped[v]) / 2
-        for wd, accuracy in _fold_accuracies(x, y, held, labels[v], _Loss(label_smoothing, class_weights),
-                                             weight_decays).items():
+        held = HeldOut(plain[v], None if flipped is None else flipped[v], labels[v], tta_below)
+        for wd, accuracy in _fold_accuracies(x, y, held, _Loss(label_smoothing, class_weights), weight_decays).items():
             scores[wd].append(accuracy)
     return scores
 
 
-def _fold_accuracies(x: np.ndarray, y: np.ndarray, held: np.ndarray, held_y: np.ndarray, loss: _Loss,
+@dataclass(frozen=True)
+class HeldOut:
+    """A fold's held-out images as the test judges them: their plain views' features, their mirrored
+    views' (None: plain views alone), their labels, and `tta_below` (the mirrored view only for the
+    images whose plain view's top probability is below it; None: for every image)."""
+
+    plain: np.ndarray
+    flipped: np.ndarray | None
+    labels: np.ndarray
+    tta_below: float | None = None
+
+
+def _fold_accuracies(x: np.ndarray, y: np.ndarray, held: HeldOut, loss: _Loss,
                      weight_decays: tuple[float, ...]) -> dict[float, float]:
     """One fold's held-out accuracy of a linear head at each weight decay, along `_lbfgs_path`."""
-    xs, vx, _, _ = _standardised(x, held)
-    yt, vy = torch.from_numpy(y).long(), torch.from_numpy(held_y).long()
-    classes = int(max(y.max(), held_y.max())) + 1
+    views = held.plain if held.flipped is None else np.concatenate([held.plain, (held.plain + held.flipped) / 2])
+    xs, vx, _, _ = _standardised(x, views)
+    yt, vy = torch.from_numpy(y).long(), torch.from_numpy(held.labels).long()
+    classes = int(max(y.max(), held.labels.max())) + 1
     head = nn.Linear(x.shape[1], max(classes, 0 if loss.weight is None else len(loss.weight))).to(FIT_DTYPE)
-    return {wd: _accuracy(fitted, vx, vy) for wd, fitted in _lbfgs_path(head, xs, yt, weight_decays, loss)}
+    return {wd: _held_out_accuracy(fitted, vx, vy, held.tta_below)
+            for wd, fitted in _lbfgs_path(head, xs, yt, weight_decays, loss)}
+
+
+@torch.no_grad()
+def _held_out_accuracy(head: nn.Module, views: torch.Tensor, y: torch.Tensor, tta_below: float | None) -> float:
+    """Accuracy on `views`: the held-out images' plain views, or those followed by their two views'
+    means, each image judged on the mean where `tta_below` is None or its plain view is less sure."""
+    if len(views) == len(y):
+        return _accuracy(head, views, y)
+    plain, both = head(views[: len(y)]), head(views[len(y):])
+    unsure = torch.ones(len(y), dtype=torch.bool) if tta_below is None else plain.softmax(1).amax(1) < tta_below
+    return float((torch.where(unsure[:, None], both, plain).argmax(1) == y).double().mean())
 
 
 def probe_rows(model: nn.Module, preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device,

@@ -104,6 +104,39 @@ def test_a_tiny_study_writes_its_database_best_recipe_and_report(tmp_path, capsy
     assert f"test accuracy {100 * final['test_accuracy']:.2f}%" in capsys.readouterr().out
 
 
+def test_trials_write_their_reports_only_when_asked_and_the_final_fit_writes_its_own(tmp_path):
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    args = ["tune", "--recipe", "fmnist-baseline", "--space", str(space), "--output", str(tmp_path), "--name", "s",
+            *TINY[:-2], "--epochs", "1", "--report", "true"]
+    assert main([*args, "--trials", "1", "--final"]) == 0
+    trials = tmp_path / "s" / "trials"
+    assert (trials / "trial-000" / "summary.json").is_file() and not (trials / "trial-000" / "report.html").exists()
+    assert (tmp_path / "s" / "final" / "report.html").is_file()
+    assert main([*args, "--trials", "2", "--trial-reports"]) == 0
+    assert (trials / "trial-001" / "report.html").is_file()
+
+
+def test_a_continued_study_does_not_draw_its_first_trials_settings_again(tmp_path):
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    args = ["tune", "--recipe", "fmnist-baseline", "--space", str(space), "--output", str(tmp_path), "--name", "s",
+            *TINY[:-4], "--epochs", "1", "--report", "false"]
+    assert main([*args, "--trials", "2"]) == 0
+    assert main([*args, "--trials", "4"]) == 0  # the same command, for two more
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's' / 'study.db'}")
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 4
+
+
+def test_the_next_trial_is_planned_by_the_longest_after_the_first_which_fills_the_caches():
+    from cnnkit.tune import _expected_trial_s
+
+    assert _expected_trial_s(None, []) is None
+    assert _expected_trial_s(None, [130.0]) == 130.0  # nothing else to go by
+    assert _expected_trial_s(None, [130.0, 40.0, 55.0]) == 55.0
+    assert _expected_trial_s("2m", [130.0, 40.0]) == 120.0
+
+
 OPEN_TOGETHER = """
 import pathlib, sys, time
 from cnnkit.tune import _storage

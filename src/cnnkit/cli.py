@@ -171,6 +171,8 @@ def _add_tune_command(sub: Any) -> None:
     p.add_argument("--name", help="the study's folder and name (default: the recipe's name)")
     p.add_argument("--final", action="store_true",
                    help="then train the best settings once on train + validation and test them once (DIR/NAME/final)")
+    p.add_argument("--trial-reports", action="store_true",
+                   help="write each trial's report.html (off: a trial's time goes to training; the final fit has one)")
     p.add_argument("--grace-period", type=int, default=60, help=argparse.SUPPRESS)  # tests: stale-trial detection
     _add_config_flags(p, exclude=("time_budget", "output", "name"))
 
@@ -564,7 +566,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     result = tune(recipe, overrides, folder=args.output / name, trials=args.trials,
                   budget_s=parse_duration(args.time_budget) if args.time_budget else None,
                   trial_budget=args.trial_budget, storage=args.storage, space=args.space,
-                  seed=overrides.get("seed", 0), grace_period_s=args.grace_period, final=args.final)
+                  seed=overrides.get("seed", 0), grace_period_s=args.grace_period, final=args.final,
+                  trial_reports=args.trial_reports)
     from rich.table import Table
 
     table = Table(title=f"study {result.folder}")

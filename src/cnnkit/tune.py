@@ -1,13 +1,14 @@
 """`cnnkit tune`: hyperparameter search with Optuna, under a time budget, that a crash does not lose.
 
-Each trial is an ordinary `cnnkit train` run folder (DIR/NAME/trials/trial-NNN), trained with the
-trial's settings and, with a trial budget, fitted to it by `--time-budget`, so that trials of
-different settings compete on equal time. Every epoch's validation accuracy goes to the study
-through a hook (`ReportToStudy`); the pruner stops hopeless trials. Selection is on validation
-only. The study lives in DIR/NAME/study.db (SQLite) or in PostgreSQL (`--storage`), so a killed
-search started again continues (Optuna's heartbeat fails the trial that was running), and
-several machines can share one study. What Optuna does (sampling, pruning, storage, plots) is
-Optuna's; cnnkit adds the search space in the recipe, the budget, and the run folders.
+Each trial is an ordinary `cnnkit train` run folder (DIR/NAME/trials/trial-NNN; its report.html
+only with `trial_reports`), trained with the trial's settings and, with a trial budget, fitted to
+it by `--time-budget`, so that trials of different settings compete on equal time. Every epoch's
+validation accuracy goes to the study through a hook (`ReportToStudy`); the pruner stops hopeless
+trials. Selection is on validation only. The study lives in DIR/NAME/study.db (SQLite) or in
+PostgreSQL (`--storage`), so a killed search started again continues (Optuna's heartbeat fails
+the trial that was running), and several machines can share one study. What Optuna does
+(sampling, pruning, storage, plots) is Optuna's; cnnkit adds the search space in the recipe, the
+budget, and the run folders.
 """
 
 from __future__ import annotations
@@ -151,9 +152,12 @@ class TuneResult:
 
 def tune(recipe: str, overrides: dict[str, Any], *, folder: Path, trials: int | None = None,
          budget_s: float | None = None, trial_budget: str | None = None, storage: str | None = None,
-         space: Path | None = None, seed: int = 0, grace_period_s: int = 60, final: bool = False) -> TuneResult:
+         space: Path | None = None, seed: int = 0, grace_period_s: int = 60, final: bool = False,
+         trial_reports: bool = False) -> TuneResult:
     """Run trials until `trials` are done (all processes on the study together) or the next would
-    not fit in `budget_s`; write best.toml and the tune report. Returns what the study holds."""
+    not fit in `budget_s`; write best.toml and the tune report. Returns what the study holds.
+    Trials write no report.html unless `trial_reports` (a photo probe's report is most of a trial
+    whose features are cached: 36 of about 45 s on flowers12); the final fit writes its own."""
     import optuna
 
     if trials is None and budget_s is None:
@@ -164,8 +168,11 @@ def tune(recipe: str, overrides: dict[str, Any], *, folder: Path, trials: int | 
     folder.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
         storage=_storage(storage or f"sqlite:///{folder / 'study.db'}", grace_period_s),
-        sampler=optuna.samplers.TPESampler(seed=seed), pruner=optuna.pruners.MedianPruner(n_startup_trials=2),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2),
         study_name=folder.name, direction="maximize", load_if_exists=True)
+    # a study continued (after a crash, or for more trials) would draw its first trials' settings again from
+    # the same seed: its sampler is seeded past the trials it holds (a new study's by `seed` itself)
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
     durations: list[float] = []
     while _more_wanted(study, trials):
         left = None if budget_s is None else budget_s - (time.perf_counter() - started)
@@ -175,7 +182,7 @@ def tune(recipe: str, overrides: dict[str, Any], *, folder: Path, trials: int | 
             log.info("tune: the next trial (about %.0f s) would not fit in the %.0f s left", expected or 0, max(left, 0))
             break
         t0 = time.perf_counter()
-        study.optimize(lambda trial: _objective(trial, base, params, folder, trial_budget),
+        study.optimize(lambda trial: _objective(trial, base, params, folder, trial_budget, trial_reports),
                        n_trials=1, catch=(CnnkitError,))
         durations.append(time.perf_counter() - t0)
     rows = _trial_rows(study, folder)
@@ -250,20 +257,25 @@ def _more_wanted(study: Any, trials: int | None) -> bool:
 
 
 def _expected_trial_s(trial_budget: str | None, durations: list[float]) -> float | None:
+    """How long the next trial may take: its trial budget, else the longest trial so far, leaving
+    out the first once another has run: the first also fills the caches every later trial reads
+    (decoded images; a photo probe's features of every backbone, most of its time)."""
     from cnnkit.budget import parse_duration
 
     if trial_budget:
         return parse_duration(trial_budget)
-    return max(durations) if durations else None
+    return max(durations[1:] or durations) if durations else None
 
 
-def _objective(trial: Any, base: Config, params: list[Param], folder: Path, trial_budget: str | None) -> float:
+def _objective(trial: Any, base: Config, params: list[Param], folder: Path, trial_budget: str | None,
+               trial_reports: bool) -> float:
     import optuna
 
     values = {p.name: p.suggest(trial) for p in params}
     name = f"trial-{trial.number:03d}"
     run_overrides = {**values, "output": str(folder / "trials"), "name": name, "recipe": base.recipe,
-                     **({"time_budget": trial_budget} if trial_budget else {})}
+                     **({"time_budget": trial_budget} if trial_budget else {}),
+                     **({} if trial_reports else {"report": False})}
     trial.set_user_attr("run", str(folder / "trials" / name))
     try:
         cfg = apply_overrides(base, run_overrides)

@@ -113,8 +113,10 @@ def test_trials_write_their_reports_only_when_asked_and_the_final_fit_writes_its
     trials = tmp_path / "s" / "trials"
     assert (trials / "trial-000" / "summary.json").is_file() and not (trials / "trial-000" / "report.html").exists()
     assert (tmp_path / "s" / "final" / "report.html").is_file()
+    assert "href='trials/trial-000/summary.json'" in (tmp_path / "s" / "report.html").read_text()
     assert main([*args, "--trials", "2", "--trial-reports"]) == 0
     assert (trials / "trial-001" / "report.html").is_file()
+    assert "href='trials/trial-001/report.html'" in (tmp_path / "s" / "report.html").read_text()
 
 
 def test_a_continued_study_does_not_draw_its_first_trials_settings_again(tmp_path):

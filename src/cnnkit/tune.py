@@ -385,7 +385,9 @@ def write_report(study: Any, rows: list[dict[str, Any]], folder: Path, final: di
 
 
 def _link(row: dict[str, Any], folder: Path) -> str:
+    """The trial's report, or without one (no --trial-reports) its summary.json; nothing for a trial that wrote neither."""
     run = row["run"]
-    if not run or not (Path(run) / "report.html").is_file():
-        return ""
-    return f"<a href='{Path(run).relative_to(folder).as_posix()}/report.html'>report</a>"
+    for name, text in (("report.html", "report"), ("summary.json", "summary")):
+        if run and (Path(run) / name).is_file():
+            return f"<a href='{Path(run).relative_to(folder).as_posix()}/{name}'>{text}</a>"
+    return ""

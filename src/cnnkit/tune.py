@@ -156,8 +156,8 @@ def tune(recipe: str, overrides: dict[str, Any], *, folder: Path, trials: int | 
          trial_reports: bool = False) -> TuneResult:
     """Run trials until `trials` are done (all processes on the study together) or the next would
     not fit in `budget_s`; write best.toml and the tune report. Returns what the study holds.
-    Trials write no report.html unless `trial_reports` (a photo probe's report is most of a trial
-    whose features are cached: 36 of about 45 s on flowers12); the final fit writes its own."""
+    Trials write no report.html unless `trial_reports` (on flowers12 a photo trial's report took
+    about 36 s, its features cached the rest 37-66 s); the final fit writes its own."""
     import optuna
 
     if trials is None and budget_s is None:

@@ -385,9 +385,12 @@ def write_report(study: Any, rows: list[dict[str, Any]], folder: Path, final: di
 
 
 def _link(row: dict[str, Any], folder: Path) -> str:
-    """The trial's report, or without one (no --trial-reports) its summary.json; nothing for a trial that wrote neither."""
+    """The trial's report, or without one (no --trial-reports) its summary.json; nothing for a trial that
+    wrote neither, or whose folder is another process's (a shared study's trial under its own --output)."""
     run = row["run"]
+    if not run or not Path(run).is_relative_to(folder):
+        return ""
     for name, text in (("report.html", "report"), ("summary.json", "summary")):
-        if run and (Path(run) / name).is_file():
+        if (Path(run) / name).is_file():
             return f"<a href='{Path(run).relative_to(folder).as_posix()}/{name}'>{text}</a>"
     return ""

@@ -223,6 +223,21 @@ def test_a_budget_keeps_room_for_the_mirror_images_of_the_screened_candidates():
     assert fits_in_budget(10.0, rows, 12.0, screen=True, budget_s=44.0)
 
 
+def test_a_budget_keeps_no_room_for_the_mirror_images_of_a_candidate_the_screen_already_drops():
+    from cnnkit.config import load_recipe
+    from cnnkit.training.choose import fits_in_budget, screen_floor
+
+    cfg = load_recipe("photos")  # probe_screen 1.0, 5 folds
+    rows = [{"seconds": 12.0, "cv_accuracy": 0.9765, "cv_sd": 0.0082},  # flowers12's Lite0 and Lite1 on plain views
+            {"seconds": 14.0, "cv_accuracy": 0.9651, "cv_sd": 0.0141}]
+    floor = screen_floor(rows, cfg, 720)
+    assert floor == pytest.approx(0.9765 - 0.0082)  # one standard deviation of the best's folds: Lite1 is below
+    assert fits_in_budget(29.0, rows, 18.0, screen=True, budget_s=90.0, floor=floor)  # 29 + 12 + 36 s
+    assert not fits_in_budget(29.0, rows, 18.0, screen=True, budget_s=90.0)  # with Lite1's 14 s kept too
+    rows[1]["cv_accuracy"] = 0.972  # within the screen: its mirror images may yet be computed
+    assert not fits_in_budget(29.0, rows, 18.0, screen=True, budget_s=90.0, floor=screen_floor(rows, cfg, 720))
+
+
 def test_a_budget_guesses_a_candidate_from_its_own_timed_features_and_the_first_ones_fits(monkeypatch):
     """Its own features' rate, timed on a few images, and the fits the first candidate took (the same rows): not
     the first one's whole time scaled by multiply-adds, which guessed Lite2 at 1.6x what it took on flowers12.

@@ -77,8 +77,9 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     for name in cfg.probe_candidates:
         if rows and budget_s is not None:
             guess = guess_seconds(rows[0], replace(cfg, model=name), splits, len(labels), device, precision, timed)
-            if not fits_in_budget(time.perf_counter() - started, rows, guess, screen, budget_s):
-                kept = reserved_seconds(rows, screen)
+            floor = screen_floor(rows, cfg, len(labels)) if screen else None
+            if not fits_in_budget(time.perf_counter() - started, rows, guess, screen, budget_s, floor):
+                kept = reserved_seconds(rows, screen, floor)
                 log.info("  %s: left out, its features would take about %.0f s: with the %.0f s taken%s, past the "
                          "%.0f s of the time budget %s that choosing may take", name, candidate_seconds(guess, screen),
                          time.perf_counter() - started, f" and {kept:.0f} s kept for mirror images" if kept else "",
@@ -137,16 +138,27 @@ def _concat_candidate(top: list[dict[str, Any]], features: dict[str, Variants], 
 
 
 def fits_in_budget(elapsed_s: float, rows: list[dict[str, Any]], guess_s: float, screen: bool,
-                   budget_s: float) -> bool:
+                   budget_s: float, floor: float | None = None) -> bool:
     """Whether one more candidate, `guess_s` on its plain views, fits in what choosing may take.
-    Screened, every candidate may yet need its mirror images (about as long again as its plain
-    views): those of the candidates already scored are kept free, and the new one's counted."""
-    return elapsed_s + reserved_seconds(rows, screen) + candidate_seconds(guess_s, screen) <= budget_s
+    Screened, a candidate may yet need its mirror images (about as long again as its plain views):
+    those of the candidates already scored within the screen (`floor`) are kept free, and the new one's counted."""
+    return elapsed_s + reserved_seconds(rows, screen, floor) + candidate_seconds(guess_s, screen) <= budget_s
 
 
-def reserved_seconds(rows: list[dict[str, Any]], screen: bool) -> float:
-    """Screened, the mirror images the candidates already scored may yet need: about their plain views' time."""
-    return sum(r["seconds"] for r in rows) if screen else 0.0
+def reserved_seconds(rows: list[dict[str, Any]], screen: bool, floor: float | None = None) -> float:
+    """Screened, the mirror images the candidates already scored may yet need (about their plain views'
+    time): those at or above `floor` (`screen_floor` of them; None: all). One below it needs a later best
+    with a wider spread to come back, and `_finalists` then computes its mirror images only where they fit."""
+    if not screen:
+        return 0.0
+    return sum(r["seconds"] for r in rows if floor is None or r["cv_accuracy"] >= floor)
+
+
+def screen_floor(rows: list[dict[str, Any]], cfg: Config, images: int) -> float:
+    """The plain-view estimate below which a candidate's mirror images are not computed: the best's less
+    `probe_screen` of its folds' standard deviations, and at least one image of a fold (see `_finalists`)."""
+    top = max(rows, key=lambda r: r["cv_accuracy"])
+    return top["cv_accuracy"] - max(cfg.probe_screen * top["cv_sd"], cfg.cv_folds / images)
 
 
 def pair_after_seconds(top: list[dict[str, Any]], images: int, evaluated: int, report: bool) -> float:
@@ -222,7 +234,7 @@ def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.
     has left) the best go first, and one whose mirror images (about its plain views' time) would not fit is
     not scored on them."""
     top = max(rows, key=lambda r: r["cv_accuracy"])
-    floor = top["cv_accuracy"] - max(cfg.probe_screen * top["cv_sd"], cfg.cv_folds / len(labels))
+    floor = screen_floor(rows, cfg, len(labels))
     done: dict[str, dict[str, Any]] = {}
     for r in sorted(rows, key=lambda r: r["cv_accuracy"], reverse=True):
         if r["cv_accuracy"] < floor:

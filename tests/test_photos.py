@@ -214,6 +214,26 @@ def test_other_engines_give_the_probe_torch_gives(photos, tmp_path, capsys):
             assert json.loads(capsys.readouterr().out)["accuracy"] == summaries[name]["test_accuracy"], name
 
 
+def test_the_folds_judge_held_out_images_on_the_views_the_test_takes():
+    """Mirrored rows train the head either way; the held-out images are judged on both views' mean only where
+    the test averages them (--tta flip), on their plain views with --tta none."""
+    from dataclasses import replace
+
+    from cnnkit.config import load_recipe
+    from cnnkit.training import choose
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)
+    plain = rng.normal(size=(120, 8)) + 0.6 * np.eye(3, 8)[labels]  # the plain views tell classes apart poorly,
+    flipped = rng.normal(size=(120, 8)) * 0.1 + 2.0 * np.eye(3, 8)[labels]  # the mirrored ones well
+    cfg = replace(load_recipe("photos"), tta_below=None)
+
+    def estimate(tta: str) -> float:
+        return choose._score("m", plain, flipped, labels, np.arange(120), replace(cfg, tta=tta), 0.0, {})["cv_accuracy"]
+
+    assert estimate("none") < estimate("flip") - 0.1
+
+
 def test_a_budget_keeps_room_for_the_mirror_images_of_the_screened_candidates():
     from cnnkit.training.choose import fits_in_budget
 

@@ -285,9 +285,10 @@ def _best_variant(model: str, variants: Variants, labels: np.ndarray, groups: np
 def _score(model: str, plain: np.ndarray, flipped: np.ndarray | None, labels: np.ndarray, groups: np.ndarray,
            cfg: Config, t0: float, extra: dict[str, Any], blocks: int = 0) -> dict[str, Any]:
     plain, flipped = probe.powered((plain, flipped), probe.rows_power(cfg.model_args))  # as the run's head sees them
+    below = 0.0 if cfg.tta == "none" else cfg.tta_below  # held-out images judged on the test's views: plain alone
     folds = probe.fold_accuracies(plain, flipped, labels, cfg.cv_folds, cfg.seed, cfg.label_smoothing, WEIGHT_DECAYS,
                                   probe.head_class_weights(cfg.class_balance, labels, int(labels.max()) + 1), groups,
-                                  cfg.tta_below)
+                                  below)
     wd, accuracies = max(folds.items(), key=lambda kv: (np.mean(kv[1]), -kv[0]))  # a tie: the smaller decay
     mean, sd = float(np.mean(accuracies)), float(np.std(accuracies))
     row = {"model": model, "cv_accuracy": round(mean, 4), "cv_sd": round(sd, 4), "weight_decay": wd,

@@ -98,9 +98,9 @@ def fold(module: nn.Module, example: torch.Tensor) -> nn.Module | None:
         names = {m: name for name, m in module.named_modules(remove_duplicate=False)}
         folded = copy.deepcopy(module)
         for conv, bn in pairs:
-            _replace(folded, names[conv], fuse_conv_bn_eval(folded.get_submodule(names[conv]),
-                                                           folded.get_submodule(names[bn])))
-            _replace(folded, names[bn], _after_normalizing(folded.get_submodule(names[bn])))
+            folded.set_submodule(names[conv], fuse_conv_bn_eval(folded.get_submodule(names[conv]),
+                                                                 folded.get_submodule(names[bn])))
+            folded.set_submodule(names[bn], _after_normalizing(folded.get_submodule(names[bn])))
         if same_padding.enabled():
             same_padding.use_same_conv(folded)
         got = folded(example)
@@ -152,8 +152,3 @@ def _foldable(m: nn.Module) -> bool:
 def _after_normalizing(bn: nn.Module) -> nn.Module:
     """What is left of a folded BatchNorm: nothing, or BatchNormAct2d's dropout and activation."""
     return nn.Identity() if type(bn) is nn.BatchNorm2d else nn.Sequential(bn.drop, bn.act)
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)

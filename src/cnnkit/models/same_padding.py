@@ -77,6 +77,5 @@ def use_same_conv(model: nn.Module) -> int:
         new = SameConv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, 0, old.dilation,
                          old.groups, old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
         new.weight, new.bias = old.weight, old.bias
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, new)
     return len(found)

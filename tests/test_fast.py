@@ -137,11 +137,14 @@ def test_fit_steps_arithmetic():
 def test_fit_extras_gives_test_views_and_robustness_samples_a_share_of_the_budget():
     views = {"none": 1, "flip": 2, "shift": 3, "flip-shift": 6}.get
     # 400 images/s, a tenth of the budget: 12 000 evaluations in 5 minutes, 36 000 in 15, 120 000 in 50
-    assert fit_extras(300, 1 / 400, 10_000, "flip-shift", views, 500, 22) == ("flip", 100)  # 2000 left: the floor
-    assert fit_extras(900, 1 / 400, 10_000, "flip-shift", views, 500, 22) == ("flip", 500)
-    assert fit_extras(3000, 1 / 400, 10_000, "flip-shift", views, 500, 22) == ("flip-shift", 500)
-    assert fit_extras(60, 1 / 400, 10_000, "shift", views, 2000, 22) == ("none", 2400 // 22)
-    assert fit_extras(60, 1 / 400, 10_000, "none", views, 0, 22) == ("none", 0)  # no report
+    assert fit_extras(300, 1 / 400, 10_000, "flip-shift", views, 500, 22, 10) == ("flip", 2000 // 22)  # 2000 left
+    assert fit_extras(900, 1 / 400, 10_000, "flip-shift", views, 500, 22, 10) == ("flip", 500)
+    assert fit_extras(3000, 1 / 400, 10_000, "flip-shift", views, 500, 22, 10) == ("flip-shift", 500)
+    assert fit_extras(60, 1 / 400, 10_000, "shift", views, 2000, 22, 10) == ("none", 2400 // 22)
+    assert fit_extras(60, 1 / 400, 10_000, "none", views, 0, 22, 10) == ("none", 0)  # no report
+    # a 224-px backbone at 100 images/s, a minute: 600 evaluations, 27 samples; 10 seconds: 4, so one a class
+    assert fit_extras(60, 1 / 100, 1000, "flip", views, 100, 22, 10) == ("none", 600 // 22)
+    assert fit_extras(10, 1 / 100, 1000, "flip", views, 100, 22, 10) == ("none", 10)
 
 
 def test_the_report_draws_the_schedule_the_run_had():

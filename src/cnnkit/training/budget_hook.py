@@ -124,7 +124,8 @@ class TimeBudget(Hook):
         of the budget (see `budget.fit_extras`); the test evaluation and report use what is chosen."""
         setup = self.setup
         tta, kept = distributed.broadcast(fit_extras(self.budget_s, eval_image_s, len(setup.splits.test), self.tta,
-                                                     tta_view_count, self.samples, ROBUSTNESS_PASSES), setup.dist)
+                                                     tta_view_count, self.samples, ROBUSTNESS_PASSES,
+                                                     len(setup.ds.classes)), setup.dist)
         if (tta, kept) != (self.tta, self.samples):
             log.info("time budget %s: test-time augmentation %s (recipe: %s), %d robustness samples (recipe: %d), "
                      "so that they take at most %.0f%% of the budget and the rest trains", setup.cfg.time_budget,

@@ -60,8 +60,11 @@ WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)  # 1e-4 won every fold of flowers12 whe
 Variants = dict[int, probe.Rows]  # a candidate's training rows, by how many blocks' pooled outputs the rows hold (0: the backbone's features alone)
 
 
-def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
-    """The configuration the run trains (the chosen model, at its weights' input size) and the record."""
+def choose_backbone(cfg: Config, whole: bool = False) -> tuple[Config, RunRecord]:
+    """The configuration the run trains (the chosen model, at its weights' input size) and the record.
+    Under a time budget too short for the first candidate's features of every image, nothing is chosen
+    (the record holds no selection): the run's probe on that candidate learns from as many images as
+    fit (training/probe_budget.py); `whole`: choose all the same (--strategy auto's folds need its rows)."""
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     _, splits = run_splits(cfg.to_dict())
@@ -74,6 +77,14 @@ def choose_backbone(cfg: Config) -> tuple[Config, RunRecord]:
     screen = cfg.probe_screen is not None and cfg.probe_flip and len(cfg.probe_candidates) > 1
     features: dict[str, Variants] = {}  # each candidate's rows, on the views it was last scored on
     timed = inference_engine(cfg.to_dict(), device) == "torch"  # another engine's first batch compiles or exports
+    if budget_s is not None and timed and not whole:
+        first = replace(cfg, model=cfg.probe_candidates[0])
+        guess = uncached_seconds(_scored(first, flip=not screen), splits, len(labels), device, precision)
+        if guess > budget_s:
+            log.info("  choosing a backbone: left out, %s's features of the %d training images alone would take about "
+                     "%.0f s, past the %.0f s of the time budget %s that choosing may take: a linear probe on it "
+                     "learns from as many of them as fit", first.model, len(labels), guess, budget_s, cfg.time_budget)
+            return first, RunRecord(model=first.model if first.model != cfg.model else None)
     for name in cfg.probe_candidates:
         if rows and budget_s is not None:
             guess = guess_seconds(rows[0], replace(cfg, model=name), splits, len(labels), device, precision, timed)
@@ -207,10 +218,22 @@ def guess_seconds(first: dict[str, Any], cfg: Config, splits: Any, images: int, 
                                                                                                precision)
 
 
-def seconds_per_image(cfg: Config, splits: Any, device: torch.device, precision: str) -> float:
+def uncached_seconds(cfg: Config, splits: Any, images: int, device: torch.device, precision: str) -> float:
+    """A candidate's features of its `images` training and validation images on the views cfg scores it
+    on (`_scored`), timed on a few before any is computed; 0 where the cache holds them (a run again)."""
+    model, source = _backbone(cfg, device)
+    pre = make_preprocess(cfg, splits.train.images)
+    if all(probe.rows_cached(pre, split.images, cfg, device, source, precision) for split in (splits.train, splits.val)):
+        return 0.0
+    return images * probe.views_per_image(cfg) * seconds_per_image(cfg, splits, device, precision, model)
+
+
+def seconds_per_image(cfg: Config, splits: Any, device: torch.device, precision: str,
+                      model: torch.nn.Module | None = None) -> float:
     """The candidate's features' seconds per image, timed on TIMING_IMAGES training images after a few to
-    warm up (memory, kernels, the BatchNorm fold), in batches no larger than the run's."""
-    model, _ = _backbone(cfg, device)
+    warm up (memory, kernels, the BatchNorm fold), in batches no larger than the run's; `model`: the
+    candidate already built."""
+    model = model if model is not None else _backbone(cfg, device)[0]
     pooled = probe.PooledFeatures(model)  # its BatchNorm folded in the warm-up (cnnkit.fold_batchnorm)
     kwargs = {"device": device, "precision": precision, "channels_last": cfg.channels_last,
               "batch_size": cfg.eval_batch_size, "outputs": pooled}
@@ -261,10 +284,15 @@ def _candidate(cfg: Config, splits: Any, labels: np.ndarray, groups: np.ndarray,
     on its plain views alone or (`flip`) with the mirrored ones as the run will train on them.
     Its features go into `keep` (for the backbones side by side)."""
     t0 = time.perf_counter()
-    variants = candidate_features(cfg if flip else replace(cfg, probe_flip=False, tta="none"), splits, device, precision)
+    variants = candidate_features(_scored(cfg, flip), splits, device, precision)
     keep[cfg.model] = variants
     extra = {"feature_seconds": round(time.perf_counter() - t0, 1), **({"macs": _macs(cfg.model, cfg)} if macs else {})}
     return _best_variant(cfg.model, variants, labels, groups, cfg, t0, extra)
+
+
+def _scored(cfg: Config, flip: bool) -> Config:
+    """The candidate's configuration for its rows: with its mirrored views (`flip`) as the run's, or plain views alone."""
+    return cfg if flip else replace(cfg, probe_flip=False, tta="none")
 
 
 def _best_variant(model: str, variants: Variants, labels: np.ndarray, groups: np.ndarray, cfg: Config, t0: float,

@@ -99,7 +99,7 @@ def _probe(cfg: Config) -> tuple[Config, RunRecord]:
     """The probe's choice by cross-validation (its candidates, or the run's model alone)."""
     t0 = time.perf_counter()
     probe_cfg = replace(cfg, strategy=PROBE, probe_candidates=cfg.probe_candidates or [cfg.model])
-    chosen, record = choose_backbone(probe_cfg)
+    chosen, record = choose_backbone(probe_cfg, whole=True)
     record.selection["seconds"] = round(time.perf_counter() - t0, 1)  # type: ignore[index]
     return chosen, record
 

@@ -96,6 +96,17 @@ def test_linear_probe_fits_a_head_and_caches_features(tmp_path, isolated_home, c
     first = train(apply_overrides(load_recipe("fmnist-baseline"), {**base, "name": "a"}))
     assert first.summary["best_val_accuracy"] > 0.6
     assert len(list((isolated_home / "cache").glob("features-*"))) == 2  # train and validation features
+    # its validation metrics, from the head over the validation rows, are the model's over those images
+    from cnnkit.evaluate import classification_metrics
+    from cnnkit.inference import predict_logits
+    from cnnkit.runs import load_run, read_config, run_splits
+
+    run, (ds, splits) = load_run(first.run_dir), run_splits(read_config(first.run_dir))
+    val = classification_metrics(predict_logits(run.model, run.preprocess, splits.val.images), splits.val.labels,
+                                 ds.classes)
+    logged = json.loads((first.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert logged["val_accuracy"] == pytest.approx(val["accuracy"]) and logged["val_loss"] == pytest.approx(val["loss"],
+                                                                                                            rel=1e-4)
     # the fitted head is in the checkpoint: evaluating the run in a new process gives the same test result
     assert main(["--quiet", "evaluate", str(first.run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(first.test["accuracy"])

@@ -15,7 +15,8 @@ it here, so only its rate counts, not its accuracy), and with `--unfolded` PyTor
 layers left as they are (`CNNKIT_FOLD_BATCHNORM=0`: cnnkit.fold_batchnorm folds them into the convolutions
 otherwise), and with `--timm-padding` PyTorch fp32 with timm's TensorFlow-style padding, which copies each input
 of a stride-2 convolution into a padded tensor (`CNNKIT_SAME_CONV=0`: cnnkit.models.same_padding pads the kernel
-instead). `--size` puts every backbone at one input size and
+instead), and with `--unfused` PyTorch fp32 with each ReLU6 after its convolution as a layer of its own
+(`CNNKIT_FUSE_ACTIVATION=0`: cnnkit.conv_activation fuses them otherwise). `--size` puts every backbone at one input size and
 `--data-size` makes the images that small (CIFAR-10's 32 px, resized on the way in, as
 cifar10-probe's are). Writes the block `onnx-features` of benchmarks/RESULTS.md (or --label).
 
@@ -27,6 +28,7 @@ cifar10-probe's are). Writes the block `onnx-features` of benchmarks/RESULTS.md 
         --images 640 --label int8-features
     python benchmarks/onnx_features.py --unfolded --images 512 --label fold-batchnorm
     python benchmarks/onnx_features.py --timm-padding --images 1024 --label same-padding
+    python benchmarks/onnx_features.py --unfused --images 1024 --label conv-activation
 
 `--isa avx2` caps PyTorch's kernels (MKL, oneDNN, ATen) to AVX2 as on a CPU without AVX-512.
 ONNX Runtime has no such switch (its kernels pick the widest instructions the CPU has), so
@@ -60,10 +62,11 @@ def rate(model: torch.nn.Module, size: int, images: np.ndarray, engine: str, pre
     """(images per second, seconds of the first batch: export and session for ONNX Runtime, the
     compile for torch.compile, quantizing and compiling for int8, folding for PyTorch). Engine
     "unfolded": PyTorch's with its BatchNorm layers as they are; "timm-padding": PyTorch's with timm's
-    padding (each input copied)."""
+    padding (each input copied); "unfused": PyTorch's with its activations after their convolutions."""
     os.environ["CNNKIT_FOLD_BATCHNORM"] = "0" if engine == "unfolded" else "1"
     os.environ["CNNKIT_SAME_CONV"] = "0" if engine == "timm-padding" else "1"
-    engine = "torch" if engine in ("unfolded", "timm-padding") else engine
+    os.environ["CNNKIT_FUSE_ACTIVATION"] = "0" if engine == "unfused" else "1"
+    engine = "torch" if engine in ("unfolded", "timm-padding", "unfused") else engine
     pre = Preprocess(data_size=images.shape[-1], data_channels=3, input_size=size, model_channels=3, mean=(0.5,) * 3,
                      std=(0.5,) * 3)
     kwargs = {"batch_size": 64, "precision": precision, "channels_last": engine != "onnxruntime", "engine": engine,
@@ -84,6 +87,7 @@ def main() -> None:
     p.add_argument("--int8", action="store_true", help="also engine int8 (cnnkit.int8_forward)")
     p.add_argument("--unfolded", action="store_true", help="also PyTorch fp32 with BatchNorm not folded")
     p.add_argument("--timm-padding", action="store_true", help="also PyTorch fp32 with timm's input padding")
+    p.add_argument("--unfused", action="store_true", help="also PyTorch fp32 with activations not fused")
     p.add_argument("--backbones", type=int, default=len(MODELS), help="the first this many of Lite0, Lite1, Lite2")
     p.add_argument("--size", type=int, help="every backbone's input size (default: each its own)")
     p.add_argument("--data-size", type=int, help="the images' own size, resized to the input (default: the input's)")
@@ -98,6 +102,7 @@ def main() -> None:
     cases = [("torch", "fp32")] + ([("torch", "bf16")] if cpu_has_native_bf16() else []) + [("onnxruntime", "fp32")]
     cases += [("unfolded", "fp32")] if args.unfolded else []
     cases += [("timm-padding", "fp32")] if args.timm_padding else []
+    cases += [("unfused", "fp32")] if args.unfused else []
     cases += [("compile", "fp32")] if args.compile else []
     cases += [("int8", "fp32")] if args.int8 else []
     rows = ["| backbone | input | engine | precision | features img/s | first batch | against torch fp32 |",

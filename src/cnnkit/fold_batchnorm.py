@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from cnnkit import conv_activation
 from cnnkit.models import same_padding
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ TOLERANCE = 1e-4  # of the output's largest magnitude; folding differs by roundi
 # by weak references to those tensors, so a model is let go when its user lets it go.
 CACHE_SIZE = 4
 _Entry = tuple[tuple[weakref.ref, ...], tuple[tuple[int, int], ...], "nn.Module | None"]
-_folded: OrderedDict[tuple[type, tuple[int, ...], bool], _Entry] = OrderedDict()
+_folded: OrderedDict[tuple[type, tuple[int, ...], bool, bool], _Entry] = OrderedDict()
 
 
 def enabled() -> bool:
@@ -68,7 +69,7 @@ def folded_forward(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _folded_copy(module: nn.Module, example: torch.Tensor) -> nn.Module:
     tensors = (*module.parameters(), *module.buffers())
-    key = (type(module), tuple(id(t) for t in tensors), same_padding.enabled())
+    key = (type(module), tuple(id(t) for t in tensors), same_padding.enabled(), conv_activation.enabled())
     hit, state = _folded.get(key), _weights_state(tensors)
     if hit is None or hit[1] != state or any(r() is not t for r, t in zip(hit[0], tensors)):
         hit = tuple(weakref.ref(t) for t in tensors), state, fold(module, example)
@@ -103,6 +104,8 @@ def fold(module: nn.Module, example: torch.Tensor) -> nn.Module | None:
             folded.set_submodule(names[bn], _after_normalizing(folded.get_submodule(names[bn])))
         if same_padding.enabled():
             same_padding.use_same_conv(folded)
+        if conv_activation.enabled():
+            conv_activation.fuse(folded, [(names[conv], names[bn]) for conv, bn in pairs])
         got = folded(example)
     if not isinstance(want, torch.Tensor) or (got - want).abs().max() > TOLERANCE * want.abs().max().clamp_min(1):
         log.debug("BatchNorm not folded in %s: the folded copy disagrees", type(module).__name__)

@@ -56,15 +56,19 @@ class SameConv2d(nn.Conv2d):
     """A Conv2d with TensorFlow's "same" padding, computed for each input's size (see the module)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight, padding = self.arguments(x)
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def arguments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """The input, weight and symmetric padding that give TensorFlow's padding of `x` (cnnkit.conv_activation
+        convolves with them too)."""
         pads = [same_padding(n, k, s, d) for n, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride,
                                                                self.dilation)]
         odd = [p % 2 for p in pads]
         if any(odd) and (x.device.type != "cpu" or self.dilation != (1, 1)):  # timm's way: pad the input
-            x = F.pad(x, (pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2))
-            return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+            return F.pad(x, (pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2)), self.weight, (0, 0)
         weight = F.pad(self.weight, (odd[1], 0, odd[0], 0)) if any(odd) else self.weight
-        return F.conv2d(x, weight, self.bias, self.stride, ((pads[0] + 1) // 2, (pads[1] + 1) // 2),
-                        self.dilation, self.groups)
+        return x, weight, ((pads[0] + 1) // 2, (pads[1] + 1) // 2)
 
 
 def use_same_conv(model: nn.Module) -> int:

@@ -53,6 +53,15 @@ def test_the_fused_op_is_the_convolution_then_relu6(stride, size):
     assert (want == 6).any() and (want == 0).any()  # both ends of the clamp were met
 
 
+@pytest.mark.parametrize("activation", [nn.ReLU(), nn.SiLU(), nn.Hardswish(), nn.GELU(), nn.GELU("tanh")],
+                         ids=["relu", "silu", "hardswish", "gelu", "gelu-tanh"])
+def test_other_activations_fuse_to_the_same_function(activation):
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(3, 4, 9, 9, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(ConvActivation(conv, activation)(x), activation(conv(x)), rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_autocast_and_other_dtypes_take_the_convolution_then_the_activation(monkeypatch):
     calls = []
     real = torch.ops.mkldnn._convolution_pointwise

@@ -1,4 +1,4 @@
-"""A convolution and the ReLU6 (or ReLU) after it as one oneDNN call, for forward passes with fixed weights.
+"""A convolution and the ReLU6 (or another activation) after it as one oneDNN call, for forward passes with fixed weights.
 
 In eager PyTorch a convolution writes its whole output to memory and the activation then reads and
 writes all of it again: on a 2-core CPU, whose few cores wait on memory for large activations, the
@@ -26,8 +26,12 @@ from torch import nn
 
 from cnnkit.models.same_padding import SameConv2d
 
-# oneDNN's names of the activations fused, and their arguments
-POST_OPS: dict[type[nn.Module], tuple[str, list[float]]] = {nn.ReLU6: ("hardtanh", [0.0, 6.0]), nn.ReLU: ("relu", [])}
+# oneDNN's names of the activations fused, and their arguments (EfficientNet-Lite's ReLU6; others' SiLU,
+# Hardswish, GELU: the same function to float rounding in our checks)
+POST_OPS: dict[type[nn.Module], tuple[str, list[float]]] = {
+    nn.ReLU6: ("hardtanh", [0.0, 6.0]), nn.ReLU: ("relu", []), nn.SiLU: ("swish", []), nn.Hardswish: ("hardswish", []),
+    nn.GELU: ("gelu", []),
+}
 
 
 def enabled() -> bool:
@@ -56,6 +60,7 @@ class ConvActivation(nn.Module):
         super().__init__()
         self.conv, self.activation = conv, activation
         self.post_op, self.scalars = POST_OPS[type(activation)]
+        self.algorithm = getattr(activation, "approximate", "")  # GELU's: "none" or "tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
@@ -65,7 +70,7 @@ class ConvActivation(nn.Module):
         x, weight, padding = conv_arguments(conv, x)
         return torch.ops.mkldnn._convolution_pointwise(x, weight, conv.bias, list(padding), list(conv.stride),
                                                        list(conv.dilation), conv.groups, self.post_op,
-                                                       self.scalars, "")
+                                                       self.scalars, self.algorithm)
 
 
 def conv_arguments(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:

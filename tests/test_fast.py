@@ -233,7 +233,7 @@ def test_time_budget_fits_the_epochs_and_ends_in_time(tmp_path, monkeypatch, cap
     monkeypatch.setattr(TimeBudget, "time_evaluation", lambda self, loop: 0.0015)
     with caplog.at_level(logging.INFO, logger="cnnkit"):  # a machine that slows down after the plan of epoch 2
         result = train(small(tmp_path, "budget", epochs=1, time_budget=f"{budget}s", report=True,
-                             report_robustness_samples=200), hooks=[Slow(0.03, from_epoch=2)])
+                             report_robustness_samples=200), hooks=[Slow(0.1, from_epoch=2)])
     s = json.loads((result.run_dir / "summary.json").read_text())
     asked = json.loads((result.run_dir / "config.json").read_text())
     assert (asked["epochs"], asked["tta"]) == (1, "shift")  # what the run was asked is kept as it was ...
@@ -248,9 +248,10 @@ def test_time_budget_fits_the_epochs_and_ends_in_time(tmp_path, monkeypatch, cap
     assert s["planned_time_s"] > 0.9 * budget  # ... which fills the budget to the step, not to whole epochs
     last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["lr"] < 0.1 * config["lr"]  # ... whose schedule ran to its end, rather than a cut-off run
-    assert (config["tta"], config["report_robustness_samples"]) == ("none", 100)  # fewer views, then fewer samples
+    # fewer views, then fewer samples: the 1667 evaluations hold 75 x 22
+    assert (config["tta"], config["report_robustness_samples"]) == ("none", 75)
     evaluation = json.loads((result.run_dir / "evaluation.json").read_text())
-    assert evaluation["robustness"]["samples"] == 100  # and the report used them
+    assert evaluation["robustness"]["samples"] == 75  # and the report used them
 
 
 @pytest.mark.slow

@@ -261,9 +261,10 @@ def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.
     done: dict[str, dict[str, Any]] = {}
     for r in sorted(rows, key=lambda r: r["cv_accuracy"], reverse=True):
         if r["cv_accuracy"] < floor:
-            log.info("  %s: %.1f points below the best on plain views (more than %g of its folds' standard "
-                     "deviation); its mirror images are not computed", r["model"],
-                     100 * (top["cv_accuracy"] - r["cv_accuracy"]), cfg.probe_screen)
+            margin = (f"{cfg.probe_screen:g} of its folds' standard deviation"
+                      if cfg.probe_screen * top["cv_sd"] >= cfg.cv_folds / len(labels) else "one image of a fold")
+            log.info("  %s: %.2f points below the best on plain views (more than %s); its mirror images are not "
+                     "computed", r["model"], 100 * (top["cv_accuracy"] - r["cv_accuracy"]), margin)
             continue
         if left is not None and r["seconds"] > left():
             log.info("  %s: its mirror images would take about %.0f s, more than the %.0f s the time budget %s leaves "

@@ -79,6 +79,22 @@ def test_gradients_autocast_and_other_dtypes_take_the_convolution_then_the_activ
     assert calls == [1]
 
 
+def test_a_call_the_op_refuses_goes_back_to_two_steps_for_good(monkeypatch):
+    calls = []
+
+    def refuses(*args):
+        calls.append(1)
+        raise RuntimeError("not this shape")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", refuses)
+    conv, x = nn.Conv2d(3, 4, 3, padding=1), torch.randn(2, 3, 8, 8)
+    layer = ConvActivation(conv, nn.ReLU6())
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(layer(x), nn.functional.relu6(conv(x)))
+    assert calls == [1]
+
+
 def test_the_switch_keeps_the_activations_as_layers(monkeypatch):
     monkeypatch.setenv("CNNKIT_FUSE_ACTIVATION", "0")
     copy = fold(_lite0(), torch.randn(1, 3, 64, 64))

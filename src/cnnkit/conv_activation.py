@@ -1,4 +1,4 @@
-"""A convolution and the ReLU6 (or another activation) after it as one oneDNN call, for forward passes with fixed weights.
+"""A convolution and the ReLU6 (or another activation) after it as one oneDNN call, for fixed weights.
 
 In eager PyTorch a convolution writes its whole output to memory and the activation then reads and
 writes all of it again: on a 2-core CPU, whose few cores wait on memory for large activations, the
@@ -11,20 +11,23 @@ Used only where it is the same function: float32 on the CPU, no gradient, no aut
 (a GPU, bf16 autocast, Grad-CAM's backward pass) takes the convolution and the activation one after the
 other as before. cnnkit.fold_batchnorm applies it to the copies it makes after folding each BatchNorm
 (timm's BatchNormAct2d leaves its activation behind the folded convolution) and checks the copy against
-the model on an image, so an op that is missing or different in another PyTorch is caught there, and
-the copy is not used. `CNNKIT_FUSE_ACTIVATION=0` switches it off (to measure what it does, or to rule
-it out).
+the model on an image; the op is first checked on a small convolution (`enabled`), and a layer whose
+call it refuses (a shape or layout this PyTorch's op does not take) goes back to the two steps for good.
+`CNNKIT_FUSE_ACTIVATION=0` switches it off (to measure what it does, or to rule it out).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
 from torch import nn
 
 from cnnkit.models.same_padding import SameConv2d
+
+log = logging.getLogger(__name__)
 
 # oneDNN's names of the activations fused, and their arguments (EfficientNet-Lite's ReLU6; others' SiLU,
 # Hardswish, GELU: the same function to float rounding in our checks)
@@ -61,16 +64,22 @@ class ConvActivation(nn.Module):
         self.conv, self.activation = conv, activation
         self.post_op, self.scalars = POST_OPS[type(activation)]
         self.algorithm = getattr(activation, "approximate", "")  # GELU's: "none" or "tanh"
+        self.refused = False  # the op raised once: two steps from then on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or conv.weight.dtype != torch.float32
+        if (self.refused or x.device.type != "cpu" or x.dtype != torch.float32 or conv.weight.dtype != torch.float32
                 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
             return self.activation(conv(x))
-        x, weight, padding = conv_arguments(conv, x)
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, conv.bias, list(padding), list(conv.stride),
-                                                       list(conv.dilation), conv.groups, self.post_op,
-                                                       self.scalars, self.algorithm)
+        inputs, weight, padding = conv_arguments(conv, x)
+        try:
+            return torch.ops.mkldnn._convolution_pointwise(inputs, weight, conv.bias, list(padding), list(conv.stride),
+                                                           list(conv.dilation), conv.groups, self.post_op,
+                                                           self.scalars, self.algorithm)
+        except RuntimeError as e:
+            log.debug("convolution and %s not fused: %s", type(self.activation).__name__, e)
+            self.refused = True
+            return self.activation(conv(x))
 
 
 def conv_arguments(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:

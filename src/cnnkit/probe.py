@@ -50,10 +50,11 @@ PLANNED_FITS = 2
 LBFGS_FIT_PASSES = 200
 LBFGS_MAX_ITER = 200  # iterations of one fit (fewer where it converges first)
 # A fit ends where no gradient of its loss is larger than this (torch's default is 1e-7). On four photo sets'
-# folds (flowers12, catdog-r, five, autotruck; Lite0-2 and Lite0+Lite2, plain and mirrored rows, fold seeds 0-2,
-# 32 estimates) the folds took 0.49 of the time, their estimates -0.006 points apart on average (-0.14 to +0.27,
-# within an image of a fold); at 1e-4, 0.26 of the time and -0.024 (-0.27 to +0.27). cifar10-probe's head on
-# 13,000 rows: 0.74 of the time, the same decay and accuracy. Scratch measurements on the Zen 3, not kept.
+# training images (flowers12, catdog-r, five, autotruck; Lite0-2 and Lite0+Lite2, mirrored rows, fold seeds 0-2,
+# 16 estimates) the folds took 0.52 of the time, their estimates +0.01 points apart on average (-0.13 to +0.27,
+# within an image of a fold); at 1e-4, 0.26 of the time and -0.03 (`probe-lbfgs-tolerance-*` in
+# benchmarks/RESULTS.md). cifar10-probe's head on 13,000 rows: 0.74 of the time, the same decay and accuracy
+# (a scratch check on the Zen 3).
 LBFGS_TOLERANCE = 1e-5
 ADAM_EPOCHS = 30
 COST_SAMPLE = 8192  # rows a fit's cost is timed on: a pass's time per row grows about 1.4x from 1,024 rows to 16,384

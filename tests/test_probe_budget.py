@@ -3,13 +3,17 @@
 import json
 import logging
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from torch import nn
 
 from cnnkit.budget import MARGIN, REPORT_FIXED_S, TEST_FIXED_S, fit_to_left, probe_end_s, probe_images
 from cnnkit.models.pretrained import offline_weights_path
-from cnnkit.training.probe_budget import budget_order
+from cnnkit.runs import RunRecord
+from cnnkit.training import probe_budget
+from cnnkit.training.probe_budget import budget_order, budgeted_rows
 
 
 def test_probe_images_fill_the_budget_to_its_margin():
@@ -69,6 +73,60 @@ def test_the_budget_takes_the_images_class_balanced_and_shuffled_by_the_seed():
     assert np.array_equal(order, budget_order(labels, seed=0))
     assert not np.array_equal(order[:30], budget_order(labels, seed=1)[:30])
     assert not np.array_equal(np.sort(order[:3]), [0, 40, 80])  # not each class's first file
+
+
+def _budgeted(tmp_path, monkeypatch, budget_s: float, val_pass_s: float = 0.01, chunk: int = 1024):
+    """budgeted_rows on 600 training images of 3 classes whose every forward pass takes 0.01 s of a
+    clock the passes alone move (the validation's took `val_pass_s` each): the rows, their labels,
+    each chunk's (images, mirrored), and the run record."""
+    clock = [0.0]
+    monkeypatch.setattr(probe_budget, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(probe_budget, "fit_row_seconds", lambda *args: 0.0)
+    monkeypatch.setattr(probe_budget, "fit_fixed_seconds", lambda *args: 0.0)
+    monkeypatch.setattr(probe_budget, "CHUNK", chunk)
+    chunks = []
+
+    def rows_of(images, what, mirrored):
+        chunks.append((len(images), mirrored))
+        clock[0] += 0.01 * len(images) * (2 if mirrored else 1)
+        rows = images.astype(np.float32)  # each row: its image's index
+        return rows, (-rows if mirrored else None)
+
+    cfg = SimpleNamespace(probe_flip=True, seed=0, eval_batch_size=8, time_budget=f"{budget_s:g}s", report=False)
+    train = SimpleNamespace(images=np.arange(600.0)[:, None], labels=np.repeat(np.arange(3), 200))
+    setup = SimpleNamespace(cfg=cfg, splits=SimpleNamespace(train=train, val=[0] * 30), ds=SimpleNamespace(classes="abc"),
+                            model=SimpleNamespace(get_classifier=lambda: nn.Linear(1, 3)), record=RunRecord(),
+                            inference=SimpleNamespace(engine="torch"), run_dir=tmp_path)
+    budget = SimpleNamespace(setup=setup, budget_s=budget_s, started_at=0.0, final_images=lambda: 0,
+                             fit_extras=lambda image_s: None)
+    val = np.zeros((30, 1), np.float32)
+    rows, labels = budgeted_rows(setup, budget, rows_of, (val, val), val_s=60 * val_pass_s)
+    return rows[:, 0], labels, chunks, setup.record
+
+
+def test_a_budget_that_holds_every_image_with_its_mirror_image_takes_both(tmp_path, monkeypatch):
+    rows, labels, chunks, record = _budgeted(tmp_path, monkeypatch, budget_s=20.0)  # 12 s of passes fit in 17
+    assert chunks == [(600, True)] and record.probe_images == 600 and record.probe_flip is None
+    assert len(rows) == 1200 and np.array_equal(rows[600:], -rows[:600]) and np.array_equal(labels[600:], labels[:600])
+
+
+def test_a_budget_too_short_for_every_images_mirror_takes_more_images_instead(tmp_path, monkeypatch):
+    # 5.6 s of passes fit: 280 images with their mirror images, or 560 without
+    rows, labels, chunks, record = _budgeted(tmp_path, monkeypatch, budget_s=8.0)
+    assert chunks == [(560, False)] and record.probe_images == 560 and record.probe_flip is False
+    assert len(rows) == 560 and (rows >= 0).all()
+    assert np.array_equal(labels, np.repeat(np.arange(3), 200)[rows.astype(int)])  # each row its image's label
+    assert np.bincount(labels).tolist() == [187, 187, 186]  # class-balanced
+
+
+def test_mirror_images_stop_when_the_measured_rate_no_longer_holds_them_all(tmp_path, monkeypatch):
+    # planned at the validation's rate (0.005 s a pass: everything fits with mirrors), then measured twice as slow
+    rows, labels, chunks, record = _budgeted(tmp_path, monkeypatch, budget_s=10.0, val_pass_s=0.005, chunk=128)
+    assert chunks[0] == (128, True) and all(not mirrored for _, mirrored in chunks[1:])
+    images = sum(n for n, _ in chunks)
+    assert record.probe_images == images and len(rows) == images + 128 and record.probe_flip is None
+    assert np.array_equal(rows[images:], -rows[:128]) and np.array_equal(labels[images:], labels[:128])
+    assert np.array_equal(labels[:images], np.repeat(np.arange(3), 200)[rows[:images].astype(int)])
 
 
 @pytest.mark.slow

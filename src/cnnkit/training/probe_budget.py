@@ -5,7 +5,10 @@ images (and their mirror images, with `probe_flip`), then the head's fit, the te
 So under a budget the training images are taken in a seeded, class-balanced random order, in chunks,
 and the features stop where the rest of the run would no longer end in time: the last chunks' measured
 rate re-plans the count (`budget.probe_images`), as a trained run's epochs re-plan its steps, and the
-head's fit is reckoned from timing its passes over the latest rows (probe.fit_row_seconds). The
+head's fit is reckoned from timing its passes over the latest rows (probe.fit_row_seconds). Mirror
+images are taken only while the plan holds every training image with them: where it does not, a
+mirror image's forward pass goes to another image instead (on flowers12's cached features, twice the
+images on plain views beat half as many with their mirror images by 1 to 12 points, 48 to 384 images). The
 validation features come first (they choose the head's weight decay whatever the count), and absorb
 the engine's compile (counted again for the test, whose model compiles too). Test-time views and
 robustness samples are fitted to their share of the budget after the first chunk, as in a trained run
@@ -26,8 +29,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from cnnkit.analysis import class_balanced_order
-from cnnkit.budget import final_seconds, probe_end_s, probe_images
-from cnnkit.probe import COST_SAMPLE, Rows, fit_fixed_seconds, fit_row_seconds, head_parts, views_per_image
+from cnnkit.budget import final_seconds, probe_images
+from cnnkit.probe import COST_SAMPLE, Rows, fit_fixed_seconds, fit_row_seconds, head_parts
 
 if TYPE_CHECKING:
     from cnnkit.training.budget_hook import TimeBudget
@@ -47,57 +50,75 @@ def budget_order(labels: np.ndarray, seed: int) -> np.ndarray:
     return shuffled[class_balanced_order(np.asarray(labels)[shuffled])]
 
 
-def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarray, str], Rows],
-                  val_rows: Rows, val_s: float) -> tuple[Rows, np.ndarray]:
-    """The training rows that fit in the budget, and their labels. `rows_of(images, what)` computes
-    (or loads from the cache) the rows of some images. The validation's rows (`val_rows`) took `val_s`:
+def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarray, str, bool], Rows],
+                  val_rows: Rows, val_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """The training rows that fit in the budget (each image's, then the mirror images' taken), and their
+    labels. `rows_of(images, what, mirrored)` computes (or loads from the cache) the rows of some images,
+    with their mirror images' or without. The validation's rows (`val_rows`) took `val_s`:
     their forward passes' time is a first guess of a pass's time (too long by the engine's compile),
     replaced by each chunk's own, and the head's fit is first timed on them, then on the latest
     training rows. Under a CPU engine other than eager torch, what the validation took beyond its
     passes' share is counted again for the test: the whole model compiles (or exports) there as the
     backbone did here."""
     cfg, train = setup.cfg, setup.splits.train
-    views = views_per_image(cfg)
-    val_passes = views * len(setup.splits.val)
+    val_passes = sum(len(r) for r in val_rows if r is not None)
     image_s, overhead_s = val_s / max(val_passes, 1), 0.0
     head, classes = head_parts(setup.model)[1], len(setup.ds.classes)  # the fitted part (power is elementwise)
-    fit = _FitCost(fit_fixed_seconds(head, val_rows[0].shape[1]), views * fit_row_seconds(head, val_rows[0], classes))
+    fit = _FitCost(fit_fixed_seconds(head, val_rows[0].shape[1]), fit_row_seconds(head, val_rows[0], classes))
     order = budget_order(train.labels, cfg.seed)
     least = min(len(order), LEAST_PER_CLASS * len(np.unique(train.labels)))
     parts: list[Rows] = []
     timed: list[tuple[float, int]] = []  # each chunk's seconds and forward passes
-    done = 0
+    done, mirrored = 0, bool(cfg.probe_flip)  # images taken; whether the next chunk takes their mirror images
     while done < len(order):
         elapsed = time.perf_counter() - budget.started_at
-        final_s = _after_fit_s(budget, image_s, overhead_s) + fit.fixed_s
-        target = max(least, min(len(order), probe_images(budget.budget_s, elapsed, done, views * image_s,
-                                                         fit.image_s, final_s)))
+        final_s = _after_fit_s(budget, image_s, overhead_s) + fit.fixed_s + _rows(parts) * fit.row_s
+
+        def images(views: int) -> int:  # all the budget holds, each (from here on) with `views` passes and rows
+            return probe_images(budget.budget_s, elapsed, done, views * image_s, views * fit.row_s,
+                                final_s - done * views * fit.row_s)  # the rows taken are in final_s as they are
+
+        if mirrored and images(2) < len(order):
+            mirrored = False
+            log.info("time budget %s: the training images' mirror images left out, so that more images fit",
+                     cfg.time_budget)
+        views = 2 if mirrored else 1
+        target = max(least, min(len(order), images(views)))
         if target <= done:
             break
         batch = cfg.eval_batch_size  # whole batches: a last, padded one costs a whole one
         take = order[done: done + min(CHUNK, -(-(target - done) // batch) * batch)]
         t0 = time.perf_counter()
-        parts.append(rows_of(train.images[take], f"train {done + 1:,}-{done + len(take):,}"))
+        parts.append(rows_of(train.images[take], f"train {done + 1:,}-{done + len(take):,}", mirrored))
         timed.append((time.perf_counter() - t0, views * len(take)))
         image_s = sum(t for t, _ in timed[-3:]) / sum(n for _, n in timed[-3:])  # the last chunks' (earlier ones may be cached)
-        if views * done < COST_SAMPLE:  # timed again until the sample is whole (tens of ms a time on wide rows)
-            fit = _FitCost(fit.fixed_s, views * fit_row_seconds(head, _latest_rows(parts), classes))
+        if _rows(parts) - views * len(take) < COST_SAMPLE:  # timed again until the sample is whole (ms on wide rows)
+            fit = _FitCost(fit.fixed_s, fit_row_seconds(head, _latest_rows(parts), classes))
         if setup.inference.engine != "torch":  # eager torch compiles nothing for the test
             overhead_s = max(0.0, val_s - val_passes * image_s)
         if not done:  # fewer test views and robustness samples where they would take more than their share
             budget.fit_extras(image_s)
         done += len(take)
-    plain = np.concatenate([p for p, _ in parts])
-    flipped = None if parts[0][1] is None else np.concatenate([f for _, f in parts])  # type: ignore[misc]
+    chunks = np.split(order[:done], np.cumsum([len(p) for p, _ in parts])[:-1])
+    rows = np.concatenate([p for p, _ in parts] + [f for _, f in parts if f is not None])
+    labels = np.concatenate([train.labels[c] for c in chunks]
+                            + [train.labels[c] for c, (_, f) in zip(chunks, parts) if f is not None])
+    if cfg.probe_flip and len(rows) == done:
+        setup.record.probe_flip = False  # run.json: no mirror image trained the head
     fewest = min(len(order), -(-least // cfg.eval_batch_size) * cfg.eval_batch_size)  # the least, in whole batches
-    _record(setup, budget, done, len(order), image_s, fit, overhead_s, at_least=done <= fewest)
-    return (plain, flipped), train.labels[order[:done]]
+    _record(setup, budget, done, len(order), len(rows), image_s, fit, overhead_s, at_least=done <= fewest)
+    return rows, labels
 
 
 class _FitCost(NamedTuple):
-    """The head's fit: seconds whatever the rows, and seconds per training image (its rows)."""
+    """The head's fit: seconds whatever the rows, and seconds per row."""
     fixed_s: float
-    image_s: float
+    row_s: float
+
+
+def _rows(parts: list[Rows]) -> int:
+    """The training rows taken: each image's, and the mirror images' where they were taken."""
+    return sum(len(p) + (0 if f is None else len(f)) for p, f in parts)
 
 
 def _after_fit_s(budget: TimeBudget, image_s: float, overhead_s: float) -> float:
@@ -115,25 +136,28 @@ def _latest_rows(parts: list[Rows]) -> np.ndarray:
     return np.concatenate(rows)[:COST_SAMPLE]
 
 
-def _record(setup: Setup, budget: TimeBudget, used: int, available: int, image_s: float, fit: _FitCost,
+def _record(setup: Setup, budget: TimeBudget, used: int, available: int, rows: int, image_s: float, fit: _FitCost,
             overhead_s: float, at_least: bool) -> None:
-    """Into the run record and the log: the images used, and when the run should end (`image_s`:
-    one forward pass; `fit`: the head's; `overhead_s`: the test's compile). A warning where even the
-    least images (`at_least`) end past the budget; a plan a little past it otherwise is the last
-    chunk's rate drifting from the one that chose it, inside estimates reckoned high."""
+    """Into the run record and the log: the images used (`rows`: theirs and the mirror images' taken), and
+    when the run should end (`image_s`: one forward pass; `fit`: the head's; `overhead_s`: the test's
+    compile). A warning where even the least images (`at_least`) end past the budget; a plan a little past
+    it otherwise is the last chunk's rate drifting from the one that chose it, inside estimates reckoned high."""
     cfg = setup.cfg
     setup.record.probe_images = used
     elapsed = time.perf_counter() - budget.started_at
     after_fit_s = _after_fit_s(budget, image_s, overhead_s)
-    budget.planned_time_s = probe_end_s(elapsed, used, used, views_per_image(cfg) * image_s, fit.image_s,
-                                        after_fit_s + fit.fixed_s)
+    fit_s = fit.fixed_s + rows * fit.row_s
+    budget.planned_time_s = elapsed + fit_s + after_fit_s
     budget.fit_deadline = budget.started_at + budget.budget_s - after_fit_s  # a longer path is cut (probe.fit_head)
     setup.record.planned_time_s = round(budget.planned_time_s, 1)
     setup.record.save(setup.run_dir)
-    log.info("time budget %s: the head learns from %s of the %s training images (%s), features at %.0f "
+    mirrors = rows - used
+    log.info("time budget %s: the head learns from %s of the %s training images (%s%s), features at %.0f "
              "forward passes/s, the head's fit about %.0f s; the run should end after %.0f s", cfg.time_budget,
              f"{used:,}", f"{available:,}", "all of them" if used == available else "a class-balanced random sample",
-             1 / image_s, fit.fixed_s + used * fit.image_s, budget.planned_time_s)
+             "" if not cfg.probe_flip else ", with their mirror images" if mirrors == used else
+             ", without their mirror images" if not mirrors else f", {mirrors:,} with their mirror images",
+             1 / image_s, fit_s, budget.planned_time_s)
     if at_least and budget.planned_time_s > budget.budget_s:
         log.warning("time budget %s: the run cannot end in time: it will end after about %.0f s here. A larger "
                     "budget or a smaller input size fits.", cfg.time_budget, budget.planned_time_s)

@@ -190,7 +190,7 @@ def _fit_probe(setup: Setup, loop: Loop) -> None:
     append_metrics(setup.run_dir, {
         "epoch": 1, "step": 0, "lr": 0.0, "train_loss": float("nan"), "train_accuracy": float("nan"),
         "val_loss": val["loss"], "val_accuracy": val["accuracy"], "epoch_time_s": round(state.epoch_time_s, 3),
-        "train_images_per_s": round(len(train_labels) / max(state.epoch_time_s, 1e-9), 1),
+        "train_images_per_s": round((setup.record.probe_images or len(train_labels)) / max(state.epoch_time_s, 1e-9), 1),
         "weight_decay": fit["weight_decay"]})
     checkpointer = _find(loop, Checkpointer)
     checkpointer.save(loop, "best")
@@ -218,20 +218,26 @@ def _probe_validation(setup: Setup, loop: Loop, head: torch.nn.Module, plain: np
 
 def _probe_features(setup: Setup, loop: Loop, budgeted: bool) -> tuple[dict[str, probe.Rows], np.ndarray]:
     """The validation and training images' rows (cnnkit.probe.probe_rows), and the training rows'
-    labels: under --time-budget, where `budgeted`, as many training images as fit (training/probe_budget.py)."""
+    labels: under --time-budget, where `budgeted`, as many training images as fit, their mirror images'
+    rows (where taken) joined to theirs (training/probe_budget.py); the validation images are then judged
+    on their plain views (their mirror images would cost the forward passes of as many more training images)."""
     cfg, splits = setup.cfg, setup.splits
 
-    def rows_of(images: np.ndarray, what: str) -> probe.Rows:
-        return probe.probe_rows(setup.model, setup.preprocess, images, cfg, setup.device, setup.weights_source, what,
-                                setup.precision)
+    def rows_of(images: np.ndarray, what: str, mirrored: bool = cfg.probe_flip) -> probe.Rows:
+        view_cfg = cfg if mirrored == cfg.probe_flip else replace(cfg, probe_flip=mirrored, tta="none")  # one view a row
+        return probe.probe_rows(setup.model, setup.preprocess, images, view_cfg, setup.device, setup.weights_source,
+                                what, setup.precision)
 
-    t0 = time.perf_counter()
-    feats = {"validation": rows_of(splits.val.images, "validation")}  # first: it absorbs the engine's compile
     budget = _find(loop, TimeBudget)
-    if budget is None or not budgeted:  # a backbone chosen by cross-validation has all its rows computed already
+    cut = budget is not None and budgeted  # else every training image (a backbone chosen by cross-validation: cached)
+    t0 = time.perf_counter()  # the validation's rows first: they absorb the engine's compile
+    feats = {"validation": rows_of(splits.val.images, "validation", cfg.probe_flip and not cut)}
+    if not cut:
         feats["train"] = rows_of(splits.train.images, "train")
         return feats, splits.train.labels
-    feats["train"], labels = budgeted_rows(setup, budget, rows_of, feats["validation"], time.perf_counter() - t0)
+    assert budget is not None
+    rows, labels = budgeted_rows(setup, budget, rows_of, feats["validation"], time.perf_counter() - t0)
+    feats["train"] = (rows, None)  # each image's and the mirror images' taken, as rows of their own
     return feats, labels
 
 

@@ -84,7 +84,7 @@ def prepare(cfg: Config | None, resume: Path | None = None, overrides: dict[str,
             chosen, record = choose_strategy(cfg, started_at)
             return build(chosen, None, record=record, asked=cfg), None
         if cfg.strategy == "linear-probe" and cfg.probe_candidates:
-            chosen, record = choose_backbone(cfg)
+            chosen, record = choose_backbone(cfg, started_at=started_at)
             return build(chosen, None, record=record, asked=cfg), None
         return build(cfg, None), None
     cfg, checkpoint, record = _prepare_resume(Path(resume), overrides or {})

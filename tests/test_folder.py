@@ -410,6 +410,11 @@ def test_near_copies_of_a_photo_are_found_and_others_are_not(smooth_pictures):
     test = np.stack([*near, *unlike, train[5]])  # and one exact copy
     assert near_copies(Fingerprints.of(test), Fingerprints.of(train)) == [(0, 0), (1, 1), (2, 2)]
     assert near_copies(Fingerprints.of(test[3:]), Fingerprints.of(train)) == []
+    # the pool joined from parts (the splits a run learns from) finds the same copies, none of its images copied
+    parts = Fingerprints.joined([Fingerprints.of(train[:1]), Fingerprints.of(train[:0]), Fingerprints.of(train[1:])])
+    assert len(parts.images) == 40 and all(np.shares_memory(parts.images[i], train) for i in (0, 1, 39))
+    assert all(np.array_equal(parts.images[i], train[i]) for i in range(40))
+    assert near_copies(Fingerprints.of(test), parts) == [(0, 0), (1, 1), (2, 2)]
 
     labels = np.zeros(len(test), dtype=np.int64)
     splits = Splits(Split(train, np.zeros(40, dtype=np.int64)), Split(train[:0], labels[:0]), Split(test, labels), [])

@@ -422,7 +422,7 @@ def test_the_choice_counts_the_folds_it_used_where_few_pictures_fill_fewer(photo
         return feats, None
 
     monkeypatch.setattr(probe, "probe_rows", rows)
-    monkeypatch.setattr(choose, "copy_groups", lambda images: np.arange(len(images)) % 3)  # three pictures, many copies
+    monkeypatch.setattr(choose, "copy_groups", lambda arrays: np.arange(sum(map(len, arrays))) % 3)  # three pictures, many copies
     cfg = apply_overrides(load_recipe("photos"), {"data_dir": str(photos), "image_size": 48, "cv_folds": 5,
                                                   "probe_candidates": CANDIDATES[:1], "probe_flip": False,
                                                   "probe_concat": False})

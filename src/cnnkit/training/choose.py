@@ -73,7 +73,7 @@ def choose_backbone(cfg: Config, whole: bool = False, started_at: float | None =
     precision = resolve_precision(cfg.precision, device)
     _, splits = run_splits(cfg.to_dict())
     labels = np.concatenate([splits.train.labels, splits.val.labels])
-    groups = copy_groups(np.concatenate([splits.train.images, splits.val.images]))  # copies share a fold
+    groups = copy_groups([splits.train.images, splits.val.images])  # copies share a fold
     rows: list[dict[str, Any]] = []
     total_s = parse_duration(cfg.time_budget) if cfg.time_budget else None
     budget_s = total_s * CANDIDATES_SHARE if total_s is not None else None

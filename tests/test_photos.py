@@ -114,7 +114,7 @@ def test_a_time_budget_leaves_out_the_candidates_that_would_not_fit(photos, tmp_
         pytest.skip("pip install 'cnnkit[weights]'")
     real_rows = probe.probe_rows
 
-    def slow_rows(model, preprocess, images, *args, **kwargs):  # a slow CPU's features: 0.1 s an image and view
+    def slow_rows(model, preprocess, images, *args, **kwargs):  # a slow CPU's features: 0.1 s an image
         time.sleep(0.1 * len(images))
         return real_rows(model, preprocess, images, *args, **kwargs)
 

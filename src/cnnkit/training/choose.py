@@ -67,7 +67,7 @@ def choose_backbone(cfg: Config, whole: bool = False, started_at: float | None =
     fit (training/probe_budget.py); `whole`: choose all the same (--strategy auto's folds need its rows).
     Choosing ends by CANDIDATES_SHARE of the budget counted from `started_at` (the budget clock's start, a
     time.perf_counter() value; None: from here), so decoding the images and finding their copies count too:
-    on 5,000 photos they took 22 s of a 90-s budget, and the run, choosing for 52 s more, ended after 104 s."""
+    on 5,000 photos they took 22 s of a 90-s budget, and the run, choosing for 52 s more, ended after 102-111 s."""
     started = started_at if started_at is not None else time.perf_counter()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)

@@ -250,7 +250,10 @@ def test_time_budget_fits_the_epochs_and_ends_in_time(tmp_path, monkeypatch, cap
     assert plans and plans[-1] == s["steps_run"]  # the slower epochs made a shorter plan, run to its step ...
     assert s["planned_time_s"] > 0.9 * budget  # ... which fills the budget to the step, not to whole epochs
     last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["lr"] < 0.1 * config["lr"]  # ... whose schedule ran to its end, rather than a cut-off run
+    # ... whose schedule ran to (near) its end, rather than a cut-off run: the plans follow the last three epochs'
+    # mean, so the last one may come at the last epoch's end (plans of 132, 100, then 92 steps at step 92: the lr
+    # 12% of its peak, once in a fresh-clone CI), where the first plan cut at that step would leave about 30%
+    assert last["lr"] < 0.2 * config["lr"]
     # fewer views, then fewer samples: the 1667 evaluations hold 75 x 22
     assert (config["tta"], config["report_robustness_samples"]) == ("none", 75)
     evaluation = json.loads((result.run_dir / "evaluation.json").read_text())

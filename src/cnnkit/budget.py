@@ -3,7 +3,8 @@
 The plan is made after the first few steps (their rate, and that of evaluating a batch), and made again after the first and the second epoch (measured epoch, validation and
 between-epoch times; when fine-tuning, the first two that trained every layer that will train).
 After that it is made again, shorter, whenever the last epochs' times say the plan would end past
-`REPLAN_PAST` of the budget: a machine slower than its first epochs showed, or slowing down. A plan
+`REPLAN_PAST` of the budget: a machine slower than its first epochs showed, or slowing down (see
+`recent_epoch_s`). A plan
 is a number of steps: whole epochs and the part of one more that fits (or of the first, where not
 even one epoch fits). The schedule follows the plan, so a shorter budget means a shorter, complete
 schedule (the learning rate still decays to its end), not a run cut off midway. A run whose next
@@ -32,6 +33,8 @@ REPORT_FIXED_S = 8.0
 EXTRAS_SHARE = 0.1
 TTA_FALLBACK = {"flip-shift": "flip", "flip": "none", "shift": "none"}
 MARGIN = 0.95  # plan to end 5% early: epoch times vary between epochs
+# An epoch this much slower than the recent epochs' mean is a slower machine, not noise (see recent_epoch_s).
+STEP_CHANGE = 1.25
 # Re-plan, shorter, only when a plan's end drifts past this: a plan fills its margin to the step,
 # and epoch-to-epoch noise should not shorten it after every epoch.
 REPLAN_PAST = (1 + MARGIN) / 2
@@ -159,10 +162,14 @@ def first_settled_epoch(steps_per_epoch: int, settled_step: int) -> int:
 
 def recent_epoch_s(times: list[float], last: int = 3) -> float:
     """Seconds per epoch from here on: the mean of the `last` settled epochs' times, so that one
-    fast or slow epoch (they vary by 20% on a laptop) does not move the plan alone, and a machine
-    that slows down as it warms is followed."""
+    fast or slow epoch (they vary by 20% on a laptop) does not move the plan alone; but the last
+    epoch's own time where it is over STEP_CHANGE times that mean. Such an epoch says
+    the machine slowed down (another program, a hot CPU), and a mean that took two more epochs to
+    follow it made plans that ended past the budget, re-planned at the last epoch's end to stop
+    there: the schedule cut off with the learning rate at a fifth of its peak."""
     recent = times[-last:]
-    return sum(recent) / len(recent)
+    mean = sum(recent) / len(recent)
+    return times[-1] if times[-1] > STEP_CHANGE * mean else mean
 
 
 def replan_after_epoch(epoch: int, steps_per_epoch: int, settled_step: int) -> bool:

@@ -75,7 +75,7 @@ def test_the_budget_takes_the_images_class_balanced_and_shuffled_by_the_seed():
     assert not np.array_equal(np.sort(order[:3]), [0, 40, 80])  # not each class's first file
 
 
-def _budgeted(tmp_path, monkeypatch, budget_s: float, val_pass_s: float = 0.01, chunk: int = 1024):
+def _budgeted(tmp_path, monkeypatch, budget_s: float, val_pass_s: float = 0.01, chunk: int = 1024, engine: str = "torch"):
     """budgeted_rows on 600 training images of 3 classes whose every forward pass takes 0.01 s of a
     clock the passes alone move (the validation's took `val_pass_s` each): the rows, their labels,
     each chunk's (images, mirrored), and the run record."""
@@ -96,7 +96,7 @@ def _budgeted(tmp_path, monkeypatch, budget_s: float, val_pass_s: float = 0.01, 
     train = SimpleNamespace(images=np.arange(600.0)[:, None], labels=np.repeat(np.arange(3), 200))
     setup = SimpleNamespace(cfg=cfg, splits=SimpleNamespace(train=train, val=[0] * 30), ds=SimpleNamespace(classes="abc"),
                             model=SimpleNamespace(get_classifier=lambda: nn.Linear(1, 3)), record=RunRecord(),
-                            inference=SimpleNamespace(engine="torch"), run_dir=tmp_path)
+                            inference=SimpleNamespace(engine=engine), run_dir=tmp_path)
     budget = SimpleNamespace(setup=setup, budget_s=budget_s, started_at=0.0, final_images=lambda: 0,
                              fit_extras=lambda image_s: None)
     val = np.zeros((30, 1), np.float32)
@@ -117,6 +117,13 @@ def test_a_budget_too_short_for_every_images_mirror_takes_more_images_instead(tm
     assert len(rows) == 560 and (rows >= 0).all()
     assert np.array_equal(labels, np.repeat(np.arange(3), 200)[rows.astype(int)])  # each row its image's label
     assert np.bincount(labels).tolist() == [187, 187, 186]  # class-balanced
+
+
+def test_eager_passes_take_the_images_that_fit_and_a_compiled_engine_whole_batches(tmp_path, monkeypatch):
+    # 5.628 s of passes fit: 562 images; a compiled engine pads a last batch of 2 to 8 (it costs a whole one), eager
+    # torch does not, and the 6 images more would take the run past its plan (seen: 30.5 s of a 30-s budget)
+    assert _budgeted(tmp_path, monkeypatch, budget_s=8.03)[2] == [(562, False)]
+    assert _budgeted(tmp_path, monkeypatch, budget_s=8.03, engine="compile")[2] == [(568, False)]
 
 
 def test_mirror_images_stop_when_the_measured_rate_no_longer_holds_them_all(tmp_path, monkeypatch):

@@ -86,8 +86,10 @@ def budgeted_rows(setup: Setup, budget: TimeBudget, rows_of: Callable[[np.ndarra
         target = max(least, min(len(order), images(views)))
         if target <= done:
             break
-        batch = cfg.eval_batch_size  # whole batches: a last, padded one costs a whole one
-        take = order[done: done + min(CHUNK, -(-(target - done) // batch) * batch)]
+        wanted = target - done
+        if setup.inference.engine != "torch":  # a compiled engine pads a last, shorter batch: it costs a whole one
+            wanted = -(-wanted // cfg.eval_batch_size) * cfg.eval_batch_size
+        take = order[done: done + min(CHUNK, wanted)]  # eager torch: what fits, no more (a batch more overran)
         t0 = time.perf_counter()
         parts.append(rows_of(train.images[take], f"train {done + 1:,}-{done + len(take):,}", mirrored))
         timed.append((time.perf_counter() - t0, views * len(take)))

@@ -90,7 +90,7 @@ def cached_features(model: nn.Module, preprocess: Preprocess, images: np.ndarray
                                                                      precision), lambda: (
         {"features": features(model, preprocess, images, device=device, precision=precision, tta=cfg.tta,
                               channels_last=cfg.channels_last, batch_size=cfg.eval_batch_size, what=what,
-                              engine=engine)}, {}))
+                              engine=engine)}, {}), what=f"{what} features".strip())
     return arrays["features"]
 
 
@@ -116,7 +116,8 @@ def store_rows(preprocess: Preprocess, images: np.ndarray, cfg: Any, device: tor
     which chose them does not pass its images through the backbone again."""
     for (imgs, view_cfg, _), rows in zip(_row_views(images, cfg), (plain, flipped)):
         cached_arrays(f"features-{cfg.model}", _features_key(preprocess, imgs, view_cfg, device, weights_source,
-                                                             precision), lambda rows=rows: ({"features": rows}, {}))
+                                                             precision), lambda rows=rows: ({"features": rows}, {}),
+                      what="features")
 
 
 def fit_head(head: nn.Module, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,

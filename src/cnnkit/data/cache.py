@@ -32,9 +32,10 @@ def cache_path(name: str, key: str, cache_dir: Path | None = None) -> Path:
 
 
 def cached_arrays(
-    name: str, key: str, build: Callable[[], tuple[Arrays, dict[str, str]]], cache_dir: Path | None = None
+    name: str, key: str, build: Callable[[], tuple[Arrays, dict[str, str]]], cache_dir: Path | None = None,
+    what: str = "decoded arrays",
 ) -> tuple[Arrays, dict[str, str]]:
-    """Return (arrays, metadata) from the cache, or build, store and return them.
+    """Return (arrays, metadata) from the cache, or build, store and return them (`what` they are, for the log).
 
     A cache file that cannot be read (torn, corrupted) is reported and rebuilt, never trusted.
     """
@@ -49,12 +50,12 @@ def cached_arrays(
                 raise ValueError("checksum mismatch")
             return arrays, meta
         except (SafetensorError, OSError, ValueError) as e:
-            log.warning("cache file %s is corrupt (%s); decoding the source again", path, e)
+            log.warning("cache file %s is corrupt (%s); computing the %s again", path, e, what)
     arrays, meta = build()
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     meta = {**meta, "crc32": _checksums(arrays)}
     save_with(path, lambda tmp: save_file(arrays, tmp, metadata=meta))
-    log.info("cached decoded arrays at %s", path)
+    log.info("cached %s at %s", what, path)
     return arrays, meta
 
 

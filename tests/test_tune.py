@@ -130,6 +130,26 @@ def test_a_continued_study_does_not_draw_its_first_trials_settings_again(tmp_pat
     assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 4
 
 
+def test_processes_started_together_on_one_study_draw_settings_of_their_own(tmp_path):
+    from cnnkit.trial_sampler import TrialSeededTPE
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+
+    def opened(seed=0):  # a process opening the study, its sampler seeded by the same --seed
+        return optuna.create_study(storage=storage, study_name="s", direction="maximize", load_if_exists=True,
+                                   sampler=TrialSeededTPE(seed))
+
+    a, b = opened(), opened()  # both before either trial: a sampler seeded once, alike, drew the same here
+    ta, tb = a.ask(), b.ask()
+    lr_a, lr_b = ta.suggest_float("lr", 1e-4, 1e-1, log=True), tb.suggest_float("lr", 1e-4, 1e-1, log=True)
+    assert (ta.number, tb.number) == (0, 1) and lr_a != lr_b
+    a.tell(ta, 0.5)
+    b.tell(tb, 0.6)
+    again = optuna.create_study(study_name="t", direction="maximize", sampler=TrialSeededTPE(0))  # same seed, alone
+    first = [again.ask().suggest_float("lr", 1e-4, 1e-1, log=True) for _ in range(2)]
+    assert first == [lr_a, lr_b]  # the same draws, trial by trial: a study is still the same for the same --seed
+
+
 def test_the_next_trial_is_planned_by_the_longest_after_the_first_which_fills_the_caches():
     from cnnkit.tune import _expected_trial_s
 
@@ -222,6 +242,7 @@ def test_two_processes_share_one_postgresql_study(tmp_path):
         assert p.returncode == 0, err
     trials = optuna.load_study(study_name=name, storage=url).trials
     assert len(trials) == 4 and len({t.number for t in trials}) == 4
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 4  # each its own settings
     ran = [{p.name for p in (tmp_path / f"machine{i}" / name / "trials").iterdir()} for i in (1, 2)]
     assert ran[0] and ran[1] and not ran[0] & ran[1]  # each machine ran trials of its own
 

@@ -160,6 +160,8 @@ def tune(recipe: str, overrides: dict[str, Any], *, folder: Path, trials: int | 
     about 36 s, its features cached the rest 37-66 s); the final fit writes its own."""
     import optuna
 
+    from cnnkit.trial_sampler import TrialSeededTPE
+
     if trials is None and budget_s is None:
         raise ConfigError("cnnkit tune needs --trials N, --time-budget D, or both")
     started = time.perf_counter()
@@ -170,9 +172,7 @@ def tune(recipe: str, overrides: dict[str, Any], *, folder: Path, trials: int | 
         storage=_storage(storage or f"sqlite:///{folder / 'study.db'}", grace_period_s),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2),
         study_name=folder.name, direction="maximize", load_if_exists=True)
-    # a study continued (after a crash, or for more trials) would draw its first trials' settings again from
-    # the same seed: its sampler is seeded past the trials it holds (a new study's by `seed` itself)
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
+    study.sampler = TrialSeededTPE(seed)  # each trial's settings its own, in a continued or shared study too
     durations: list[float] = []
     while _more_wanted(study, trials):
         left = None if budget_s is None else budget_s - (time.perf_counter() - started)

@@ -163,10 +163,10 @@ def first_settled_epoch(steps_per_epoch: int, settled_step: int) -> int:
 def recent_epoch_s(times: list[float], last: int = 3) -> float:
     """Seconds per epoch from here on: the mean of the `last` settled epochs' times, so that one
     fast or slow epoch (they vary by 20% on a laptop) does not move the plan alone; but the last
-    epoch's own time where it is over STEP_CHANGE times that mean. Such an epoch says
-    the machine slowed down (another program, a hot CPU), and a mean that took two more epochs to
-    follow it made plans that ended past the budget, re-planned at the last epoch's end to stop
-    there: the schedule cut off with the learning rate at a fifth of its peak."""
+    epoch's own time where it is over STEP_CHANGE times that mean. Such an epoch says the machine
+    slowed down (another program, a hot CPU); a mean that took two more epochs to follow it made
+    plans that ended past the budget until a re-plan at the last epoch's end stopped the run there,
+    its schedule cut off with the learning rate at 8-23% of its peak (tests/test_fast.py's budget test)."""
     recent = times[-last:]
     mean = sum(recent) / len(recent)
     return times[-1] if times[-1] > STEP_CHANGE * mean else mean

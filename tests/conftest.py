@@ -3,6 +3,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np  # neither imports torch
@@ -90,3 +91,24 @@ def smooth_pictures():
             out.append(np.asarray(noise.filter(ImageFilter.GaussianBlur(2))).transpose(2, 0, 1))
         return np.stack(out)
     return make
+
+
+@pytest.fixture
+def slow_features(monkeypatch):
+    """A slower CPU's linear-probe features: `slow_features(seconds)` makes every cnnkit.probe.probe_rows call
+    take `seconds` more for each image (not the few images a candidate is timed on first, which go another way)
+    and returns the list of the images' counts, call by call."""
+    from cnnkit import probe
+
+    real_rows, seen = probe.probe_rows, []
+
+    def slowed(seconds: float) -> list[int]:
+        def slow_rows(model, preprocess, images, *args, **kwargs):
+            time.sleep(seconds * len(images))
+            seen.append(len(images))
+            return real_rows(model, preprocess, images, *args, **kwargs)
+
+        monkeypatch.setattr(probe, "probe_rows", slow_rows)
+        return seen
+
+    return slowed

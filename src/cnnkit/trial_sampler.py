@@ -5,10 +5,10 @@ that opened one new study at the same moment (`--storage postgresql://...` on se
 several processes on one SQLite file) seeded their TPE alike and drew the same settings for their
 first trials (TPE's first ten are random draws), so two machines ran the same trials; and a study
 continued by the same command drew its first trials' settings again (until a seed past the trials
-the study held was added for that alone). The storage hands out
-each trial's number once, so a TPE seeded by `seed + number` draws settings of the trial's own
-wherever it runs, while one process's study is still the same for the same `--seed`. All the
-sampling is Optuna's: this class only chooses the seed and passes every call on.
+the study held was added for that alone). The storage hands out each trial's number once, so a
+TPE seeded by `seed + number` draws settings of the trial's own wherever it runs, while one
+process's study is still reproducible from `--seed`. All the sampling is Optuna's: this class
+only chooses the seed and passes every call on.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 
 class TrialSeededTPE(BaseSampler):
-    """A TPESampler(seed=seed + trial number, **tpe) for each trial, made as Optuna opens the trial."""
+    """A TPESampler(seed=seed + trial number) for each trial, made as Optuna opens the trial."""
 
-    def __init__(self, seed: int, **tpe: Any):
-        self.seed, self.tpe = seed, tpe
-        self.tpe_sampler = TPESampler(seed=seed, **tpe)
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.tpe_sampler = TPESampler(seed=seed)  # until the first trial opens (reseed_rng may come first)
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        self.tpe_sampler = TPESampler(seed=self.seed + trial.number, **self.tpe)
+        self.tpe_sampler = TPESampler(seed=self.seed + trial.number)
         self.tpe_sampler.before_trial(study, trial)
 
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from cnnkit.analysis import class_balanced_order
-from cnnkit.budget import final_seconds, probe_end_s, probe_images
+from cnnkit.budget import final_seconds, probe_images
 from cnnkit.probe import COST_SAMPLE, Rows, fit_fixed_seconds, fit_row_seconds, head_parts
 
 if TYPE_CHECKING:
@@ -149,7 +149,7 @@ def _record(setup: Setup, budget: TimeBudget, used: int, available: int, rows: i
     elapsed = time.perf_counter() - budget.started_at
     after_fit_s = _after_fit_s(budget, image_s, overhead_s)
     fit_s = fit.fixed_s + rows * fit.row_s
-    budget.planned_time_s = probe_end_s(elapsed, rows, rows, image_s, fit.row_s, fit.fixed_s + after_fit_s)  # features done
+    budget.planned_time_s = elapsed + fit_s + after_fit_s  # the features are done: the head's fit, the test, the report
     budget.fit_deadline = budget.started_at + budget.budget_s - after_fit_s  # a longer path is cut (probe.fit_head)
     setup.record.planned_time_s = round(budget.planned_time_s, 1)
     setup.record.save(setup.run_dir)

@@ -228,14 +228,12 @@ def _probe_features(setup: Setup, loop: Loop, budgeted: bool) -> tuple[dict[str,
         return probe.probe_rows(setup.model, setup.preprocess, images, view_cfg, setup.device, setup.weights_source,
                                 what, setup.precision)
 
-    budget = _find(loop, TimeBudget)
-    cut = budget is not None and budgeted  # else every training image (a backbone chosen by cross-validation: cached)
+    budget = _find(loop, TimeBudget) if budgeted else None  # None: every training image (a chosen backbone's: cached)
     t0 = time.perf_counter()  # the validation's rows first: they absorb the engine's compile
-    feats = {"validation": rows_of(splits.val.images, "validation", cfg.probe_flip and not cut)}
-    if not cut:
+    feats = {"validation": rows_of(splits.val.images, "validation", cfg.probe_flip and budget is None)}
+    if budget is None:
         feats["train"] = rows_of(splits.train.images, "train")
         return feats, splits.train.labels
-    assert budget is not None
     rows, labels = budgeted_rows(setup, budget, rows_of, feats["validation"], time.perf_counter() - t0)
     feats["train"] = (rows, None)  # each image's and the mirror images' taken, as rows of their own
     return feats, labels

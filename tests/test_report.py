@@ -130,8 +130,10 @@ def test_tensorboard_logs_epoch_metrics(tmp_path):
 
 def test_the_robustness_sample_is_in_proportion_to_the_data_and_takes_the_classes_in_turn():
     # flowers12: 720 training and 240 test images in 12 classes, each sample evaluated 22 times
-    assert analysis.ROBUSTNESS_PASSES == 22 and analysis.robustness_sample_count(100, 240, 960, 12) == 48  # 4 a class
-    assert analysis.robustness_sample_count(500, 400, 2400, 2) == 2400 // 22  # about one more pass over the images
+    assert analysis.ROBUSTNESS_PASSES == 22 and analysis.robustness_sample_count(100, 240, 960, 12) == 24  # 2 a class
+    assert analysis.robustness_sample_count(500, 400, 2400, 2) == 1200 // 22  # about half a pass over the images
+    assert analysis.robustness_sample_count(500, 154, 404, 2) == 24  # a small two-class set: 24 at least
+    assert analysis.robustness_sample_count(100, 240, 960, 40) == 80  # and at least 2 a class
     assert analysis.robustness_sample_count(1000, 10_000, 67_600, 10) == 1000  # Fashion-MNIST: the recipe's own
     assert analysis.robustness_sample_count(100, 6, 30, 2) == 6  # never more than the test split
     labels = np.array([2, 0, 0, 0, 1, 1, 2, 2, 0])
@@ -197,7 +199,7 @@ def test_the_report_of_a_test_split_sorted_by_class_tests_robustness_on_every_cl
     metrics = build_report(folder, loaded.model, loaded.preprocess, loaded.classes, splits.test.images[order],
                            splits.test.labels[order], splits.train.images, splits.train.labels, cfg)
     assert np.bincount(seen["labels"], minlength=10).tolist() == [5] * 10
-    assert metrics["robustness"]["samples"] == 50 and "50 test images (the classes in turn)" in (
+    assert metrics["robustness"]["samples"] == 50 and "50 test images (the classes in turn; one image is 2.0 points)" in (
         folder / "report.html").read_text()
     right = [c for c in grids["grad_cam.png"] if c.startswith("✓")]
     assert len(right) == 6 and len(set(right)) == 6  # six classes' images, not the first class's six

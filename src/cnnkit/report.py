@@ -184,6 +184,11 @@ def lr_curve(cfg: dict[str, Any], steps_per_epoch: int, total: int | None = None
     return steps / steps_per_epoch, np.array([cfg["lr"] * lr_factor(int(s), total, warmup, cfg["schedule"]) for s in steps])
 
 
+def _one_image(samples: int) -> str:
+    """What one image is worth in the robustness section's figures, where few images make it coarse."""
+    return f"; one image is {100 / samples:.1f} points" if 0 < samples < 100 else ""
+
+
 def _time_card(summary: dict[str, Any]) -> tuple[str, str, str]:
     """The run's wall time: in all where the run has ended (a report made again), else up to its
     test (the report being written is not in it)."""
@@ -426,7 +431,7 @@ finished {e(str(summary.get('finished_at', '')))}</p></header><main>
 probability the model gave its prediction.</p>{_img(plots / 'worst_mistakes.png', 'worst mistakes')}</section>
 <section><h2>What the network looks at</h2>{looks}</section>
 <section><h2>Augmentation</h2>{_img(plots / 'augmentation.png', 'augmentation')}</section>
-<section><h2>Robustness</h2><p class="note">Accuracy on {rob['samples']} test images (the classes in turn), clean:
+<section><h2>Robustness</h2><p class="note">Accuracy on {rob['samples']} test images (the classes in turn{_one_image(rob['samples'])}), clean:
 {pct('robustness.clean', rob['clean'])}, and under each corruption (shifts and blurs in pixels scaled to the images'
 side: the same share of the picture as at 32 px).</p>
 {_img(plots / 'robustness.png', 'robustness')}<table><tr><th>corruption</th><th>severity</th><th>accuracy</th></tr>{rob_rows}</table></section>

@@ -61,7 +61,7 @@ def main() -> None:
     from cnnkit.config import load_recipe
     from cnnkit.models.signed_power import SignedPower
     from cnnkit.runs import run_splits
-    from cnnkit.training.choose import candidate_features
+    from cnnkit.training.choose import Backbones, candidate_features
 
     reuse_freed_memory()
     default_tolerance = probe.LBFGS_TOLERANCE
@@ -83,7 +83,7 @@ def main() -> None:
         model_args = {**cfg.model_args, "pooled_blocks": blocks} if blocks else cfg.model_args
         members = [(m.split("@")[0], int(m.split("@")[1])) for m in spec.split("+")]
         parts = [candidate_features(replace(cfg, model=name, input_size=size, model_args=model_args, probe_blocks=0),
-                                    splits, torch.device("cpu"), "fp32")[0] for name, size in members]
+                                    splits, Backbones(torch.device("cpu")), "fp32")[0] for name, size in members]
         plain = np.concatenate([p for p, _ in parts], 1)
         flipped = None if parts[0][1] is None else np.concatenate([f for _, f in parts], 1)
         seconds = time.perf_counter() - t0

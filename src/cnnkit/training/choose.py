@@ -24,6 +24,7 @@ go into the run record (run.json): the run's configuration stays what it was ask
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -71,6 +72,7 @@ def choose_backbone(cfg: Config, whole: bool = False, started_at: float | None =
     started = started_at if started_at is not None else time.perf_counter()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    backbones = Backbones(device)
     _, splits = run_splits(cfg.to_dict())
     labels = np.concatenate([splits.train.labels, splits.val.labels])
     groups = copy_groups([splits.train.images, splits.val.images])  # copies share a fold
@@ -82,7 +84,7 @@ def choose_backbone(cfg: Config, whole: bool = False, started_at: float | None =
     timed = inference_engine(cfg.to_dict(), device) == "torch"  # another engine's first batch compiles or exports
     if budget_s is not None and timed and not whole:
         first = replace(cfg, model=cfg.probe_candidates[0])
-        guess = uncached_seconds(_scored(first, flip=not screen), splits, len(labels), device, precision)
+        guess = uncached_seconds(_scored(first, flip=not screen), splits, len(labels), backbones, precision)
         left_s = budget_s - (time.perf_counter() - started)
         if guess > left_s:
             log.info("  choosing a backbone: left out, %s's features of the %d training images alone would take about "
@@ -92,7 +94,7 @@ def choose_backbone(cfg: Config, whole: bool = False, started_at: float | None =
             return first, RunRecord(model=first.model if first.model != cfg.model else None)
     for name in cfg.probe_candidates:
         if rows and budget_s is not None:
-            guess = guess_seconds(rows[0], replace(cfg, model=name), splits, len(labels), device, precision, timed)
+            guess = guess_seconds(rows[0], replace(cfg, model=name), splits, len(labels), backbones, precision, timed)
             floor = screen_floor(rows, cfg, len(labels)) if screen else None
             if not fits_in_budget(time.perf_counter() - started, rows, guess, screen, budget_s, floor):
                 kept = reserved_seconds(rows, screen, floor)
@@ -101,13 +103,13 @@ def choose_backbone(cfg: Config, whole: bool = False, started_at: float | None =
                          time.perf_counter() - started, f" and {kept:.0f} s kept for mirror images" if kept else "",
                          budget_s, cfg.time_budget)
                 continue
-        rows.append(_candidate(replace(cfg, model=name), splits, labels, groups, device, precision, flip=not screen,
+        rows.append(_candidate(replace(cfg, model=name), splits, labels, groups, backbones, precision, flip=not screen,
                                macs=budget_s is not None and not timed, keep=features))
         if len(rows) > 1 and budget_s is not None:
             rows[-1]["guessed_seconds"] = round(guess, 1)  # what the plan took it for (run.json)
     if screen:
         left = None if budget_s is None else lambda: budget_s - (time.perf_counter() - started)
-        rows = _finalists(rows, cfg, splits, labels, groups, device, precision, features, left)
+        rows = _finalists(rows, cfg, splits, labels, groups, backbones, precision, features, left)
     scored = [r for r in rows if not screen or "screen_accuracy" in r]  # on the views the run trains on
     plain = cfg.probe_flip and not scored  # the budget held no candidate's mirror images
     if plain:
@@ -208,8 +210,8 @@ def _macs(name: str, cfg: Config) -> int:
     return summarize(create_model(name, 1000, 3, size), (3, size, size))["total_macs"]
 
 
-def guess_seconds(first: dict[str, Any], cfg: Config, splits: Any, images: int, device: torch.device, precision: str,
-                   timed: bool) -> float:
+def guess_seconds(first: dict[str, Any], cfg: Config, splits: Any, images: int, backbones: Backbones, precision: str,
+                  timed: bool) -> float:
     """A candidate's (cfg.model's) time on the plain views of `images` training images, before they are
     computed: the first candidate's fits (the same rows, and Lite0-2's features are equally wide) and its
     own features at the rate timed on a few images (`timed`, PyTorch's engine). Scaling the first one's
@@ -219,28 +221,27 @@ def guess_seconds(first: dict[str, Any], cfg: Config, splits: Any, images: int, 
     scaling stays."""
     if not timed:
         return first["seconds"] * _macs(cfg.model, cfg) / max(first["macs"], 1)
-    return max(first["seconds"] - first["feature_seconds"], 0.0) + images * seconds_per_image(cfg, splits, device,
+    return max(first["seconds"] - first["feature_seconds"], 0.0) + images * seconds_per_image(cfg, splits, backbones,
                                                                                                precision)
 
 
-def uncached_seconds(cfg: Config, splits: Any, images: int, device: torch.device, precision: str) -> float:
+def uncached_seconds(cfg: Config, splits: Any, images: int, backbones: Backbones, precision: str) -> float:
     """A candidate's features of its `images` training and validation images on the views cfg scores it
     on (`_scored`), timed on a few before any is computed; 0 where the cache holds them (a run again)."""
-    model, source = _backbone(cfg, device)
+    _, source = backbones.get(cfg)
     pre = make_preprocess(cfg, splits.train.images)
-    if all(probe.rows_cached(pre, split.images, cfg, device, source, precision) for split in (splits.train, splits.val)):
+    if all(probe.rows_cached(pre, split.images, cfg, backbones.device, source, precision)
+           for split in (splits.train, splits.val)):
         return 0.0
-    return images * probe.views_per_image(cfg) * seconds_per_image(cfg, splits, device, precision, model)
+    return images * probe.views_per_image(cfg) * seconds_per_image(cfg, splits, backbones, precision)
 
 
-def seconds_per_image(cfg: Config, splits: Any, device: torch.device, precision: str,
-                      model: torch.nn.Module | None = None) -> float:
+def seconds_per_image(cfg: Config, splits: Any, backbones: Backbones, precision: str) -> float:
     """The candidate's features' seconds per image, timed on TIMING_IMAGES training images after a few to
-    warm up (memory, kernels, the BatchNorm fold), in batches no larger than the run's; `model`: the
-    candidate already built."""
-    model = model if model is not None else _backbone(cfg, device)[0]
+    warm up (memory, kernels, the BatchNorm fold), in batches no larger than the run's."""
+    model, _ = backbones.get(cfg)
     pooled = probe.PooledFeatures(model)  # its BatchNorm folded in the warm-up (cnnkit.fold_batchnorm)
-    kwargs = {"device": device, "precision": precision, "channels_last": cfg.channels_last,
+    kwargs = {"device": backbones.device, "precision": precision, "channels_last": cfg.channels_last,
               "batch_size": cfg.eval_batch_size, "outputs": pooled}
     pre = make_preprocess(cfg, splits.train.images)
     warm, timed = splits.train.images[:WARM_UP_IMAGES], splits.train.images[WARM_UP_IMAGES:][:TIMING_IMAGES]
@@ -251,7 +252,7 @@ def seconds_per_image(cfg: Config, splits: Any, device: torch.device, precision:
 
 
 def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.ndarray, groups: np.ndarray,
-               device: torch.device, precision: str, keep: dict[str, Variants],
+               backbones: Backbones, precision: str, keep: dict[str, Variants],
                left: Callable[[], float] | None = None) -> list[dict[str, Any]]:
     """The rows again: those within `probe_screen` standard deviations (the spread of the best one's
     folds) of the best plain-view estimate now scored with their mirrored views too, and marked
@@ -275,7 +276,7 @@ def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.
             log.info("  %s: its mirror images would take about %.0f s, more than the %.0f s the time budget %s leaves "
                      "choosing; they are not computed", r["model"], r["seconds"], max(left(), 0), cfg.time_budget)
             continue
-        full = _candidate(replace(cfg, model=r["model"]), splits, labels, groups, device, precision, flip=True,
+        full = _candidate(replace(cfg, model=r["model"]), splits, labels, groups, backbones, precision, flip=True,
                           macs=False, keep=keep)
         guessed = {"guessed_seconds": r["guessed_seconds"]} if "guessed_seconds" in r else {}  # its plain views'
         done[r["model"]] = {**full, **guessed, "screen_accuracy": r["cv_accuracy"],
@@ -284,13 +285,13 @@ def _finalists(rows: list[dict[str, Any]], cfg: Config, splits: Any, labels: np.
     return [done.get(r["model"], r) for r in rows]  # in the recipe's order
 
 
-def _candidate(cfg: Config, splits: Any, labels: np.ndarray, groups: np.ndarray, device: torch.device, precision: str,
+def _candidate(cfg: Config, splits: Any, labels: np.ndarray, groups: np.ndarray, backbones: Backbones, precision: str,
                flip: bool, macs: bool, keep: dict[str, Variants]) -> dict[str, Any]:
     """One backbone's row of the choice: its cross-validated accuracy at the best weight decay,
     on its plain views alone or (`flip`) with the mirrored ones as the run will train on them.
     Its features go into `keep` (for the backbones side by side)."""
     t0 = time.perf_counter()
-    variants = candidate_features(_scored(cfg, flip), splits, device, precision)
+    variants = candidate_features(_scored(cfg, flip), splits, backbones, precision)
     keep[cfg.model] = variants
     extra = {"feature_seconds": round(time.perf_counter() - t0, 1), **({"macs": _macs(cfg.model, cfg)} if macs else {})}
     return _best_variant(cfg.model, variants, labels, groups, cfg, t0, extra)
@@ -335,13 +336,14 @@ def _score(model: str, plain: np.ndarray, flipped: np.ndarray | None, labels: np
     return row
 
 
-def candidate_features(cfg: Config, splits: Any, device: torch.device, precision: str) -> Variants:
+def candidate_features(cfg: Config, splits: Any, backbones: Backbones, precision: str) -> Variants:
     """Training and validation images' features (and mirrored ones) by the candidate backbone: {0:
     them}, and with probe_blocks N {N: them joined by its last N blocks' pooled outputs} too, from
     the same forward passes. The features alone are the wide rows' last columns (models.block_pooled);
     they are cached as the backbone's own, so a run that chooses them reads them from there."""
     wide = replace(cfg, model_args={**cfg.model_args, POOLED_BLOCKS: cfg.probe_blocks}) if cfg.probe_blocks else cfg
-    model, source = _backbone(wide, device)  # as the run's own build makes it, model_args included
+    model, source = backbones.get(wide)  # as the run's own build makes it, model_args included
+    device = backbones.device
     pre = make_preprocess(cfg, splits.train.images)
     splits_ = (("train", splits.train), ("validation", splits.val))
     parts = [probe.probe_rows(model, pre, split.images, wide, device, source, what, precision) for what, split in splits_]
@@ -358,13 +360,26 @@ def candidate_features(cfg: Config, splits: Any, device: torch.device, precision
     return {0: _joined(alone), cfg.probe_blocks: _joined(parts)}  # type: ignore[arg-type]
 
 
-def _backbone(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, str]:
-    """The candidate with its ImageNet weights on the device, in the run's memory format, and where the weights came from."""
-    model, source = imagenet_model(cfg)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model, source
+class Backbones:
+    """The candidates with their ImageNet weights on `device`, in the run's memory format, and where the
+    weights came from: each built once in a choice, though its features may be timed, then computed on
+    plain views and later on mirror images (building one took about a second on the Zen 3, and its
+    BatchNorm fold is kept with it: cnnkit.fold_batchnorm)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._built: dict[tuple[str, str, bool], tuple[torch.nn.Module, str]] = {}
+
+    def get(self, cfg: Config) -> tuple[torch.nn.Module, str]:
+        """cfg.model with cfg.model_args (wider rows with probe_blocks: another model)."""
+        key = (cfg.model, json.dumps(cfg.model_args, sort_keys=True), cfg.channels_last)
+        if key not in self._built:
+            model, source = imagenet_model(cfg)
+            model.to(self.device)
+            if cfg.channels_last:
+                model.to(memory_format=torch.channels_last)
+            self._built[key] = model, source
+        return self._built[key]
 
 
 def _joined(parts: list[probe.Rows]) -> probe.Rows:

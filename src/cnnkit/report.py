@@ -202,11 +202,13 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
                  test_images: np.ndarray, test_labels: np.ndarray, train_images: np.ndarray, train_labels: np.ndarray,
                  cfg: dict[str, Any], device: torch.device | str = "cpu", logits: torch.Tensor | None = None,
                  ) -> dict[str, Any]:
-    """Evaluate on the test images (unless their `logits` are given), write evaluation.json,
+    """Evaluate on the test images (unless their `logits` are given, by a run that has saved its
+    evaluation and drawn its confusion matrix: runs.save_evaluation), write evaluation.json,
     plots/*.png and report.html; return the numbers."""
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
     inference = InferenceSettings.for_run(cfg, device).kwargs()
+    drawn = logits is not None and (plots / "confusion_matrix.png").is_file()  # 1.5 s for 12 classes
     if logits is None:
         logits = predict_logits(model, preprocess, test_images, device=device, tta=cfg.get("tta", "none"),
                                 description="report: test", **inference)
@@ -232,7 +234,9 @@ def build_report(run_dir: Path, model: torch.nn.Module, preprocess: Preprocess, 
     elif cfg.get("strategy") != LINEAR_PROBE:
         plot_learning_curves(metrics_rows, lr_curve(cfg, steps_per_epoch, summary.get("schedule_steps"))
                              if metrics_rows else None, plots / "learning_curves.png")
-    plot_confusion_matrix(metrics["confusion_matrix"], classes, plots / "confusion_matrix.png")
+    if not drawn:
+        plot_confusion_matrix(metrics["confusion_matrix"], classes, plots / "confusion_matrix.png",
+                              title=f"test accuracy {100 * metrics['accuracy']:.2f}%")
     worst = metrics["worst_mistakes"]
     plot_image_grid(test_images[[w["index"] for w in worst]],
                     [f"{classes[w['true']]} → {classes[w['predicted']]}\n{100 * w['probability']:.0f}%" for w in worst],

@@ -147,8 +147,8 @@ class Config:
     # -- output
     report: bool = opt(True, "write report.html (plots, confusions, Grad-CAM, robustness) at the end")
     report_robustness_samples: int = opt(2000, "test images for the report's robustness section (21 corrupted copies "
-                                               "each; at most about one more pass over the run's images, at least 4 "
-                                               "a class)")
+                                               "each; at most about half a pass over the run's images, at least 2 "
+                                               "a class and 24 in all)")
     tensorboard: bool = opt(False, "also log metrics per epoch to RUN/tensorboard (needs the tensorboard package)")
     output: str = opt("runs", "parent folder of run folders")
     name: str | None = opt(None, "run folder name (default: recipe-date-time)")

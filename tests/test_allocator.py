@@ -52,3 +52,17 @@ def test_large_buffers_come_from_the_heap_and_are_kept_for_reuse():
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("CNNKIT_MALLOC_TUNING", "0")
     assert reuse_freed_memory() is False
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc tuning is for glibc")
+def test_a_run_from_python_is_told_to_tune_malloc_until_it_does():
+    code = ("from cnnkit import allocator; print(allocator.untuned_hint() is not None); "
+            "allocator.reuse_freed_memory(); print(allocator.untuned_hint() is not None)")
+
+    def said(**env: str) -> list[str]:  # in a fresh process, as a notebook's: the tuning cannot be undone
+        environ = {k: v for k, v in os.environ.items() if k != "CNNKIT_MALLOC_TUNING"}
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**environ, **env}).stdout.split()
+
+    assert said() == ["True", "False"]  # told, until it tunes
+    assert said(CNNKIT_MALLOC_TUNING="0") == ["False", "False"]  # switched off: nothing to say

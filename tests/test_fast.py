@@ -22,7 +22,7 @@ from cnnkit.models import create_model
 from cnnkit.report import lr_curve
 from cnnkit.runs import RunRecord, run_settings
 from cnnkit.training import Hook, TrainingInterrupted, lr_factor, make_optimizer, train
-from cnnkit.training.budget_hook import TimeBudget
+from cnnkit.training.budget_hook import TimeBudget, final_images
 
 
 def test_fastnet_shapes_and_frozen_parameters():
@@ -316,3 +316,22 @@ def test_auto_precision_follows_the_cpu(monkeypatch):
     monkeypatch.setattr(ev, "cpu_has_native_bf16", lambda: False)
     assert ev.resolve_precision("auto", cpu) == "fp32"
     assert ev.resolve_precision("fp32", cpu) == "fp32" and ev.resolve_precision("bf16", cpu) == "bf16"
+
+
+def test_the_test_views_a_budget_plans_for_are_those_of_the_images_validation_was_unsure_of():
+    # 10,000 test images with flip-shift's 6 views and 500 x 22 robustness evaluations
+    assert final_images(10_000, "flip-shift", 500) == 60_000 + 11_000  # before a validation: every image's views
+    assert final_images(10_000, "flip-shift", 500, unsure=0.2) == 20_000 + 11_000  # 1 view, and 5 for a fifth
+    assert final_images(10_000, "none", 500, unsure=0.2) == 10_000 + 11_000
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_plans_the_test_views_for_the_share_validation_was_unsure_of(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="cnnkit"):
+        result = train(small(tmp_path, "unsure", epochs=2, tta="flip", tta_below=0.6, time_budget="40s"))
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["val_unsure"] <= 1 for r in rows)  # each epoch's share, in metrics.jsonl
+    plans = [(int(m.group(1)), int(m.group(2))) for r in caplog.records if (m := re.search(
+        r"from epoch (\d+) .* the extra test views for the (\d+)% of images validation was unsure of", r.getMessage()))]
+    assert plans and all(share == round(100 * rows[epoch - 1]["val_unsure"]) for epoch, share in plans)
+    assert rows[0]["val_unsure"] < 1  # some images sure after an epoch: the plan reckons fewer views than every image's

@@ -212,6 +212,7 @@ class Loop:
         record = {"epoch": epoch, "step": state.step, "lr": self.optimizer.param_groups[0]["lr"],
                   "train_loss": loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                   "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                  **({"val_unsure": round(val["unsure"], 4)} if "unsure" in val else {}),
                   "epoch_time_s": round(state.epoch_time_s, 3),
                   "train_images_per_s": round(n_batches * self.setup.cfg.batch_size / max(state.epoch_time_s, 1e-9), 1)}
         self._fire("on_epoch_end", EpochEnd(epoch, record, time.perf_counter() - train_ended, train_ended))

@@ -264,24 +264,6 @@ def test_a_budget_keeps_room_for_the_mirror_images_of_the_screened_candidates():
     assert fits_in_budget(10.0, rows, 12.0, screen=True, budget_s=44.0)
 
 
-def test_choosing_may_take_what_the_test_and_report_after_it_leave_and_at_least_60_percent():
-    from cnnkit.budget import REPORT_FIXED_S, TEST_FIXED_S
-    from cnnkit.training.choose import ChoosingBudget, guess_view_seconds
-
-    # flowers12: 240 test images on 2 views and 24 robustness samples of 22 passes; Lite2 at 18.5 ms an image and view
-    allowed = ChoosingBudget(120.0, 240 * 2 + 24 * 22, report=True)
-    after = 1008 * 0.0185 + TEST_FIXED_S + REPORT_FIXED_S
-    assert allowed.seconds(0.0185) == pytest.approx(0.95 * 120 - after)  # 85 s, where 60% was 72
-    assert allowed.seconds(0.2) == pytest.approx(72.0)  # a slow backbone: no less than 60%
-    assert ChoosingBudget(30.0, 1008, report=True).seconds(0.0185) == pytest.approx(18.0)  # a short budget: 60%
-    allowed.view_s = 0.0185  # a costlier candidate already scored sets the test's rate for a cheaper one
-    assert allowed.seconds(0.01) == allowed.seconds(0.0185) == allowed.seconds()
-    # its features' rate from the guess: less the first candidate's fits where its own features were timed
-    first = {"seconds": 12.0, "feature_seconds": 9.0}
-    assert guess_view_seconds(first, 3.0 + 720 * 0.02, 720, timed=True) == pytest.approx(0.02)
-    assert guess_view_seconds(first, 720 * 0.02, 720, timed=False) == pytest.approx(0.02)
-
-
 def test_a_budget_keeps_no_room_for_the_mirror_images_of_a_candidate_the_screen_already_drops():
     from cnnkit.config import load_recipe
     from cnnkit.training.choose import fits_in_budget, screen_floor

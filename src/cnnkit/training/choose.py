@@ -12,8 +12,7 @@ clearly behind costs half as much.
 With `probe_concat` the two best backbones' features side by side (models.concat) are one more
 candidate, scored on the rows already computed: chosen only where the folds prefer it to both.
 
-Under `--time-budget` the candidates may take what the test and report after them leave, at least 60% of it
-(`ChoosingBudget`): one whose features would not fit (timed on a
+Under `--time-budget` the candidates may take 60% of it: one whose features would not fit (timed on a
 few of its images; screened, with room kept for the mirror images every candidate may yet need) is
 left out, and the log says so; so are a finalist's mirror images where they would not fit (none fitting,
 the run trains and tests on plain views). The pair side by side runs
@@ -29,14 +28,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from cnnkit import probe
-from cnnkit.budget import MARGIN, final_seconds, parse_duration
+from cnnkit.budget import final_seconds, parse_duration
 from cnnkit.config import Config
 from cnnkit.data.copies import copy_groups
 from cnnkit.inference import inference_engine, predict_logits
@@ -67,9 +66,9 @@ def choose_backbone(cfg: Config, whole: bool = False, started_at: float | None =
     Under a time budget too short for the first candidate's features of every image, nothing is chosen
     (the record holds no selection): the run's probe on that candidate learns from as many images as
     fit (training/probe_budget.py); `whole`: choose all the same (--strategy auto's folds need its rows).
-    Choosing ends by what `ChoosingBudget` allows of the budget counted from `started_at` (the budget clock's
-    start, a time.perf_counter() value; None: from here), so decoding the images and finding their copies count
-    too: on 5,000 photos they took 22 s of a 90-s budget, and the run, choosing for 52 s more, ended after 102-111 s."""
+    Choosing ends by CANDIDATES_SHARE of the budget counted from `started_at` (the budget clock's start, a
+    time.perf_counter() value; None: from here), so decoding the images and finding their copies count too:
+    on 5,000 photos they took 22 s of a 90-s budget, and the run, choosing for 52 s more, ended after 102-111 s."""
     started = started_at if started_at is not None else time.perf_counter()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -79,16 +78,13 @@ def choose_backbone(cfg: Config, whole: bool = False, started_at: float | None =
     groups = copy_groups([splits.train.images, splits.val.images])  # copies share a fold
     rows: list[dict[str, Any]] = []
     total_s = parse_duration(cfg.time_budget) if cfg.time_budget else None
-    samples = report_samples(cfg.report, cfg.report_robustness_samples, splits, len(np.unique(labels)))
-    allowed = (ChoosingBudget(total_s, final_images(len(splits.test), cfg.tta, samples), cfg.report)
-               if total_s is not None else None)
+    budget_s = total_s * CANDIDATES_SHARE if total_s is not None else None
     screen = cfg.probe_screen is not None and cfg.probe_flip and len(cfg.probe_candidates) > 1
     features: dict[str, Variants] = {}  # each candidate's rows, on the views it was last scored on
     timed = inference_engine(cfg.to_dict(), device) == "torch"  # another engine's first batch compiles or exports
-    if allowed is not None and timed and not whole:
+    if budget_s is not None and timed and not whole:
         first = replace(cfg, model=cfg.probe_candidates[0])
         guess = uncached_seconds(_scored(first, flip=not screen), splits, len(labels), backbones, precision)
-        budget_s = allowed.seconds(guess / (len(labels) * probe.views_per_image(_scored(first, flip=not screen))))
         left_s = budget_s - (time.perf_counter() - started)
         if guess > left_s:
             log.info("  choosing a backbone: left out, %s's features of the %d training images alone would take about "
@@ -97,9 +93,8 @@ def choose_backbone(cfg: Config, whole: bool = False, started_at: float | None =
                      budget_s, cfg.time_budget)
             return first, RunRecord(model=first.model if first.model != cfg.model else None)
     for name in cfg.probe_candidates:
-        if rows and allowed is not None:
+        if rows and budget_s is not None:
             guess = guess_seconds(rows[0], replace(cfg, model=name), splits, len(labels), backbones, precision, timed)
-            budget_s = allowed.seconds(guess_view_seconds(rows[0], guess, len(labels), timed))
             floor = screen_floor(rows, cfg, len(labels)) if screen else None
             if not fits_in_budget(time.perf_counter() - started, rows, guess, screen, budget_s, floor):
                 kept = reserved_seconds(rows, screen, floor)
@@ -109,13 +104,11 @@ def choose_backbone(cfg: Config, whole: bool = False, started_at: float | None =
                          budget_s, cfg.time_budget)
                 continue
         rows.append(_candidate(replace(cfg, model=name), splits, labels, groups, backbones, precision, flip=not screen,
-                               macs=allowed is not None and not timed, keep=features))
-        if allowed is not None:
-            allowed.view_s = max(allowed.view_s, _per_view(rows[-1]["feature_seconds"], rows[-1], len(labels)))
-            if len(rows) > 1:
-                rows[-1]["guessed_seconds"] = round(guess, 1)  # what the plan took it for (run.json)
+                               macs=budget_s is not None and not timed, keep=features))
+        if len(rows) > 1 and budget_s is not None:
+            rows[-1]["guessed_seconds"] = round(guess, 1)  # what the plan took it for (run.json)
     if screen:
-        left = None if allowed is None else lambda: allowed.seconds() - (time.perf_counter() - started)
+        left = None if budget_s is None else lambda: budget_s - (time.perf_counter() - started)
         rows = _finalists(rows, cfg, splits, labels, groups, backbones, precision, features, left)
     scored = [r for r in rows if not screen or "screen_accuracy" in r]  # on the views the run trains on
     plain = cfg.probe_flip and not scored  # the budget held no candidate's mirror images
@@ -125,6 +118,7 @@ def choose_backbone(cfg: Config, whole: bool = False, started_at: float | None =
                  "the head learns from plain views, and the test takes no mirrored view", cfg.time_budget)
     if cfg.probe_concat and len(scored) > 1:
         top = sorted(scored, key=lambda r: r["cv_accuracy"], reverse=True)[:2]
+        samples = report_samples(cfg.report, cfg.report_robustness_samples, splits, len(np.unique(labels)))
         tta = "none" if plain else cfg.tta
         after_s = pair_after_seconds(top, len(labels), final_images(len(splits.test), tta, samples), cfg.report)
         if total_s is None or time.perf_counter() - started + after_s <= total_s:
@@ -159,26 +153,6 @@ def _concat_candidate(top: list[dict[str, Any]], features: dict[str, Variants], 
         variants[blocks] = plain, None if any(f is None for f in flips) else np.concatenate(flips, 1)  # type: ignore[arg-type]
     sizes = [input_size(n, cfg.input_size) for n in names]  # as each one's rows were made
     return _best_variant(SEPARATOR.join(names), variants, labels, groups, cfg, t0, {"member_sizes": sizes})
-
-
-@dataclass
-class ChoosingBudget:
-    """What choosing may take of a time budget of `total_s`: what the head's test and report after it leave
-    (`final_images` model evaluations, `budget_hook.final_images`, at the costliest candidate's seconds per
-    image and view, `view_s`, so far or the one being weighed; with MARGIN's 5% to spare), and at least
-    CANDIDATES_SHARE of it. A fixed 60% left Lite2 out of flowers12's choice under `--time-budget 2m` on the
-    Zen 3 and ended the runs after 53-69 s with 97.92%, where the whole default, without a budget, took 82-106 s
-    for 98.19%. A short budget keeps the 60%: after choosing, the test's views and the report's samples are
-    fitted to what is left (`TimeBudget.fit_to_left`)."""
-
-    total_s: float
-    final_images: int
-    report: bool
-    view_s: float = 0.0
-
-    def seconds(self, view_s: float = 0.0) -> float:
-        after_s = final_seconds(self.final_images, max(self.view_s, view_s), self.report)
-        return max(self.total_s * CANDIDATES_SHARE, self.total_s * MARGIN - after_s)
 
 
 def fits_in_budget(elapsed_s: float, rows: list[dict[str, Any]], guess_s: float, screen: bool,
@@ -249,13 +223,6 @@ def guess_seconds(first: dict[str, Any], cfg: Config, splits: Any, images: int, 
         return first["seconds"] * _macs(cfg.model, cfg) / max(first["macs"], 1)
     return max(first["seconds"] - first["feature_seconds"], 0.0) + images * seconds_per_image(cfg, splits, backbones,
                                                                                                precision)
-
-
-def guess_view_seconds(first: dict[str, Any], guess_s: float, images: int, timed: bool) -> float:
-    """A candidate's seconds per image and view from `guess_seconds`'s `guess_s` on the plain views of
-    `images`: less the first candidate's fits where its own features were timed (else all of it)."""
-    fits_s = max(first["seconds"] - first["feature_seconds"], 0.0) if timed else 0.0
-    return max(guess_s - fits_s, 0.0) / max(images, 1)
 
 
 def uncached_seconds(cfg: Config, splits: Any, images: int, backbones: Backbones, precision: str) -> float:

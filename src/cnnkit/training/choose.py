@@ -13,7 +13,7 @@ With `probe_concat` the two best backbones' features side by side (models.concat
 candidate, scored on the rows already computed: chosen only where the folds prefer it to both.
 
 Under `--time-budget` the candidates may take 60% of it: one whose features would not fit (timed on a
-few of its images; screened, with room kept for the mirror images every candidate may yet need) is
+few of its images; screened, with room kept for the eventual best's mirror images) is
 left out, and the log says so; so are a finalist's mirror images where they would not fit (none fitting,
 the run trains and tests on plain views). The pair side by side runs
 both backbones over the test images and the report's, so it is a candidate only where that fits in
@@ -97,11 +97,11 @@ def choose_backbone(cfg: Config, whole: bool = False, started_at: float | None =
             guess = guess_seconds(rows[0], replace(cfg, model=name), splits, len(labels), backbones, precision, timed)
             floor = screen_floor(rows, cfg, len(labels)) if screen else None
             if not fits_in_budget(time.perf_counter() - started, rows, guess, screen, budget_s, floor):
-                kept = reserved_seconds(rows, screen, floor)
+                kept = reserved_seconds(rows, screen, floor, guess)
                 log.info("  %s: left out, its features would take about %.0f s: with the %.0f s taken%s, past the "
-                         "%.0f s of the time budget %s that choosing may take", name, candidate_seconds(guess, screen),
-                         time.perf_counter() - started, f" and {kept:.0f} s kept for mirror images" if kept else "",
-                         budget_s, cfg.time_budget)
+                         "%.0f s of the time budget %s that choosing may take", name, guess,
+                         time.perf_counter() - started, f" and {kept:.0f} s kept for the best's mirror images"
+                         if kept else "", budget_s, cfg.time_budget)
                 continue
         rows.append(_candidate(replace(cfg, model=name), splits, labels, groups, backbones, precision, flip=not screen,
                                macs=budget_s is not None and not timed, keep=features))
@@ -158,18 +158,23 @@ def _concat_candidate(top: list[dict[str, Any]], features: dict[str, Variants], 
 def fits_in_budget(elapsed_s: float, rows: list[dict[str, Any]], guess_s: float, screen: bool,
                    budget_s: float, floor: float | None = None) -> bool:
     """Whether one more candidate, `guess_s` on its plain views, fits in what choosing may take.
-    Screened, a candidate may yet need its mirror images (about as long again as its plain views):
-    those of the candidates already scored within the screen (`floor`) are kept free, and the new one's counted."""
-    return elapsed_s + reserved_seconds(rows, screen, floor) + candidate_seconds(guess_s, screen) <= budget_s
+    Screened, the eventual best's mirror images (about as long again as its plain views) must fit too, and
+    it is the new one or one already scored within the screen (`floor`): the costlier of their mirror images
+    is kept free. `_finalists` computes mirror images best first, each only where it fits, so the others'
+    need no room kept: keeping it for every one within the screen left Lite2 out of flowers12's choice under
+    `--time-budget 2m` on 2 of 3 seeds (a Zen 3 1.19 times the reference), where the whole default fits."""
+    return elapsed_s + guess_s + reserved_seconds(rows, screen, floor, guess_s) <= budget_s
 
 
-def reserved_seconds(rows: list[dict[str, Any]], screen: bool, floor: float | None = None) -> float:
-    """Screened, the mirror images the candidates already scored may yet need (about their plain views'
-    time): those at or above `floor` (`screen_floor` of them; None: all). One below it needs a later best
-    with a wider spread to come back, and `_finalists` then computes its mirror images only where they fit."""
+def reserved_seconds(rows: list[dict[str, Any]], screen: bool, floor: float | None = None,
+                     guess_s: float = 0.0) -> float:
+    """Screened, the time kept for the eventual best's mirror images (about its plain views' time): the
+    costliest of the new candidate's (`guess_s`) and those of the candidates already scored at or above
+    `floor` (`screen_floor` of them; None: all). One below it needs a later best with a wider spread to
+    come back, and `_finalists` then computes its mirror images only where they fit."""
     if not screen:
         return 0.0
-    return sum(r["seconds"] for r in rows if floor is None or r["cv_accuracy"] >= floor)
+    return max([guess_s, *(r["seconds"] for r in rows if floor is None or r["cv_accuracy"] >= floor)])
 
 
 def screen_floor(rows: list[dict[str, Any]], cfg: Config, images: int) -> float:
@@ -197,11 +202,6 @@ def seconds_per_view(selection: dict[str, Any]) -> float:
 def _per_view(seconds: float, row: dict[str, Any], images: int) -> float:
     """A candidate's `seconds` per image and view: its `images` on its plain views, or with their mirrors."""
     return seconds / (images * (1 if row["views"] == "plain" else 2))
-
-
-def candidate_seconds(guess_s: float, screen: bool) -> float:
-    """A candidate's time from its plain views' `guess_s`: screened, its mirror images may follow."""
-    return guess_s * (2 if screen else 1)
 
 
 def _macs(name: str, cfg: Config) -> int:

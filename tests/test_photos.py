@@ -500,3 +500,8 @@ def test_imbalanced_classes_get_advice_the_strategy_can_use(caplog):
     caplog.clear()
     build._log_data(ds, Splits(splits.train, Split(images[-1:], labels[-1:]), splits.test, []), "linear-probe")
     assert "few images to learn" not in caplog.text  # 4 + 1: enough
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cnnkit.training.build"):  # the folds chose: the head learns from both
+        build._log_data(ds, splits, "linear-probe", cross_validated=True)
+    assert "train and validation (cross-validated: the head learns from both): 46 images (many 42, few 4)" in caplog.text
+    assert "validation: 2 images" not in caplog.text and "train: 44 images" not in caplog.text

@@ -201,7 +201,7 @@ def test_the_report_of_a_test_split_sorted_by_class_tests_robustness_on_every_cl
     assert np.bincount(seen["labels"], minlength=10).tolist() == [5] * 10
     page = (folder / "report.html").read_text()
     assert metrics["robustness"]["samples"] == 50 and "50 test images (the classes in turn; one image is 2.0 points)" in page
-    assert f"the {len(order)} test images read {100 * metrics['accuracy']:.2f}%)" in page  # a sample: the whole beside it
+    assert f"the {len(order):,} test images read {100 * metrics['accuracy']:.2f}%)" in page  # a sample: the whole beside it
     right = [c for c in grids["grad_cam.png"] if c.startswith("✓")]
     assert len(right) == 6 and len(set(right)) == 6  # six classes' images, not the first class's six
     assert all("\n(true: " in c for c in grids["grad_cam.png"] if c.startswith("✗"))

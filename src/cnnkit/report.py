@@ -196,7 +196,7 @@ def _clean_beside_test(samples: int, test_samples: int, test_accuracy: float, tt
     if samples >= test_samples and tta == "none":
         return ""
     views = f"each image seen once, without the test's {tta} views; " if tta != "none" else ""
-    return f" ({views}the {test_samples} test images read {100 * test_accuracy:.2f}%)"
+    return f" ({views}the {test_samples:,} test images read {100 * test_accuracy:.2f}%)"
 
 
 def _time_card(summary: dict[str, Any]) -> tuple[str, str, str]:

@@ -213,10 +213,11 @@ def _log_data(ds: Dataset, splits: Splits, strategy: str, cross_validated: bool 
     were held back)."""
     log.info("dataset %s from %s", ds.name, ds.source)
     k = len(ds.classes)
-    splits_seen = ((("train and validation (cross-validated: the head learns from both)",
-                     splits.train.class_counts(k) + splits.val.class_counts(k)),) if cross_validated else
-                   (("train", splits.train.class_counts(k)), ("validation", splits.val.class_counts(k))))
-    for name, counts in (*splits_seen, ("test", splits.test.class_counts(k))):
+    shown = {"train": splits.train.class_counts(k), "validation": splits.val.class_counts(k)}
+    if cross_validated:
+        shown = {"train and validation (cross-validated: the head learns from both)": sum(shown.values())}
+    shown["test"] = splits.test.class_counts(k)
+    for name, counts in shown.items():
         if counts.min() == counts.max():
             per_class = f"{counts[0]} per class"
         elif k <= 12:

@@ -166,8 +166,7 @@ def fits_in_budget(elapsed_s: float, rows: list[dict[str, Any]], guess_s: float,
     return elapsed_s + guess_s + reserved_seconds(rows, screen, floor, guess_s) <= budget_s
 
 
-def reserved_seconds(rows: list[dict[str, Any]], screen: bool, floor: float | None = None,
-                     guess_s: float = 0.0) -> float:
+def reserved_seconds(rows: list[dict[str, Any]], screen: bool, floor: float | None, guess_s: float) -> float:
     """Screened, the time kept for the eventual best's mirror images (about its plain views' time): the
     costliest of the new candidate's (`guess_s`) and those of the candidates already scored at or above
     `floor` (`screen_floor` of them; None: all). One below it needs a later best with a wider spread to
